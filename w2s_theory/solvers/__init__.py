@@ -1,0 +1,125 @@
+r"""Fit last-layer students, with a certificate of optimality for each.
+
+:func:`fit` is the one entry point: it validates the inputs, moves them to the device and routes each
+(head, loss) pair to its solver:
+
+=========  =============================================  ==========================================
+head       batched solver (torch, CPU/GPU)                 certificate
+=========  =============================================  ==========================================
+mixture    projected Newton (:mod:`.mixture`)              Frank–Wolfe gap
+softmax    Newton (:mod:`.softmax`)                        self-concordance bound (forward losses);
+                                                           none for reverse losses (non-convex)
+squared    normal equations / trust region (:mod:`.squared`)  exact quadratic gap / Frank–Wolfe gap
+linear     cvxpy reference per student (:mod:`.reference`) Frank–Wolfe gap (LP oracle)
+=========  =============================================  ==========================================
+
+``backend="cvxpy"`` sends every convex pair to the exact reference instead (one student at a time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._backend import resolve_device
+from ..divergences import get_loss
+from ..heads import HEADS
+from ..validation import InputError, check_batch_shapes, check_distributions, check_finite
+from .result import CERTIFICATES, FitResult
+
+__all__ = ["fit", "FitResult", "CERTIFICATES", "SOLVABLE"]
+
+#: (head, loss) pairs that :func:`fit` accepts.
+SOLVABLE = {
+    "mixture": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared"),
+    "linear": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared"),
+    "softmax": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce"),
+    "squared": ("squared",),
+}
+
+
+def _as_tensor(x, device, dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+
+
+def fit(
+    features,
+    teacher,
+    *,
+    loss: str,
+    head: str = "mixture",
+    backend: str = "batched",
+    device: str | None = "cpu",
+    tol: float = 1e-10,
+    max_iter: int = 200,
+    gamma: float = 0.0,
+    radius: float | None = None,
+    bias: bool = True,
+) -> FitResult:
+    r"""Fit students :math:`F = f\circ h` to teacher outputs by minimising the mean training loss.
+
+    .. math:: \min_{f\in\mathcal F_{\text{head}}}\ \frac1n\sum_i \ell\big(q_i, f(h_i)\big)
+
+    Args:
+        features: ``(n, m)`` (one representation shared by all students) or ``(B, n, m)``.
+        teacher: ``(n, k)`` or ``(B, n, k)`` teacher probabilities (real targets for the squared head).
+        loss: one of ``forward_kl reverse_kl forward_ce reverse_ce squared``.
+        head: one of ``mixture linear softmax squared``.
+        backend: ``"batched"`` (torch) or ``"cvxpy"`` (exact reference, slow).
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (cuda when available).
+        tol: target certified gap.
+        gamma: probability floor of the linear head.
+        radius, bias: options of the squared head.
+
+    Returns:
+        A :class:`FitResult` with batch axis ``B`` (1 for unbatched input).
+    """
+    if head not in HEADS:
+        raise InputError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+    try:
+        loss_obj = get_loss(loss)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if loss not in SOLVABLE[head]:
+        raise InputError(f"loss {loss!r} is not available for head {head!r}; "
+                         f"use one of: {', '.join(SOLVABLE[head])}")
+    if backend not in ("batched", "cvxpy"):
+        raise InputError(f"unknown backend {backend!r}; choose 'batched' or 'cvxpy'")
+    B, n, m, k = check_batch_shapes("features", features, "teacher", teacher)
+    check_finite("features", features)
+    if head == "squared":
+        check_finite("teacher", teacher)
+    else:
+        teacher = check_distributions("teacher", teacher)
+    if head == "mixture":
+        features = check_distributions("features (mixture head: each row must lie in the simplex)", features)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+    unbatched = len(tuple(teacher.shape)) == 2
+    X = _as_tensor(features, dev, torch.float64)
+    Q = _as_tensor(teacher, dev, torch.float64)
+    if unbatched:
+        Q = Q[None]
+    if X.ndim == 2 and head != "mixture":
+        X = X.expand(B, n, m)
+
+    if backend == "cvxpy" or head == "linear":
+        from .reference import fit_reference_batch
+
+        return fit_reference_batch(X, Q, loss, head, gamma=gamma, radius=radius, bias=bias)
+    if head == "mixture":
+        from .mixture import fit_mixture_batched
+
+        return fit_mixture_batched(X, Q, loss_obj, tol=tol, max_iter=max_iter)
+    if head == "softmax":
+        from .softmax import fit_softmax_batched
+
+        return fit_softmax_batched(X, Q, loss_obj, tol=tol, max_iter=max_iter)
+    from .squared import fit_squared_batched
+
+    return fit_squared_batched(X, Q, bias=bias, radius=radius, tol=tol)

@@ -1,0 +1,82 @@
+"""The one result type every solver returns, batched or reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .._backend import to_numpy
+
+__all__ = ["FitResult", "CERTIFICATES"]
+
+#: What a ``gap`` means, by certificate kind. Every kind except ``"none"`` is a proven upper bound on
+#: ``objective - optimum`` (up to floating-point rounding in its own evaluation).
+CERTIFICATES = {
+    "frank_wolfe": "max_S <grad, theta - S> over the feasible set (convex objective, Jaggi 2013)",
+    "self_concordance": "generalized self-concordance bound from the Newton decrement (Bach 2010)",
+    "normal_equations": "exact quadratic suboptimality (theta - theta*)^T H (theta - theta*) / 2 via H^{-1} g",
+    "none": "no certificate (non-convex problem): gap is NaN, see grad_norm",
+}
+
+
+@dataclass
+class FitResult:
+    """Students fitted by a solver. Tensors carry a leading batch axis ``B``.
+
+    Attributes:
+        head, loss: names as in :mod:`w2s_theory.heads` and :data:`w2s_theory.divergences.LOSSES`.
+        params: the head's parameters, e.g. ``{"A": (B, k, m)}`` or ``{"W": (B, k, m), "b": (B, k)}``.
+        probs: the student's outputs on the training sample, ``(B, n, k)``.
+        objective: mean training loss per student, ``(B,)``.
+        gap: certified upper bound on ``objective - min objective`` per student; NaN where none exists,
+            ``inf`` where the problem is infeasible (every head in the class has infinite loss).
+        certificate: the kind of ``gap`` (a key of :data:`CERTIFICATES`).
+        grad_norm: norm of the (reduced) gradient at the returned point, ``(B,)``.
+        iterations: iterations used per student.
+        converged: ``gap <= tol`` (or, without certificate, ``grad_norm <= tol``).
+        method: the algorithm, for the record.
+    """
+
+    head: str
+    loss: str
+    params: dict
+    probs: torch.Tensor
+    objective: torch.Tensor
+    gap: torch.Tensor
+    certificate: str
+    grad_norm: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    method: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.objective.shape[0])
+
+    def numpy(self) -> dict:
+        """Plain numpy arrays, for ``np.savez`` and the results store."""
+        out = {f"param_{k}": to_numpy(v) for k, v in self.params.items()}
+        out.update(
+            probs=to_numpy(self.probs),
+            objective=to_numpy(self.objective),
+            gap=to_numpy(self.gap),
+            grad_norm=to_numpy(self.grad_norm),
+            iterations=to_numpy(self.iterations),
+            converged=to_numpy(self.converged),
+        )
+        return out
+
+    def select(self, index) -> "FitResult":
+        """The students at ``index`` (an int, slice or index tensor), keeping the batch axis."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        pick = lambda t: t[index] if isinstance(t, (torch.Tensor, np.ndarray)) else t  # noqa: E731
+        return FitResult(
+            head=self.head, loss=self.loss, params={k: pick(v) for k, v in self.params.items()},
+            probs=pick(self.probs), objective=pick(self.objective), gap=pick(self.gap),
+            certificate=self.certificate, grad_norm=pick(self.grad_norm), iterations=pick(self.iterations),
+            converged=pick(self.converged), method=self.method, info=dict(self.info),
+        )

@@ -1,0 +1,80 @@
+"""Input checks that turn bad input into one clear error (``InputError``) naming the argument and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._backend import to_numpy
+
+__all__ = ["InputError", "check_distributions", "check_finite", "check_batch_shapes", "SIMPLEX_ATOL"]
+
+#: Rows that should be distributions may be off by this much (float32 exports, rounding); they are then
+#: renormalised exactly, so the math downstream sees rows that sum to 1.
+SIMPLEX_ATOL = 1e-6
+
+
+class InputError(ValueError):
+    """Bad user input. The message is one line: what is wrong, with which argument, and how to fix it."""
+
+
+def check_finite(name: str, array) -> None:
+    a = to_numpy(array)
+    if not np.issubdtype(a.dtype, np.number):
+        raise InputError(f"{name}: expected numbers, got dtype {a.dtype}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"{name}: {int(bad.sum())} entries are NaN or infinite (first at index {where}); "
+                         "remove or impute them")
+
+
+def check_distributions(name: str, array, *, atol: float = SIMPLEX_ATOL):
+    """Check that the last axis holds probability distributions and return them renormalised exactly.
+
+    Raises :class:`InputError` for NaN/inf, negative entries or rows that do not sum to 1 within ``atol``.
+    Works for numpy and torch; returns the same type.
+    """
+    check_finite(name, array)
+    a = to_numpy(array)
+    if a.ndim < 1 or a.shape[-1] < 1:
+        raise InputError(f"{name}: expected a last axis of classes, got shape {a.shape}")
+    neg = a < 0
+    if neg.any():
+        where = tuple(int(i) for i in np.argwhere(neg)[0])
+        raise InputError(f"{name}: {int(neg.sum())} negative probabilities (first at index {where}, value "
+                         f"{a[where]:.3g}); probabilities must be >= 0")
+    sums = a.sum(axis=-1)
+    off = np.abs(sums - 1) > atol
+    if off.any():
+        where = tuple(int(i) for i in np.argwhere(off)[0])
+        raise InputError(f"{name}: {int(off.sum())} rows do not sum to 1 (first at row {where}, sum "
+                         f"{sums[where]:.6g}); pass probabilities, not logits or scores, along the last axis")
+    if isinstance(array, torch.Tensor):
+        return array / array.sum(dim=-1, keepdim=True)
+    return a / sums[..., None]
+
+
+def check_batch_shapes(features_name: str, features, teacher_name: str, teacher) -> tuple[int, int, int, int]:
+    """Features ``(n, m)`` or ``(B, n, m)`` and teacher ``(n, k)`` or ``(B, n, k)``; returns ``(B, n, m, k)``.
+
+    A shared ``(n, m)`` feature matrix with a batched teacher is allowed (many teachers on one
+    representation); the reverse is not.
+    """
+    fs, ts = tuple(features.shape), tuple(teacher.shape)
+    if len(fs) not in (2, 3):
+        raise InputError(f"{features_name}: expected shape (n, m) or (B, n, m), got {fs}")
+    if len(ts) not in (2, 3):
+        raise InputError(f"{teacher_name}: expected shape (n, k) or (B, n, k), got {ts}")
+    if len(fs) == 3 and len(ts) == 2:
+        raise InputError(f"{teacher_name}: features are batched {fs} but the teacher is not {ts}; "
+                         "give one teacher per student, shape (B, n, k)")
+    if fs[-2] != ts[-2]:
+        raise InputError(f"{features_name} has {fs[-2]} rows but {teacher_name} has {ts[-2]}; "
+                         "they must describe the same samples")
+    if len(fs) == 3 and fs[0] != ts[0]:
+        raise InputError(f"{features_name} has batch size {fs[0]} but {teacher_name} has {ts[0]}")
+    if fs[-2] < 1 or fs[-1] < 1 or ts[-1] < 1:
+        raise InputError(f"empty input: {features_name} {fs}, {teacher_name} {ts}")
+    B = ts[0] if len(ts) == 3 else 1
+    return B, fs[-2], fs[-1], ts[-1]
