@@ -21,85 +21,136 @@ Where the teacher puts zero mass on a class, the reverse losses force the studen
 (any other choice has infinite loss): those entries of ``A`` are fixed at 0 before solving and the gap is
 taken over the remaining face, which is exactly the set where the objective is finite.
 
+Two layouts of the features are supported with one algorithm: one matrix per student, ``(B, n, m)``
+(products are batched matrix products), or one matrix shared by all students, ``(n, m)`` — the common case
+in a sweep, where many teachers (tasks, noise levels, losses) are fitted on one strong representation. Then
+every product is a single large matrix product, and the ``B`` Hessians come from one product with the
+precomputed symmetric outer products :math:`\mathrm{vec}_{\le}(h_ih_i^\top)`.
+
 Reverse cross-entropy is linear in the student's probabilities, so its minimiser is a vertex given by one
 call of the linear-minimisation oracle (gap exactly 0 up to rounding).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..divergences import Loss
 from ..heads import MixtureHead
+from .result import FitResult
 
-__all__ = ["MixtureFit", "fit_mixture_batched"]
+__all__ = ["fit_mixture_batched"]
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 40
 
 
-@dataclass
-class MixtureFit:
-    """Result of a batched mixture-head fit; every tensor has the batch axis first."""
+class _StudentFeatures:
+    """One feature matrix per student, ``(B, n, m)``: products are batched matrix products."""
 
-    A: torch.Tensor  # (B, k, m) column-stochastic
-    probs: torch.Tensor  # (B, n, k)
-    objective: torch.Tensor  # (B,) mean loss at A
-    gap: torch.Tensor  # (B,) certified Frank-Wolfe gap >= objective - optimum (inf if infeasible)
-    iterations: torch.Tensor  # (B,) Newton iterations used
-    converged: torch.Tensor  # (B,) bool: gap <= tol
+    shared = False
+
+    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, buffer=None):
+        self.X = X
+        self.n, self.m = X.shape[-2], X.shape[-1]
+        self.hessian_dtype = hessian_dtype
+        # Scratch space for sqrt(curvature) * X. Allocating B x n x m afresh every iteration costs more than
+        # the product itself on CPU (page faults), so it is allocated once and sliced after compaction.
+        self._buffer = buffer
+
+    def take(self, keep: torch.Tensor) -> "_StudentFeatures":
+        return _StudentFeatures(self.X[keep], self.hessian_dtype, self._buffer)
+
+    def support_products(self, zero_teacher: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        support = (self.X[rows] > 0).to(zero_teacher.dtype)
+        return torch.bmm(zero_teacher.transpose(1, 2), support)
+
+    def predict(self, A: torch.Tensor) -> torch.Tensor:
+        return MixtureHead.predict(A, self.X)
+
+    def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(dphi.transpose(1, 2), self.X) / self.n
+
+    def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        r""":math:`\frac1n X^\top\mathrm{diag}(w_{\cdot c})X` for each column ``c`` of ``weights`` ``(b, n, c)``,
+        as :math:`Y^\top Y` with :math:`Y = \sqrt{w}X` (weights are curvatures of convex losses, >= 0)."""
+        X = self.X if rows is None else self.X[rows]
+        if self._buffer is None:
+            self._buffer = torch.empty(self.X.shape, dtype=self.hessian_dtype, device=self.X.device)
+        Y = self._buffer[: X.shape[0]]
+        blocks = []
+        for c in range(weights.shape[-1]):
+            Y.copy_(X)
+            Y.mul_(weights[..., c : c + 1].clamp_min(0).sqrt().to(Y.dtype))
+            blocks.append(torch.bmm(Y.transpose(1, 2), Y).to(torch.float64) / self.n)
+        return torch.stack(blocks, dim=1)
 
 
-def _allowed_entries(features: torch.Tensor, teacher: torch.Tensor, loss: Loss) -> torch.Tensor:
+class _SharedFeatures:
+    """One feature matrix ``(n, m)`` for every student: products are single large matrix products."""
+
+    shared = True
+
+    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype):
+        self.X = X
+        self.n, self.m = X.shape
+        self.hessian_dtype = hessian_dtype
+        self._iu, self._ju = torch.triu_indices(self.m, self.m, device=X.device)
+        # Row i holds the upper triangle of h_i h_i^T: the Hessians of all students are then W @ Z.
+        self._Z = (X[:, self._iu] * X[:, self._ju]).to(hessian_dtype)
+
+    def take(self, keep: torch.Tensor) -> "_SharedFeatures":
+        return self
+
+    def support_products(self, zero_teacher: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        support = (self.X > 0).to(zero_teacher.dtype)
+        return zero_teacher.transpose(1, 2) @ support
+
+    def predict(self, A: torch.Tensor) -> torch.Tensor:
+        B, k, m = A.shape
+        return (self.X @ A.reshape(B * k, m).T).reshape(self.n, B, k).permute(1, 0, 2).contiguous()
+
+    def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
+        B, n, k = dphi.shape
+        return (dphi.transpose(1, 2).reshape(B * k, n) @ self.X).reshape(B, k, self.m) / n
+
+    def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = weights.shape
+        flat = weights.transpose(1, 2).reshape(b * c, n).to(self.hessian_dtype) @ self._Z
+        flat = flat.to(torch.float64).reshape(b, c, -1) / n
+        H = torch.zeros((b, c, self.m, self.m), dtype=torch.float64, device=weights.device)
+        H[..., self._iu, self._ju] = flat
+        H[..., self._ju, self._iu] = flat
+        return H
+
+
+def _allowed_entries(design, teacher: torch.Tensor, loss: Loss) -> torch.Tensor:
     """Entries of ``A`` that may be positive: for reverse losses, ``A[y, j] = 0`` whenever some sample with
-    ``h_ij > 0`` has teacher mass ``q_iy = 0``."""
-    B, n, m = features.shape
-    k = teacher.shape[-1]
-    allowed = torch.ones((B, k, m), dtype=torch.bool, device=features.device)
+    ``h_ij > 0`` has teacher mass ``q_iy = 0`` (any other choice has infinite loss)."""
+    B, n, k = teacher.shape
+    allowed = torch.ones((B, k, design.m), dtype=torch.bool, device=teacher.device)
     if not loss.pins_student_to_teacher_support:
         return allowed
     zero_teacher = teacher == 0
-    with_zeros = zero_teacher.any(dim=2).any(dim=1).nonzero()[:, 0]  # usually none: skip the product
-    if with_zeros.numel():
-        zt = zero_teacher[with_zeros].to(features.dtype)
-        support = (features[with_zeros] > 0).to(features.dtype)
-        allowed[with_zeros] = ~(torch.bmm(zt.transpose(1, 2), support) > 0)
+    rows = zero_teacher.any(dim=2).any(dim=1).nonzero()[:, 0]  # usually none: skip the product
+    if rows.numel():
+        products = design.support_products(zero_teacher[rows].to(design.X.dtype), rows)
+        allowed[rows] = ~(products > 0)
     return allowed
 
 
-def _objective(features, teacher, A, loss: Loss):
-    probs = MixtureHead.predict(A, features)
+def _evaluate(design, teacher, A, loss: Loss):
+    """Student probabilities and mean loss per student."""
+    probs = design.predict(A)
     return probs, loss.per_sample(teacher, probs).mean(dim=-1)
 
 
-def _derivatives(features, teacher, probs, loss: Loss, allowed):
-    n = features.shape[-2]
-    dphi = loss.grad_student(teacher, probs)  # (B, n, k)
-    G = torch.bmm(dphi.transpose(1, 2), features) / n  # (B, k, m)
-    return dphi, G
-
-
-def _curvature_blocks(features, curv, k2_fast: bool, buffer=None):
-    r"""Blocks :math:`H_y = \frac1n X^\top\mathrm{diag}(\ell''_{\cdot y})X` (``B, k, m, m``) in float64.
-
-    For ``k = 2`` only :math:`H_0 + H_1` is ever needed (see :func:`_newton_direction`), so one product with
-    the summed curvature replaces two: returned as ``(B, 1, m, m)``. Each block is :math:`Y^\top Y` with
-    :math:`Y = \sqrt{\ell''}\,X` (curvatures are non-negative for convex losses). ``Y`` is written into
-    ``buffer``, whose dtype sets the precision of the product (float32 halves its cost and only makes the
-    Newton direction approximate); a fresh ``B x n x m`` array every iteration would cost more than the
-    product itself on CPU.
-    """
-    B, n, m = features.shape
-    weights = (curv[..., :1] + curv[..., 1:2]) if k2_fast else curv
-    Y = torch.empty_like(features) if buffer is None else buffer[:B]
-    blocks = []
-    for y in range(weights.shape[-1]):
-        Y.copy_(features)
-        Y.mul_(weights[..., y : y + 1].clamp_min(0).sqrt().to(Y.dtype))
-        blocks.append(torch.bmm(Y.transpose(1, 2), Y).to(torch.float64) / n)
-    return torch.stack(blocks, dim=1)
+def _curvature_weights(teacher, probs, loss: Loss, k2_fast: bool):
+    """Per-sample curvatures; for ``k = 2`` only their sum enters the reduced Hessian."""
+    curv = loss.curvature_student(teacher, probs)
+    if loss.pins_student_to_teacher_support:
+        curv = torch.where(teacher > 0, curv, torch.zeros_like(curv))
+    return curv[..., :1] + curv[..., 1:2] if k2_fast else curv
 
 
 def _reduced_hessian_general(H, basis_onehot):
@@ -146,8 +197,7 @@ def _masked_newton_solve(H, rhs, free):
 
 
 def _newton_direction(G, A, H, allowed, eps):
-    """Projected-Newton direction ``D`` (``B, k, m``) with ``sum_y D[:, y, j] = 0``, plus the masks that define
-    the projected arc. ``H`` comes from :func:`_curvature_blocks`."""
+    """Projected-Newton direction ``D`` (``B, k, m``) with ``sum_y D[:, y, j] = 0``. ``H`` holds the curvature blocks (``B, k, m, m``; ``B, 1, m, m`` summed for ``k = 2``)."""
     B, k, m = A.shape
     basis = torch.where(allowed, A, torch.full_like(A, -1.0)).argmax(dim=1)  # largest allowed entry
     is_basis = torch.zeros_like(allowed).scatter_(1, basis[:, None, :], True)
@@ -171,20 +221,32 @@ def _newton_direction(G, A, H, allowed, eps):
         D = u.reshape(B, k, m).to(A.dtype)
     D = torch.where(active, -A, D)
     D = D - is_basis * D.sum(dim=1, keepdim=True)  # basis entry keeps the column sum fixed
-    return D, nonbasic, is_basis
+    return D
 
 
-def _project_step(A, D, nonbasic, is_basis, alpha):
-    """Point on the projected arc: non-basic entries clipped at 0, basis entry closes the column."""
-    trial = torch.where(nonbasic, (A + alpha[:, None, None] * D).clamp_min(0), torch.zeros_like(A))
-    basis_value = 1 - trial.sum(dim=1, keepdim=True)
-    trial = torch.where(is_basis, basis_value.expand_as(A), trial)
-    feasible = (basis_value >= 0).all(dim=2).all(dim=1)
-    return trial, feasible
+def _project_columns_to_simplex(V, allowed):
+    """Euclidean projection of every column of ``V`` (``B, k, m``) onto the simplex of its allowed entries
+    (Duchi et al. 2008, sort-based). Disallowed entries are set 2 below the column maximum first: the
+    projection's threshold is at least ``max - 1``, so they come out exactly 0 and do not move it."""
+    col_max = torch.where(allowed, V, torch.full_like(V, -float("inf"))).amax(dim=1, keepdim=True)
+    V = torch.where(allowed, V, col_max - 2)
+    u, _ = torch.sort(V, dim=1, descending=True)
+    css = u.cumsum(dim=1) - 1
+    j = torch.arange(1, V.shape[1] + 1, dtype=V.dtype, device=V.device)[None, :, None]
+    cond = u - css / j > 0
+    rho = cond.to(V.dtype).cumsum(dim=1).argmax(dim=1, keepdim=True)  # last index where cond holds
+    theta = torch.gather(css, 1, rho) / (rho + 1).to(V.dtype)
+    return torch.where(allowed, (V - theta).clamp_min(0), torch.zeros_like(V))
+
+
+def _project_step(A, D, allowed, alpha):
+    """Point on the projected arc ``P(A + alpha D)``, each column projected onto its simplex (for ``k = 2``
+    this is the clip to ``[0, 1]`` of projected Newton for box constraints)."""
+    return _project_columns_to_simplex(A + alpha[:, None, None] * D, allowed)
 
 
 def _gradient_is_finite(teacher, probs, loss: Loss):
-    """Reverse losses have :math:`\\partial\\ell/\\partial p_y = -\\infty` at ``p_y = 0 < q_y``: stay off it."""
+    """Reverse losses have an infinite derivative at ``p_y = 0 < q_y``: iterates stay off that boundary."""
     if not loss.pins_student_to_teacher_support or loss.linear_in_probabilities:
         return torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
     bad = (probs <= 0) & (teacher > 0)
@@ -197,132 +259,143 @@ def fit_mixture_batched(
     loss: Loss,
     *,
     tol: float = 1e-10,
-    max_iter: int = 100,
+    max_iter: int = 200,
     hessian_dtype: torch.dtype | None = None,
     hessian_reuse_step: float = 1e-3,
     A0: torch.Tensor | None = None,
-) -> MixtureFit:
+) -> FitResult:
     r"""Fit ``B`` mixture-head students at once and certify each with its Frank–Wolfe gap.
 
     Args:
-        features: ``(B, n, m)`` rows in :math:`\Delta^m` (float64 recommended).
+        features: ``(B, n, m)`` or shared ``(n, m)``, rows in :math:`\Delta^m` (float64 recommended).
         teacher: ``(B, n, k)`` rows in :math:`\Delta^k`.
         loss: a :class:`~w2s_theory.divergences.Loss` that is convex in the student's probabilities.
         tol: stop a student once its certified gap is at most ``tol``.
-        hessian_dtype: dtype of the Hessian products (the dominant cost). ``float32`` halves their cost; the
-            gradient, objective and gap stay in the features' dtype, so the certificate is unaffected and
-            only the Newton direction is approximate.
+        hessian_dtype: dtype of the Hessian products, the dominant cost. Default: float32 on CPU for
+            per-student features (half the cost), the features' dtype otherwise. The gradient, objective
+            and gap always stay in the features' dtype, so the certificate is unaffected: only the Newton
+            direction is approximate, which costs at most an extra iteration.
         hessian_reuse_step: once a full Newton step moved no entry of ``A`` by more than this, the next
             iteration reuses the Hessian (the Shamanskii variant of Newton's method: still superlinear).
         A0: optional feasible warm start ``(B, k, m)``.
     """
     if not loss.convex_in_probabilities:
         raise ValueError(f"loss {loss.name!r} is not convex in the student's probabilities")
-    B, n, m = features.shape
-    k = teacher.shape[-1]
-    dev = features.device
-    allowed = _allowed_entries(features, teacher, loss)
+    B, n, k = teacher.shape
+    dev, dtype = teacher.device, features.dtype
+    shared = features.ndim == 2
+    if hessian_dtype is None:
+        hessian_dtype = torch.float32 if (dev.type == "cpu" and not shared) else dtype
+    design = _SharedFeatures(features, hessian_dtype) if shared else _StudentFeatures(features, hessian_dtype)
+    allowed = _allowed_entries(design, teacher, loss)
     feasible_problem = allowed.any(dim=1).all(dim=1)  # every column has a class it may use
 
     if A0 is None:
-        A = allowed.to(features.dtype)
+        A = allowed.to(dtype)
         A = A / A.sum(dim=1, keepdim=True).clamp_min(1)
     else:
-        A = A0.to(features.dtype).clone()
+        A = A0.to(dtype).clone()
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
 
     if loss.linear_in_probabilities:
-        probs = MixtureHead.predict(A, features)
-        _, G = _derivatives(features, teacher, probs, loss, allowed)
+        # Reverse CE: Phi is linear in A, so one call of the linear-minimisation oracle is exact.
+        probs = design.predict(A)
+        G = design.gradient(loss.grad_student(teacher, probs))
         A = MixtureHead.lmo(G, allowed)
         iterations += 1
-        return _finish(features, teacher, A, loss, allowed, feasible_problem, iterations, tol)
+        return _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol)
 
-    h_dtype = hessian_dtype or features.dtype
-
-    # Working set: the students still iterating. It is compacted (one copy) only when it has thinned out,
-    # so that most iterations index nothing.
+    k2_fast = k == 2
+    # Working set: the students still iterating. Compaction copies the per-student features, so for that
+    # layout it waits until the set has thinned out; shared features cost nothing to compact.
+    compact_below = 1.0 if shared else 0.6
     ws = torch.arange(B, device=dev)
-    X, Q, al = features, teacher, allowed
-    Aw = A.clone()
-    Pw, Vw = _objective(X, Q, Aw, loss)
+    d, Q, al, Aw = design, teacher, allowed, A.clone()
+    Pw, Vw = _evaluate(d, Q, Aw, loss)
     running = feasible_problem.clone()
     H = None
-    buffer = torch.empty(features.shape, dtype=h_dtype, device=dev)
     need_hessian = torch.ones(B, dtype=torch.bool, device=dev)
     for _ in range(max_iter):
         if not running.any():
             break
-        if running.sum() < 0.6 * running.numel():
+        if running.sum() < compact_below * running.numel():
             A[ws] = Aw
-            keep = running
-            ws, X, Q, al, Aw, Pw, Vw = (t[keep] for t in (ws, X, Q, al, Aw, Pw, Vw))
-            H, need_hessian, running = H[keep] if H is not None else None, need_hessian[keep], running[keep]
-        _, G = _derivatives(X, Q, Pw, loss, al)
+            keep = running.nonzero()[:, 0]
+            ws, Q, al, Aw, Pw, Vw = (t[keep] for t in (ws, Q, al, Aw, Pw, Vw))
+            d = d.take(keep)
+            H = H[keep] if H is not None else None
+            need_hessian, running = need_hessian[keep], running[keep]
+        G = d.gradient(loss.grad_student(Q, Pw))
         gap = MixtureHead.frank_wolfe_gap(G, Aw, al)
         running = running & ~(gap <= tol)
         if not running.any():
             break
         # Hessian: fresh where the last step was large, reused where Newton is already in its fast phase.
         fresh = need_hessian & running
-        if fresh.any():
-            curv = loss.curvature_student(Q, Pw)
-            if loss.pins_student_to_teacher_support:
-                curv = torch.where(Q > 0, curv, torch.zeros_like(curv))
-            if fresh.sum() > 0.5 * fresh.numel() or H is None:
-                H_new = _curvature_blocks(X, curv, k == 2, buffer)
+        if fresh.any() or H is None:
+            if H is None or fresh.sum() > 0.5 * fresh.numel():
+                H_new = d.curvature_blocks(_curvature_weights(Q, Pw, loss, k2_fast))
                 H = H_new if H is None else torch.where(fresh[:, None, None, None], H_new, H)
             else:
                 sel = fresh.nonzero()[:, 0]
-                H[sel] = _curvature_blocks(X[sel], curv[sel], k == 2, buffer)
-        D, nonbasic, is_basis = _newton_direction(G, Aw, H, al, gap.clamp(max=1e-2))
+                H[sel] = d.curvature_blocks(_curvature_weights(Q[sel], Pw[sel], loss, k2_fast), sel)
+        D = _newton_direction(G, Aw, H, al, gap.clamp(max=1e-2))
         D = D * running[:, None, None]
 
         # Armijo backtracking along the projected arc, only for running students; a rounding allowance keeps
         # the test meaningful once decreases reach the last bits of the objective.
-        alpha = torch.ones(Aw.shape[0], dtype=features.dtype, device=dev)
+        alpha = torch.ones(Aw.shape[0], dtype=dtype, device=dev)
         pending = running.clone()
-        slack = 16 * torch.finfo(features.dtype).eps * (Vw.abs() + 1)
+        slack = 16 * torch.finfo(dtype).eps * (Vw.abs() + 1)
         A_old = Aw.clone()
         for _ in range(_MAX_BACKTRACK):
             todo = pending.nonzero()[:, 0]
             if todo.numel() == 0:
                 break
             # Evaluate the whole working set (results of settled students are discarded) unless few are
-            # pending: indexing copies the features, which costs more than the wasted products.
-            if todo.numel() > 0.25 * pending.numel():
+            # pending: indexing per-student features copies them, which costs more than wasted products.
+            if todo.numel() > 0.25 * pending.numel() and not d.shared:
                 todo = torch.arange(pending.numel(), device=dev)
             full = todo.numel() == pending.numel()
-            pick = (lambda t: t) if full else (lambda t: t[todo])
-            trial, feas = _project_step(pick(Aw), pick(D), pick(nonbasic), pick(is_basis), pick(alpha))
-            Pt, Vt = _objective(pick(X), pick(Q), trial, loss)
+            pick = (lambda t: t) if full else (lambda t: t[todo])  # noqa: E731
+            dt = d if full else d.take(todo)
+            trial = _project_step(pick(Aw), pick(D), pick(al), pick(alpha))
+            Pt, Vt = _evaluate(dt, pick(Q), trial, loss)
             decrease = (pick(G) * (trial - pick(Aw))).sum(dim=(1, 2))
             ok = (
-                feas
-                & torch.isfinite(Vt)
+                torch.isfinite(Vt)
                 & _gradient_is_finite(pick(Q), Pt, loss)
                 & (Vt <= pick(Vw) + _ARMIJO * decrease + pick(slack))
+                & pending[todo]
             )
-            ok = ok & pending[todo]
             hit = todo[ok]
             Aw[hit], Pw[hit], Vw[hit] = trial[ok], Pt[ok], Vt[ok]
             pending[hit] = False
             alpha[todo[~ok & pending[todo]]] *= 0.5
-        stalled = pending  # no acceptable step: stop, the certificate at the current point still holds
+        stalled = pending  # no acceptable step: stop; the certificate at the current point still holds
         running = running & ~stalled
         step = (Aw - A_old).abs().amax(dim=(1, 2))
         need_hessian = (alpha < 1) | (step > hessian_reuse_step)
         iterations[ws[running | stalled]] += 1
     A[ws] = Aw
-    return _finish(features, teacher, A, loss, allowed, feasible_problem, iterations, tol)
+    return _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol)
 
 
-def _finish(features, teacher, A, loss, allowed, feasible_problem, iterations, tol) -> MixtureFit:
-    probs, value = _objective(features, teacher, A, loss)
-    _, G = _derivatives(features, teacher, probs, loss, allowed)
+def _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol) -> FitResult:
+    """Objective and certificate at the returned point, recomputed from scratch in the features' dtype."""
+    probs, value = _evaluate(design, teacher, A, loss)
+    G = design.gradient(loss.grad_student(teacher, probs))
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
     inf = torch.full_like(gap, float("inf"))
-    gap = torch.where(feasible_problem, gap, inf)
+    gap = torch.where(feasible_problem & ~torch.isnan(gap), gap, inf)
     value = torch.where(feasible_problem, value, inf)
-    gap = torch.where(torch.isnan(gap), inf, gap)
-    return MixtureFit(A=A, probs=probs, objective=value, gap=gap, iterations=iterations, converged=gap <= tol)
+    # Norm of the reduced gradient (gradient minus its column-wise mean over allowed classes), for the record.
+    Gm = torch.where(allowed, G, torch.zeros_like(G))
+    centred = Gm - Gm.sum(dim=1, keepdim=True) / allowed.sum(dim=1, keepdim=True).clamp_min(1)
+    grad_norm = torch.where(allowed, centred, torch.zeros_like(G)).flatten(1).norm(dim=1)
+    return FitResult(
+        head="mixture", loss=loss.name, params={"A": A}, probs=probs, objective=value, gap=gap,
+        certificate="frank_wolfe", grad_norm=grad_norm, iterations=iterations, converged=gap <= tol,
+        method="projected-newton" if not loss.linear_in_probabilities else "linear-minimisation-oracle",
+        info={"shared_features": design.shared, "tol": tol},
+    )
