@@ -1,0 +1,88 @@
+"""``w2s-theory fit``: fit last-layer students on saved features and teacher probabilities (DESIGN.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import to_numpy
+from ..divergences import LOSSES, get_loss, kl
+from ..heads import HEADS
+from ..io import format_table, load_array, save_json, save_npz
+from ..solvers import fit
+from ..validation import InputError, check_distributions
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fit", help="fit students on saved features and teacher probabilities")
+    p.add_argument("--features", required=True, metavar="F.npy", help="(n, m) or (B, n, m) features")
+    p.add_argument("--teacher", required=True, metavar="Q.npy", help="(n, k) or (B, n, k) teacher probabilities")
+    p.add_argument("--loss", required=True, help=f"one of: {' '.join(LOSSES)}")
+    p.add_argument("--head", default="mixture", help=f"one of: {' '.join(HEADS)} (default mixture)")
+    p.add_argument("--out", required=True, metavar="OUT.npz", help="where to write probs, objective, gap")
+    p.add_argument("--truth", metavar="T.npy", help="ground-truth probabilities: adds errors, gain, misfit")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--backend", default="batched", choices=["batched", "cvxpy"])
+    p.add_argument("--tol", type=float, default=1e-10, help="target certified gap (default 1e-10)")
+    p.add_argument("--gamma", type=float, default=0.0, help="probability floor of the linear head")
+    p.add_argument("--json", metavar="REPORT.json", help="also write a per-student report")
+    p.set_defaults(handler=handle)
+
+
+def _student_report(result, teacher, truth, loss_name):
+    """Per-student numbers; with the truth also the errors, gain and misfit in the trained direction."""
+    rows = []
+    probs = to_numpy(result.probs)
+    loss = get_loss(loss_name)
+    for b in range(result.batch_size):
+        row = {
+            "student": b,
+            "objective": float(result.objective[b]),
+            "gap": float(result.gap[b]),
+            "converged": bool(result.converged[b]),
+            "iterations": int(result.iterations[b]),
+        }
+        if truth is not None and result.head != "squared":
+            q, p, t = teacher[b], probs[b], truth[b]
+            row["student_error"] = float(kl(t, p).mean())  # E KL(F* || F_sw)
+            row["teacher_error"] = float(kl(t, q).mean())  # E KL(F* || F_w)
+            row["gain"] = row["teacher_error"] - row["student_error"]
+            row["misfit"] = float(loss.per_sample(q, p).mean()) if loss.name in ("forward_kl", "reverse_kl") \
+                else float(kl(p, q).mean())
+            row["accuracy"] = float((p.argmax(-1) == t.argmax(-1)).mean())
+        rows.append(row)
+    return rows
+
+
+def handle(args) -> int:
+    features = load_array(args.features, "--features")
+    teacher = load_array(args.teacher, "--teacher")
+    truth = None
+    if args.truth:
+        truth = load_array(args.truth, "--truth")
+        if truth.shape[-2:] != teacher.shape[-2:] or truth.ndim not in (2, 3):
+            raise InputError(f"--truth has shape {truth.shape}, expected the teacher's (n, k) = {teacher.shape[-2:]}")
+        truth = check_distributions("--truth", truth)
+    result = fit(features, teacher, loss=args.loss, head=args.head, backend=args.backend, device=args.device,
+                 tol=args.tol, gamma=args.gamma)
+    arrays = result.numpy()
+    if teacher.ndim == 2:  # unbatched in, unbatched out
+        arrays = {k: (v[0] if np.ndim(v) >= 1 else v) for k, v in arrays.items()}
+    save_npz(args.out, **arrays)
+    teacher_b = teacher if teacher.ndim == 3 else teacher[None]
+    truth_b = None if truth is None else (truth if truth.ndim == 3 else np.broadcast_to(truth, teacher_b.shape))
+    rows = _student_report(result, teacher_b, truth_b, args.loss)
+    columns = [("student", "student"), ("objective", "objective"), ("gap", "certified gap"),
+               ("converged", "converged"), ("iterations", "iters")]
+    if truth is not None:
+        columns += [("student_error", "E KL(F*||F_sw)"), ("gain", "gain"), ("misfit", "misfit"),
+                    ("accuracy", "accuracy")]
+    shown = rows if len(rows) <= 20 else rows[:10] + rows[-10:]
+    print(format_table(shown, columns))
+    if len(rows) > 20:
+        print(f"... ({len(rows)} students; all in {args.out})")
+    print(f"\n{result.batch_size} student(s), {args.head} head, {args.loss}; certificate: {result.certificate}; "
+          f"worst gap {np.nanmax(arrays['gap']) if np.size(arrays['gap']) else float('nan'):.3g}; wrote {args.out}")
+    if args.json:
+        save_json(args.json, {"head": args.head, "loss": args.loss, "certificate": result.certificate,
+                              "method": result.method, "students": rows})
+    return 0

@@ -1,0 +1,54 @@
+"""Small random instances for theorem checks and property tests (not worlds: see :mod:`w2s_theory.synthetic`).
+
+Each generator draws from a ``numpy.random.Generator`` so that a check is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["MixtureProblem", "random_simplex_rows", "random_mixture_problem"]
+
+
+def random_simplex_rows(rng: np.random.Generator, shape: tuple, k: int, concentration: float = 1.0,
+                        zero_fraction: float = 0.0) -> np.ndarray:
+    """Rows in the simplex ``shape + (k,)`` from a symmetric Dirichlet; a ``zero_fraction`` of rows are
+    made one-hot (probabilities exactly 0 and 1), the boundary case the theory must survive."""
+    rows = rng.dirichlet(np.full(k, concentration), size=shape)
+    if zero_fraction > 0:
+        hot = rng.random(shape) < zero_fraction
+        rows[hot] = np.eye(k)[rng.integers(0, k, size=int(hot.sum()))]
+    return rows
+
+
+@dataclass
+class MixtureProblem:
+    """A realizable mixture-head instance: ``truth = features @ truth_head.T`` is in the class."""
+
+    features: np.ndarray  # (n, m), rows in the simplex (shared by the batch)
+    truth_head: np.ndarray  # (B, k, m), column-stochastic
+    truth: np.ndarray  # (B, n, k)
+    teacher: np.ndarray  # (B, n, k)
+
+
+def random_mixture_problem(rng: np.random.Generator, *, batch: int, n: int, m: int, k: int,
+                           feature_concentration: float = 0.5, teacher: str = "dirichlet",
+                           teacher_concentration: float = 1.0, corruption: float = 1.0,
+                           zero_fraction: float = 0.0) -> MixtureProblem:
+    """Random features, a random truth head ``A*`` and a teacher that is either an arbitrary distribution per
+    row (``teacher="dirichlet"``) or the truth corrupted in logit space (``teacher="corrupt"``,
+    ``softmax(log F* + corruption * N(0, 1))``)."""
+    features = random_simplex_rows(rng, (n,), m, feature_concentration)
+    truth_head = np.swapaxes(rng.dirichlet(np.full(k, 0.7), size=(batch, m)), -1, -2)
+    truth = features @ np.swapaxes(truth_head, -1, -2)
+    if teacher == "dirichlet":
+        q = random_simplex_rows(rng, (batch, n), k, teacher_concentration, zero_fraction)
+    elif teacher == "corrupt":
+        logits = np.log(np.clip(truth, 1e-300, None)) + corruption * rng.normal(size=truth.shape)
+        q = np.exp(logits - logits.max(-1, keepdims=True))
+        q /= q.sum(-1, keepdims=True)
+    else:
+        raise ValueError(f"teacher must be 'dirichlet' or 'corrupt', not {teacher!r}")
+    return MixtureProblem(features, truth_head, truth, q)
