@@ -139,6 +139,19 @@ def _allowed_entries(design, teacher: torch.Tensor, loss: Loss) -> torch.Tensor:
     return allowed
 
 
+def _teacher_for_derivatives(design, teacher, allowed, loss: Loss) -> torch.Tensor:
+    """The teacher with entries zeroed where the student's prediction is 0 for *every* allowed head.
+
+    Such a prediction is constant on the feasible face, so its (possibly infinite) derivative must not enter
+    the gradient: the reverse losses' derivatives already treat teacher zeros as pinned entries, so zeroing
+    the teacher there is exactly that. The objective itself always uses the real teacher.
+    """
+    if not loss.pins_student_to_teacher_support or bool(allowed.all()):
+        return teacher
+    reachable = design.predict(allowed.to(teacher.dtype)) > 0  # (B, n, k): some allowed entry reaches it
+    return torch.where(reachable, teacher, torch.zeros_like(teacher))
+
+
 def _evaluate(design, teacher, A, loss: Loss):
     """Student probabilities and mean loss per student."""
     probs = design.predict(A)
@@ -300,7 +313,7 @@ def fit_mixture_batched(
     if loss.linear_in_probabilities:
         # Reverse CE: Phi is linear in A, so one call of the linear-minimisation oracle is exact.
         probs = design.predict(A)
-        G = design.gradient(loss.grad_student(teacher, probs))
+        G = design.gradient(loss.grad_student(_teacher_for_derivatives(design, teacher, allowed, loss), probs))
         A = MixtureHead.lmo(G, allowed)
         iterations += 1
         return _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol)
@@ -311,6 +324,7 @@ def fit_mixture_batched(
     compact_below = 1.0 if shared else 0.6
     ws = torch.arange(B, device=dev)
     d, Q, al, Aw = design, teacher, allowed, A.clone()
+    Qd = _teacher_for_derivatives(design, teacher, allowed, loss)
     Pw, Vw = _evaluate(d, Q, Aw, loss)
     running = feasible_problem.clone()
     H = None
@@ -321,11 +335,11 @@ def fit_mixture_batched(
         if running.sum() < compact_below * running.numel():
             A[ws] = Aw
             keep = running.nonzero()[:, 0]
-            ws, Q, al, Aw, Pw, Vw = (t[keep] for t in (ws, Q, al, Aw, Pw, Vw))
+            ws, Q, Qd, al, Aw, Pw, Vw = (t[keep] for t in (ws, Q, Qd, al, Aw, Pw, Vw))
             d = d.take(keep)
             H = H[keep] if H is not None else None
             need_hessian, running = need_hessian[keep], running[keep]
-        G = d.gradient(loss.grad_student(Q, Pw))
+        G = d.gradient(loss.grad_student(Qd, Pw))
         gap = MixtureHead.frank_wolfe_gap(G, Aw, al)
         running = running & ~(gap <= tol)
         if not running.any():
@@ -334,11 +348,11 @@ def fit_mixture_batched(
         fresh = need_hessian & running
         if fresh.any() or H is None:
             if H is None or fresh.sum() > 0.5 * fresh.numel():
-                H_new = d.curvature_blocks(_curvature_weights(Q, Pw, loss, k2_fast))
+                H_new = d.curvature_blocks(_curvature_weights(Qd, Pw, loss, k2_fast))
                 H = H_new if H is None else torch.where(fresh[:, None, None, None], H_new, H)
             else:
                 sel = fresh.nonzero()[:, 0]
-                H[sel] = d.curvature_blocks(_curvature_weights(Q[sel], Pw[sel], loss, k2_fast), sel)
+                H[sel] = d.curvature_blocks(_curvature_weights(Qd[sel], Pw[sel], loss, k2_fast), sel)
         D = _newton_direction(G, Aw, H, al, gap.clamp(max=1e-2))
         D = D * running[:, None, None]
 
@@ -364,7 +378,7 @@ def fit_mixture_batched(
             decrease = (pick(G) * (trial - pick(Aw))).sum(dim=(1, 2))
             ok = (
                 torch.isfinite(Vt)
-                & _gradient_is_finite(pick(Q), Pt, loss)
+                & _gradient_is_finite(pick(Qd), Pt, loss)
                 & (Vt <= pick(Vw) + _ARMIJO * decrease + pick(slack))
                 & pending[todo]
             )
@@ -384,7 +398,7 @@ def fit_mixture_batched(
 def _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol) -> FitResult:
     """Objective and certificate at the returned point, recomputed from scratch in the features' dtype."""
     probs, value = _evaluate(design, teacher, A, loss)
-    G = design.gradient(loss.grad_student(teacher, probs))
+    G = design.gradient(loss.grad_student(_teacher_for_derivatives(design, teacher, allowed, loss), probs))
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
     inf = torch.full_like(gap, float("inf"))
     gap = torch.where(feasible_problem & ~torch.isnan(gap), gap, inf)
