@@ -108,10 +108,18 @@ def fit(
     if X.ndim == 2 and head != "mixture":
         X = X.expand(B, n, m)
 
+    try:
+        return _dispatch(X, Q, loss_obj, head, backend, tol=tol, max_iter=max_iter, gamma=gamma, radius=radius,
+                         bias=bias)
+    except ValueError as exc:  # the solvers' own input checks (e.g. reverse loss with teacher zeros on softmax)
+        raise InputError(str(exc).splitlines()[0]) from exc
+
+
+def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bias) -> FitResult:
     if backend == "cvxpy" or head == "linear":
         from .reference import fit_reference_batch
 
-        return fit_reference_batch(X, Q, loss, head, gamma=gamma, radius=radius, bias=bias)
+        return fit_reference_batch(X, Q, loss_obj.name, head, gamma=gamma, radius=radius, bias=bias)
     if head == "mixture":
         from .mixture import fit_mixture_batched
 

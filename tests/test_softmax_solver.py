@@ -1,0 +1,378 @@
+"""Claims about the softmax-head solver (w2s_theory.solvers.softmax), each checked with its certificate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from w2s_theory.divergences import entropy, get_loss, kl
+from w2s_theory.heads import SoftmaxHead
+from w2s_theory.solvers.softmax import (
+    _ReverseDivergence,
+    fit_softmax_batched,
+    fit_softmax_reference,
+    softmax_forward_certificate,
+)
+
+FORWARD_KL = get_loss("forward_kl")
+FORWARD_CE = get_loss("forward_ce")
+REVERSE_KL = get_loss("reverse_kl")
+REVERSE_CE = get_loss("reverse_ce")
+ROUNDING = 1e-12
+
+
+def _instance(seed: int, B: int, n: int, m: int, k: int, *, simplex: bool, noise: float = 0.5):
+    """Features (Gaussian or in the simplex) and an interior teacher: a random softmax head mixed with a
+    Dirichlet draw, so that the forward optimum is attained and not trivially at the teacher."""
+    rng = np.random.default_rng(seed)
+    if simplex:
+        X = rng.dirichlet(np.full(m, 0.7), size=(B, n))
+    else:
+        X = rng.normal(size=(B, n, m))
+    W = rng.normal(size=(B, k, m)) * 1.5
+    logits = X @ np.swapaxes(W, -1, -2)
+    soft = np.exp(logits - logits.max(-1, keepdims=True))
+    soft /= soft.sum(-1, keepdims=True)
+    Q = (1 - noise) * soft + noise * rng.dirichlet(np.ones(k), size=(B, n))
+    return torch.as_tensor(X), torch.as_tensor(Q / Q.sum(-1, keepdims=True))
+
+
+def _design(X):
+    return torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward KL: certified, matches the cvxpy reference
+# ---------------------------------------------------------------------------------------------------------
+
+REFERENCE_CASES = [
+    # (seed, n, m, k, simplex)
+    (0, 40, 3, 2, False),
+    (1, 60, 4, 2, True),
+    (2, 50, 2, 3, False),
+    (3, 45, 3, 3, True),
+    (4, 30, 5, 2, False),
+    (5, 80, 2, 3, True),
+    (6, 25, 3, 4, False),
+    (7, 70, 4, 2, True),
+    (8, 35, 3, 3, False),
+    (9, 50, 5, 3, True),
+]
+
+
+@pytest.mark.parametrize("seed,n,m,k,simplex", REFERENCE_CASES)
+def test_forward_kl_batched_fit_matches_cvxpy_reference_within_certificates(seed, n, m, k, simplex):
+    X, Q = _instance(seed, 1, n, m, k, simplex=simplex)
+    tol = 1e-10
+    fit = fit_softmax_batched(X, Q, FORWARD_KL, tol=tol)
+    ref = fit_softmax_reference(X[0].numpy(), Q[0].numpy(), "forward_kl")
+    assert fit.certificate == ref.certificate == "self_concordance"
+    assert bool(fit.converged.all()) and float(fit.gap[0]) <= tol
+    assert math.isfinite(float(ref.gap[0])), "the certificate at the cvxpy point should be finite here"
+    difference = float(fit.objective[0] - ref.objective[0])
+    # Both objectives are within their own certified gap of the same optimum.
+    assert abs(difference) <= float(fit.gap[0] + ref.gap[0]) + ROUNDING
+    # And the batched certificate is a true upper bound against the reference point (which is >= optimum).
+    assert difference <= float(fit.gap[0]) + 1e-9
+
+
+def test_forward_kl_and_forward_ce_have_the_same_minimiser_and_differ_by_teacher_entropy():
+    X, Q = _instance(11, 3, 40, 3, 3, simplex=False)
+    fkl = fit_softmax_batched(X, Q, FORWARD_KL)
+    fce = fit_softmax_batched(X, Q, FORWARD_CE)
+    assert torch.allclose(fkl.probs, fce.probs, atol=1e-9)
+    assert torch.allclose(fce.objective - fkl.objective, entropy(Q).mean(-1), atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 40),
+    m=st.integers(1, 4),
+    k=st.integers(2, 4),
+    simplex=st.booleans(),
+    scale=st.sampled_from([1e-3, 1e-2, 1e-1, 0.5]),
+)
+def test_self_concordance_gap_upper_bounds_true_suboptimality_away_from_the_optimum(seed, n, m, k, simplex, scale):
+    """At perturbed optima the certified gap is >= the true suboptimality (valid) and, for small
+    perturbations, finite and within a small factor of it (not vacuous)."""
+    X, Q = _instance(seed, 4, n, m, k, simplex=simplex)
+    best = fit_softmax_batched(X, Q, FORWARD_KL, tol=1e-15)
+    assert bool(torch.isfinite(best.gap).all())
+    rng = torch.Generator().manual_seed(seed)
+    W = best.params["W"] + scale * torch.randn(best.params["W"].shape, generator=rng, dtype=torch.float64)
+    b = best.params["b"] + scale * torch.randn(best.params["b"].shape, generator=rng, dtype=torch.float64)
+    gap, decrement = softmax_forward_certificate(X, Q, W, b)
+    true = FORWARD_KL.per_sample(Q, SoftmaxHead.predict(W, b, X)).mean(-1) - best.objective
+    # The reference optimum is itself within best.gap of the infimum.
+    assert bool((true <= gap + best.gap + ROUNDING).all()), (true, gap)
+    assert bool((gap >= 0.5 * decrement**2 * (1 - 1e-12)).all())
+    if scale <= 1e-2:
+        assert bool(torch.isfinite(gap).all())
+        assert bool((gap <= 2 * true + 1e-10).all()), (gap, true)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 12),
+    m=st.integers(1, 3),
+    k=st.integers(2, 4),
+    hard=st.floats(0.0, 1.0),
+)
+def test_forward_fit_at_the_boundary_is_finite_and_its_certificate_is_honest(seed, n, m, k, hard):
+    """Teachers with exact 0 and 1 entries, n = 1 and tiny samples: no NaN, converged iff gap <= tol, and the
+    returned objective is no worse than the uniform start (theta = 0)."""
+    rng = np.random.default_rng(seed)
+    X = torch.as_tensor(rng.normal(size=(2, n, m)))
+    Q = rng.dirichlet(np.full(k, 0.3), size=(2, n))
+    hard_rows = rng.uniform(size=(2, n)) < hard
+    Q[hard_rows] = np.eye(k)[rng.integers(0, k, size=int(hard_rows.sum()))]
+    Q = torch.as_tensor(Q)
+    tol = 1e-10
+    fit = fit_softmax_batched(X, Q, FORWARD_KL, tol=tol, max_iter=60)
+    assert not bool(torch.isnan(fit.gap).any()) and bool((fit.gap >= 0).all())
+    assert torch.equal(fit.converged, fit.gap <= tol)
+    assert bool(torch.isfinite(fit.objective).all()) and bool(torch.isfinite(fit.params["W"]).all())
+    uniform = FORWARD_KL.per_sample(Q, torch.full_like(Q, 1.0 / k)).mean(-1)
+    assert bool((fit.objective <= uniform + ROUNDING).all())
+
+
+def test_self_concordance_gap_is_valid_and_not_vacuous_after_one_newton_iteration():
+    X, Q = _instance(21, 6, 120, 4, 3, simplex=False, noise=0.2)
+    best = fit_softmax_batched(X, Q, FORWARD_KL, tol=1e-15)
+    early = fit_softmax_batched(X, Q, FORWARD_KL, max_iter=2)
+    assert bool((early.iterations == 2).all()) and not bool(early.converged.any())
+    true = early.objective - best.objective
+    assert bool((true > 1e-8).all()), "the early points should be visibly suboptimal"
+    assert bool((true <= early.gap + best.gap + ROUNDING).all())
+    assert bool(torch.isfinite(early.gap).all()) and bool((early.gap <= 5 * true).all()), (early.gap, true)
+
+
+def test_forward_kl_optimum_matches_the_teachers_moments():
+    r"""M-projection: at the forward optimum :math:`\frac1n\sum_i z_i(s_i - q_i)^\top = 0` for :math:`z = [h, 1]`.
+
+    Bound from the certificate: in whitened coordinates :math:`\|g\|\le\lambda\le\sqrt{2\,\mathrm{gap}}`, and the
+    raw moments are :math:`V S g/\sqrt n` (plus the reference class, minus the sum of the others)."""
+    for simplex in (False, True):
+        X, Q = _instance(31, 5, 60, 3, 3, simplex=simplex)
+        fit = fit_softmax_batched(X, Q, FORWARD_KL, tol=1e-14)
+        Z = _design(X)
+        moments = Z.mT @ (fit.probs - Q) / Z.shape[-2]
+        s_max = torch.linalg.svdvals(Z)[:, 0]
+        k = Q.shape[-1]
+        bound = math.sqrt(k) * s_max / math.sqrt(Z.shape[-2]) * torch.sqrt(2 * fit.gap) + ROUNDING
+        assert bool((moments.norm(dim=(-2, -1)) <= bound).all()), (moments.norm(dim=(-2, -1)), bound)
+        assert float(moments.abs().max()) < 1e-7
+
+
+def test_forward_kl_projection_satisfies_the_pythagorean_equality_for_a_realizable_truth():
+    r"""THEORY.md, softmax row: :math:`E\,KL(F_{sw}\|F^*) = E\,KL(F_w\|F^*) - E\,KL(F_w\|F_{sw})` when
+    :math:`F^*` is a softmax head on the same features; the defect is :math:`\langle M, \Theta_{sw}-\Theta^*\rangle`
+    with :math:`M` the moment residual, which the certificate makes tiny."""
+    X, _ = _instance(41, 4, 80, 3, 3, simplex=False)
+    rng = np.random.default_rng(41)
+    W_star = torch.as_tensor(rng.normal(size=(4, 3, 3)))
+    b_star = torch.as_tensor(rng.normal(size=(4, 3)))
+    truth = SoftmaxHead.predict(W_star, b_star, X)
+    teacher = 0.6 * truth + 0.4 * torch.as_tensor(rng.dirichlet(np.ones(3), size=(4, 80)))
+    fit = fit_softmax_batched(X, teacher, FORWARD_KL, tol=1e-14)
+    lhs = kl(fit.probs, truth).mean(-1)
+    rhs = kl(teacher, truth).mean(-1) - kl(teacher, fit.probs).mean(-1)
+    assert bool(torch.isfinite(fit.gap).all())
+    assert torch.allclose(lhs, rhs, atol=1e-9, rtol=0), (lhs - rhs)
+
+
+def test_forward_fit_depends_only_on_the_span_of_the_features_even_when_ill_conditioned():
+    """The head class is {softmax(W h + b)}: an invertible map of the features (here with condition number
+    about 1e5, far above the rank tolerance's scale) changes nothing. A rank rule that dropped the small
+    directions would lose the part of the teacher that lives in them."""
+    X, _ = _instance(13, 2, 80, 3, 3, simplex=False)
+    rng = np.random.default_rng(13)
+    A = torch.as_tensor(rng.normal(size=(3, 3)))
+    U, _, Vh = torch.linalg.svd(A)
+    A = U @ torch.diag(torch.tensor([1.0, 1e-2, 1e-5], dtype=torch.float64)) @ Vh
+    X_ill = X @ A
+    W = torch.as_tensor(rng.normal(size=(2, 3, 3)))
+    teacher = SoftmaxHead.predict(W, torch.zeros(2, 3, dtype=torch.float64), X)  # realizable in span(X)
+    teacher = 0.7 * teacher + 0.3 / 3
+    fit = fit_softmax_batched(X, teacher, FORWARD_KL, tol=1e-14)
+    fit_ill = fit_softmax_batched(X_ill, teacher, FORWARD_KL, tol=1e-14)
+    assert bool(fit.converged.all()) and bool(fit_ill.converged.all()), (fit.gap, fit_ill.gap)
+    assert torch.allclose(fit.probs, fit_ill.probs, atol=1e-8)
+    assert torch.allclose(fit.objective, fit_ill.objective, atol=1e-12)
+
+
+def test_forward_projection_onto_constants_is_the_arithmetic_mean():
+    """THEORY.md closed form: with constant features the softmax head is every interior constant distribution,
+    and the forward-KL projection is the mean teacher."""
+    rng = np.random.default_rng(5)
+    Q = torch.as_tensor(rng.dirichlet(np.ones(3), size=(2, 25)))
+    X = torch.ones((2, 25, 1), dtype=torch.float64)
+    fit = fit_softmax_batched(X, Q, FORWARD_KL)
+    assert int(fit.info["rank"][0]) == 1  # [h, 1] has two equal columns
+    assert torch.allclose(fit.probs, Q.mean(1, keepdim=True).expand_as(Q), atol=1e-10)
+
+
+def test_forward_kl_with_unattained_infimum_reports_no_certificate_and_stays_finite():
+    """One-hot teacher on separable data: the infimum 0 is not attained, the gap stays inf, converged is
+    False, and nothing becomes NaN."""
+    rng = np.random.default_rng(2)
+    X = torch.as_tensor(rng.normal(size=(3, 30, 2)))
+    labels = (X[..., 0] > 0).long()
+    Q = torch.nn.functional.one_hot(labels, 2).to(torch.float64)
+    fit = fit_softmax_batched(X, Q, FORWARD_KL, max_iter=60)
+    assert not bool(fit.converged.any())
+    assert bool(torch.isinf(fit.gap).all())
+    assert bool(torch.isfinite(fit.objective).all()) and float(fit.objective.max()) < 1e-6
+    assert bool(torch.isfinite(fit.params["W"]).all())
+
+
+def test_forward_kl_accepts_teachers_with_exact_zeros_and_ones_in_an_attained_problem():
+    """Scattered zeros and ones (labels on some points, soft elsewhere, classes overlapping) keep the optimum
+    attained: the solver certifies it."""
+    X, Q = _instance(51, 2, 60, 2, 3, simplex=False, noise=0.5)
+    Q = Q.clone()
+    Q[:, :10] = torch.nn.functional.one_hot(torch.arange(10) % 3, 3).to(torch.float64)
+    fit = fit_softmax_batched(X, Q, FORWARD_KL)
+    assert bool(fit.converged.all()), fit.gap
+    ref = fit_softmax_reference(X[0].numpy(), Q[0].numpy(), "forward_kl")
+    assert abs(float(fit.objective[0] - ref.objective[0])) <= float(fit.gap[0] + ref.gap[0]) + ROUNDING
+
+
+def test_shared_expanded_features_give_the_per_student_fit_and_are_not_written():
+    X, Q = _instance(61, 4, 50, 3, 3, simplex=True)
+    shared = X[0].clone()
+    view = shared.expand(4, *shared.shape)
+    before = shared.clone()
+    fit_view = fit_softmax_batched(view, Q, FORWARD_KL)
+    fit_full = fit_softmax_batched(view.contiguous(), Q, FORWARD_KL)
+    assert torch.equal(shared, before)
+    assert torch.allclose(fit_view.probs, fit_full.probs, atol=1e-10)
+    assert bool(fit_view.converged.all())
+
+
+def test_k_equals_one_is_the_constant_head():
+    X = torch.randn(2, 5, 3, dtype=torch.float64)
+    Q = torch.ones(2, 5, 1, dtype=torch.float64)
+    fit = fit_softmax_batched(X, Q, FORWARD_KL)
+    assert torch.equal(fit.probs, Q) and bool((fit.objective == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reverse losses: no certificate, stationary points that improve on the forward start
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", [REVERSE_KL, REVERSE_CE], ids=lambda l: l.name)
+@pytest.mark.parametrize("simplex", [False, True])
+def test_reverse_fit_is_uncertified_stationary_and_improves_on_the_forward_start(loss, simplex):
+    X, Q = _instance(71, 4, 60, 3, 3, simplex=simplex, noise=0.6)
+    tol = 1e-10
+    fit = fit_softmax_batched(X, Q, loss, tol=tol)
+    assert fit.certificate == "none"
+    assert bool(torch.isnan(fit.gap).all())
+    assert bool((fit.grad_norm <= math.sqrt(tol)).all()) and bool(fit.converged.all()), fit.grad_norm
+    start = fit.info["start_objective"]
+    assert bool((fit.objective <= start + 1e-12).all())
+    assert bool((fit.objective < start - 1e-6).any()), "reverse and forward optima should differ here"
+    # The reported objective is the reverse loss at the returned probabilities.
+    assert torch.allclose(fit.objective, loss.per_sample(Q, fit.probs).mean(-1), atol=0, rtol=0)
+
+
+def test_reverse_converged_flag_means_a_small_gradient():
+    X, Q = _instance(72, 3, 60, 3, 3, simplex=False, noise=0.6)
+    tol = 1e-10
+    early = fit_softmax_batched(X, Q, REVERSE_KL, tol=tol, max_iter=1)
+    assert torch.equal(early.converged, early.grad_norm <= early.info["grad_tol"])
+    assert early.info["grad_tol"] == math.sqrt(tol)
+    assert not bool(early.converged.any()), early.grad_norm
+
+
+def test_reverse_kl_projection_onto_constants_is_the_normalised_geometric_mean():
+    """THEORY.md closed form: reverse-KL projection onto constants is p proportional to exp(mean log q)."""
+    rng = np.random.default_rng(8)
+    Q = torch.as_tensor(rng.dirichlet(np.ones(4), size=(3, 30)))
+    X = torch.as_tensor(rng.normal(size=(3, 1, 2))).expand(3, 30, 2)  # the same h(x) for every sample
+    fit = fit_softmax_batched(X, Q, REVERSE_KL, tol=1e-14)
+    geometric = torch.softmax(torch.log(Q).mean(1, keepdim=True), dim=-1).expand_as(Q)
+    assert torch.allclose(fit.probs, geometric, atol=1e-9)
+    assert bool(fit.info["hessian_pd"].all())
+
+
+def test_reverse_loss_logit_derivatives_match_autograd():
+    """The analytic gradient and Hessian in logit space (used by Newton) agree with autograd."""
+    rng = np.random.default_rng(9)
+    eta = torch.as_tensor(rng.normal(size=(2, 5, 4)))
+    eta[..., -1] = 0
+    log_q = torch.log(torch.as_tensor(rng.dirichlet(np.ones(4), size=(2, 5))))
+    for with_entropy in (True, False):
+        model = _ReverseDivergence(log_q, with_entropy)
+        _, grad, hess = model.derivatives(eta)
+
+        def per_sample(free, b, i):
+            full = torch.cat([free, torch.zeros(1, dtype=free.dtype)])
+            s = torch.softmax(full, -1)
+            a = (torch.log_softmax(full, -1) - log_q[b, i]) if with_entropy else -log_q[b, i]
+            return (s * a).sum()
+
+        for b in range(2):
+            for i in range(5):
+                free = eta[b, i, :-1].clone()
+                g_auto = torch.autograd.functional.jacobian(lambda v: per_sample(v, b, i), free)
+                h_auto = torch.autograd.functional.hessian(lambda v: per_sample(v, b, i), free)
+                assert torch.allclose(grad[b, i], g_auto, atol=1e-12)
+                assert torch.allclose(hess[b, i], h_auto, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", [REVERSE_KL, REVERSE_CE], ids=lambda l: l.name)
+def test_reverse_losses_reject_teachers_with_zero_probabilities(loss):
+    X, Q = _instance(81, 2, 10, 2, 3, simplex=False)
+    Q = Q.clone()
+    Q[1, 3] = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="probability of 0"):
+        fit_softmax_batched(X, Q, loss)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference: status is checked, reverse losses refused
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_reference_treats_any_status_but_optimal_as_failure(monkeypatch):
+    import cvxpy as cp
+
+    original = cp.Problem.solve
+
+    def inaccurate(self, *args, **kwargs):
+        value = original(self, *args, **kwargs)
+        self._status = "optimal_inaccurate"
+        return value
+
+    monkeypatch.setattr(cp.Problem, "solve", inaccurate)
+    X, Q = _instance(91, 1, 20, 2, 2, simplex=False)
+    with pytest.raises(RuntimeError, match="optimal_inaccurate"):
+        fit_softmax_reference(X[0].numpy(), Q[0].numpy(), "forward_kl")
+
+
+def test_reference_refuses_reverse_losses():
+    X, Q = _instance(92, 1, 20, 2, 2, simplex=False)
+    with pytest.raises(ValueError, match="forward losses only"):
+        fit_softmax_reference(X[0].numpy(), Q[0].numpy(), "reverse_kl")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_matches_cpu():
+    X, Q = _instance(101, 8, 200, 5, 3, simplex=False)
+    for loss in (FORWARD_KL, REVERSE_KL):
+        cpu = fit_softmax_batched(X, Q, loss)
+        gpu = fit_softmax_batched(X.cuda(), Q.cuda(), loss)
+        assert gpu.probs.device.type == "cuda"
+        assert torch.allclose(gpu.probs.cpu(), cpu.probs, atol=1e-8)
+        assert bool(gpu.converged.all())

@@ -1,0 +1,249 @@
+"""Claims about the squared-loss regression-head solver (w2s_theory.solvers.squared)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from w2s_theory.solvers.squared import fit_squared_batched, fit_squared_reference
+
+ROUNDING = 1e-12
+
+
+def _instance(seed: int, B: int, n: int, m: int, k_out: int, *, simplex: bool = False, offset: float = 2.0):
+    rng = np.random.default_rng(seed)
+    X = rng.dirichlet(np.full(m, 0.7), size=(B, n)) if simplex else rng.normal(size=(B, n, m))
+    Y = rng.normal(size=(B, n, k_out)) + offset
+    return torch.as_tensor(X), torch.as_tensor(Y)
+
+
+def _design(X, bias):
+    return torch.cat([X, torch.ones_like(X[..., :1])], dim=-1) if bias else X
+
+
+def _objective(Z, Y, theta):
+    return ((Z @ theta - Y) ** 2).sum(-1).mean(-1)
+
+
+shapes = st.tuples(
+    st.integers(0, 2**31 - 1),  # seed
+    st.integers(1, 30),  # n (n = 1 and n < d are underdetermined: minimum-norm solution)
+    st.integers(1, 5),  # m
+    st.integers(1, 3),  # k_out
+    st.booleans(),  # bias
+    st.booleans(),  # features in the simplex (rank deficient with bias)
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes)
+def test_unconstrained_fit_equals_numpy_minimum_norm_least_squares(shape):
+    seed, n, m, k_out, bias, simplex = shape
+    X, Y = _instance(seed, 3, n, m, k_out, simplex=simplex)
+    tol = 1e-12
+    fit = fit_squared_batched(X, Y, bias=bias, tol=tol)
+    Z = _design(X, bias).numpy()
+    expected = np.stack([np.linalg.lstsq(Z[i], Y[i].numpy(), rcond=None)[0] for i in range(3)])
+    expected_objective = ((Z @ expected - Y.numpy()) ** 2).sum(-1).mean(-1)
+    assert fit.certificate == "normal_equations"
+    assert bool(fit.converged.all()) and float(fit.gap.max()) <= tol, fit.gap
+    # Objective: equal to the lstsq optimum up to the certified gap.
+    allowed = fit.gap.numpy() + 1e-12 * (1 + expected_objective)
+    assert np.all(np.abs(fit.objective.numpy() - expected_objective) <= allowed)
+    # Parameters: the minimum-norm solution (unique when Z has full column rank).
+    scale = 1 + np.abs(expected).max()
+    assert np.allclose(fit.params["theta"].numpy(), expected, atol=1e-7 * scale, rtol=0)
+    assert torch.allclose(fit.probs, torch.as_tensor(Z) @ fit.params["theta"], atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes, st.floats(-3, 3), st.integers(0, 2**31 - 1))
+def test_unconstrained_linear_head_satisfies_the_pythagorean_identity(shape, spread, seed2):
+    r"""Charikar et al. 2024 (equality case): for any :math:`\theta'`,
+    :math:`\frac1n\|Z\theta'-y\|^2 = \frac1n\|Z\theta-y\|^2 + \frac1n\|Z\theta'-Z\theta\|^2` at the least-squares
+    :math:`\theta` (the residual is orthogonal to the column space)."""
+    seed, n, m, k_out, bias, simplex = shape
+    X, Y = _instance(seed, 2, n, m, k_out, simplex=simplex)
+    fit = fit_squared_batched(X, Y, bias=bias)
+    Z = _design(X, bias)
+    rng = np.random.default_rng(seed2)
+    other = torch.as_tensor(rng.normal(size=fit.params["theta"].shape) * 10**spread)
+    lhs = _objective(Z, Y, other)
+    rhs = fit.objective + ((Z @ other - fit.probs) ** 2).sum(-1).mean(-1)
+    assert torch.allclose(lhs, rhs, rtol=1e-10, atol=1e-10), (lhs - rhs)
+
+
+def test_normal_equations_gap_is_the_exact_suboptimality_of_a_perturbed_point():
+    """The certificate is exact for a quadratic: evaluate it at theta* + delta through the reference's
+    certificate path (cvxpy solution perturbed by hand is the same function of theta)."""
+    from w2s_theory.solvers.squared import (
+        _min_norm_least_squares,
+        _normal_equations_gap_cholesky,
+        _normal_equations_gap_svd,
+        _residual_gradient,
+    )
+
+    X, Y = _instance(3, 2, 25, 3, 2)
+    fit = fit_squared_batched(X, Y)
+    Z = _design(X, True)
+    rng = torch.Generator().manual_seed(0)
+    delta = 0.1 * torch.randn(fit.params["theta"].shape, generator=rng, dtype=torch.float64)
+    theta = fit.params["theta"] + delta
+    r, g = _residual_gradient(Z, Y, theta)
+    true = _objective(Z, Y, theta) - fit.objective
+    _, U_kept = _min_norm_least_squares(Z, Y)
+    gap_svd = _normal_equations_gap_svd(U_kept, r, Z.shape[-2])
+    gap_cholesky = _normal_equations_gap_cholesky(torch.linalg.cholesky(Z.mT @ Z), g, Z.shape[-2])
+    assert torch.allclose(gap_svd, true, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(gap_cholesky, true, rtol=1e-10, atol=1e-14)
+
+
+def test_well_conditioned_students_are_solved_by_cholesky_without_fallback():
+    """Documented method: Cholesky plus one refinement step (2 solves) certifies well-conditioned problems;
+    only rank-deficient ones (features in the simplex with a bias) need the SVD (a third solve)."""
+    X, Y = _instance(12, 4, 40, 3, 2)
+    assert bool((fit_squared_batched(X, Y).iterations == 2).all())
+    Xs, Ys = _instance(12, 4, 40, 3, 2, simplex=True)
+    assert bool((fit_squared_batched(Xs, Ys).iterations == 3).all())
+
+
+def test_unconstrained_fit_matches_cvxpy_reference():
+    X, Y = _instance(4, 1, 40, 4, 2)
+    fit = fit_squared_batched(X, Y)
+    ref = fit_squared_reference(X[0].numpy(), Y[0].numpy())
+    assert ref.certificate == "normal_equations"
+    assert abs(float(fit.objective[0] - ref.objective[0])) <= float(fit.gap[0] + ref.gap[0]) + ROUNDING
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ball constraint: exact trust-region solution, Frank–Wolfe certificate
+# ---------------------------------------------------------------------------------------------------------
+
+BALL_CASES = [
+    # (seed, n, m, k_out, bias, simplex, radius as a fraction of the unconstrained norm)
+    (0, 40, 3, 1, True, False, 0.3),
+    (1, 30, 4, 2, True, True, 0.5),
+    (2, 25, 2, 3, False, False, 0.8),
+    (3, 60, 5, 1, True, False, 0.05),
+    (4, 8, 6, 2, True, False, 0.5),  # n < d: underdetermined
+    (5, 50, 3, 2, False, True, 0.9),
+]
+
+
+@pytest.mark.parametrize("seed,n,m,k_out,bias,simplex,fraction", BALL_CASES)
+def test_ball_constrained_fit_is_feasible_certified_and_matches_cvxpy(seed, n, m, k_out, bias, simplex, fraction):
+    X, Y = _instance(seed, 1, n, m, k_out, simplex=simplex)
+    unconstrained = fit_squared_batched(X, Y, bias=bias)
+    radius = fraction * float(unconstrained.params["theta"].norm(dim=-2).min())
+    tol = 1e-12
+    fit = fit_squared_batched(X, Y, bias=bias, radius=radius, tol=tol)
+    ref = fit_squared_reference(X[0].numpy(), Y[0].numpy(), bias=bias, radius=radius)
+    assert fit.certificate == ref.certificate == "frank_wolfe"
+    assert float(fit.params["theta"].norm(dim=-2).max()) <= radius + 1e-12
+    assert bool(fit.converged.all()) and float(fit.gap[0]) <= tol, fit.gap
+    difference = float(fit.objective[0] - ref.objective[0])
+    assert abs(difference) <= float(fit.gap[0] + ref.gap[0]) + ROUNDING
+    assert difference <= float(fit.gap[0]) + 1e-9
+    # The constraint is active: the constrained optimum is worse than the unconstrained one.
+    assert float(fit.objective[0]) > float(unconstrained.objective[0])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes, st.floats(0.01, 0.99))
+def test_ball_solution_is_on_the_sphere_and_frank_wolfe_gap_certifies_it(shape, fraction):
+    seed, n, m, k_out, bias, simplex = shape
+    X, Y = _instance(seed, 3, n, m, k_out, simplex=simplex)
+    unconstrained = fit_squared_batched(X, Y, bias=bias)
+    radius = fraction * float(unconstrained.params["theta"].norm(dim=-2).min())
+    fit = fit_squared_batched(X, Y, bias=bias, radius=radius)
+    norms = fit.params["theta"].norm(dim=-2)
+    assert float(norms.max()) <= radius + 1e-12
+    assert torch.allclose(norms, torch.full_like(norms, radius), rtol=1e-9)
+    assert float(fit.gap.max()) <= 1e-12 * (1 + float(fit.objective.max())), fit.gap
+    # Any other feasible point is no better than objective - gap (the FW gap is a valid bound).
+    Z = _design(X, bias)
+    rng = np.random.default_rng(seed)
+    other = torch.as_tensor(rng.normal(size=fit.params["theta"].shape))
+    other = other * (radius * rng.uniform() / other.norm(dim=-2, keepdim=True))
+    assert bool((_objective(Z, Y, other) >= fit.objective - fit.gap - ROUNDING).all())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes, st.floats(0.05, 0.95), st.floats(0.0, 1.0))
+def test_frank_wolfe_gap_bounds_the_suboptimality_of_any_feasible_point(shape, fraction, shrink):
+    """At arbitrary feasible points (not only at the solver's output) the ball certificate is >= the true gap."""
+    from w2s_theory.solvers.squared import _frank_wolfe_gap_ball, _residual_gradient
+
+    seed, n, m, k_out, bias, simplex = shape
+    X, Y = _instance(seed, 2, n, m, k_out, simplex=simplex)
+    unconstrained = fit_squared_batched(X, Y, bias=bias)
+    radius = fraction * float(unconstrained.params["theta"].norm(dim=-2).min())
+    best = fit_squared_batched(X, Y, bias=bias, radius=radius)
+    Z = _design(X, bias)
+    rng = np.random.default_rng(seed + 1)
+    point = torch.as_tensor(rng.normal(size=best.params["theta"].shape))
+    point = point * (radius * shrink / point.norm(dim=-2, keepdim=True))
+    _, g = _residual_gradient(Z, Y, point)
+    gap = _frank_wolfe_gap_ball(g, point, radius)
+    true = _objective(Z, Y, point) - best.objective
+    assert bool((true <= gap + best.gap + 1e-10 * (1 + gap)).all()), (true, gap)
+    assert bool((gap >= 0).all())
+
+
+def test_radius_larger_than_the_unconstrained_norm_gives_the_unconstrained_solution():
+    X, Y = _instance(6, 4, 50, 3, 2)
+    unconstrained = fit_squared_batched(X, Y)
+    radius = 1.5 * float(unconstrained.params["theta"].norm(dim=-2).max())
+    fit = fit_squared_batched(X, Y, radius=radius)
+    assert torch.allclose(fit.params["theta"], unconstrained.params["theta"], atol=1e-12, rtol=0)
+    assert torch.equal(fit.iterations, unconstrained.iterations), "an interior solution needs no secular solve"
+    assert bool(fit.converged.all()), fit.gap
+
+
+def test_shared_expanded_features_give_the_per_student_fit_and_are_not_written():
+    X, Y = _instance(7, 3, 30, 3, 2, simplex=True)
+    shared = X[0].clone()
+    before = shared.clone()
+    view = shared.expand(3, *shared.shape)
+    for radius in (None, 0.5):
+        a = fit_squared_batched(view, Y, radius=radius)
+        b = fit_squared_batched(view.contiguous(), Y, radius=radius)
+        assert torch.allclose(a.params["theta"], b.params["theta"], atol=1e-10)
+    assert torch.equal(shared, before)
+
+
+def test_invalid_radius_is_an_error():
+    X, Y = _instance(8, 1, 5, 2, 1)
+    with pytest.raises(ValueError, match="radius"):
+        fit_squared_batched(X, Y, radius=-1.0)
+
+
+def test_reference_treats_any_status_but_optimal_as_failure(monkeypatch):
+    import cvxpy as cp
+
+    original = cp.Problem.solve
+
+    def inaccurate(self, *args, **kwargs):
+        value = original(self, *args, **kwargs)
+        self._status = "optimal_inaccurate"
+        return value
+
+    monkeypatch.setattr(cp.Problem, "solve", inaccurate)
+    X, Y = _instance(9, 1, 10, 2, 1)
+    with pytest.raises(RuntimeError, match="optimal_inaccurate"):
+        fit_squared_reference(X[0].numpy(), Y[0].numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_matches_cpu():
+    X, Y = _instance(10, 8, 100, 5, 2, simplex=True)
+    for radius in (None, 0.5):
+        cpu = fit_squared_batched(X, Y, radius=radius)
+        gpu = fit_squared_batched(X.cuda(), Y.cuda(), radius=radius)
+        assert gpu.probs.device.type == "cuda"
+        assert torch.allclose(gpu.params["theta"].cpu(), cpu.params["theta"], atol=1e-9)
+        assert bool(gpu.converged.all())

@@ -1,0 +1,670 @@
+r"""Batched fit of the softmax (log-linear) head :math:`F(x) = \mathrm{softmax}(W h(x) + b)` on CPU or GPU.
+
+Problem, for each of ``B`` students independently (features :math:`h_i\in\mathbb R^m`, teacher
+:math:`q_i\in\Delta^k`):
+
+.. math::
+
+    \min_{W\in\mathbb R^{k\times m},\ b\in\mathbb R^k}\ \Phi(W, b)
+    = \frac1n\sum_{i=1}^n \ell\big(q_i,\ \mathrm{softmax}(W h_i + b)\big).
+
+**Forward losses** (``forward_kl``, ``forward_ce``; they differ by the constant :math:`\frac1n\sum_i H(q_i)`)
+make :math:`\Phi` the convex function :math:`\frac1n\sum_i \mathrm{lse}(\eta_i) - q_i^\top\eta_i` of the logits
+:math:`\eta_i = W h_i + b`, which are linear in the parameters: the fit is an M-projection onto an exponential
+family and is solved by Newton's method with a certificate (:func:`softmax_forward_certificate`).
+
+**Reverse losses** (``reverse_kl``, ``reverse_ce``) are not convex in the logits. They are fitted by a
+modified Newton method whose step matrix is made positive definite (Hessian eigenvalues replaced by their
+absolute values, "saddle-free Newton"), started from the forward-KL solution; no certificate exists
+(``gap = NaN``, ``certificate = "none"``) and ``converged`` means a small gradient.
+
+Reduced parametrisation (why): the logits only depend on :math:`(W, b)` through the design
+:math:`Z = [h, \mathbf 1]` (``n x (m+1)``), which is often rank deficient (features in the simplex make the bias
+column a sum of feature columns), and on the differences between classes (adding a vector to every class's
+logits changes nothing). So each student is solved in coordinates :math:`\theta\in\mathbb R^{r\times(k-1)}`
+with logits :math:`\eta_{i,c} = \tilde u_i^\top\theta_c` for :math:`c < k-1` and :math:`\eta_{i,k-1} = 0`
+(the last class is the reference), where :math:`\tilde U = \sqrt n\,U_r` is the whitened orthonormal basis of
+:math:`Z`'s column space from a thin SVD :math:`Z = U S V^\top` (:math:`\tilde U^\top\tilde U/n = I_r`).
+Singular values below :math:`\max(n, m+1)\,\varepsilon\,s_{\max}` (NumPy's ``matrix_rank`` rule) are treated as
+exact zeros: every statement (optimum, certificate) is about the problem restricted to the kept directions.
+In these coordinates the Hessian is well conditioned whenever the softmax curvature is, and the parameters
+are recovered as :math:`[W_c, b_c]^\top = \sqrt n\,V_r S_r^{-1}\theta_c`, :math:`W_{k-1} = 0`, :math:`b_{k-1} = 0`.
+
+References: F. Bach, *Self-concordant analysis for logistic regression*, EJS 2010 (the certificate);
+J. Nocedal and S. Wright, *Numerical Optimization*, 2nd ed., ch. 3 (Newton with backtracking, modified
+Newton); Y. Dauphin et al., *Identifying and attacking the saddle point problem*, NeurIPS 2014.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..divergences import Loss, get_loss
+from ..heads import SoftmaxHead
+from .result import FitResult
+
+__all__ = ["fit_softmax_batched", "softmax_forward_certificate", "fit_softmax_reference"]
+
+_ARMIJO = 1e-4
+_MAX_BACKTRACK = 50
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reduced coordinates
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LogitBasis:
+    r"""Whitened orthonormal basis of the design's column space, shared by all students when the features are.
+
+    ``U`` is ``(B or 1, n, D)`` with ``D = min(n, m+1)``; columns beyond the numerical rank are exactly 0.
+    ``coef`` maps reduced coordinates to ``[W_c, b_c]``: ``(B or 1, m+1, D)``. ``fill`` is ``(B or 1, D*(k-1))``
+    with 1 on the dropped coordinates (the Hessian gets an identity there, so they never move).
+    """
+
+    U: torch.Tensor
+    coef: torch.Tensor
+    fill: torch.Tensor
+    rank: torch.Tensor
+
+    def take(self, index: torch.Tensor) -> "_LogitBasis":
+        if self.U.shape[0] == 1:  # shared by every student: nothing to copy
+            return self
+        return _LogitBasis(self.U[index], self.coef[index], self.fill[index], self.rank[index])
+
+
+def _logit_basis(features: torch.Tensor, k: int) -> _LogitBasis:
+    """Thin SVD of ``Z = [h, 1]``; computed once when every student shares one feature matrix (an expanded
+    view has batch stride 0), so that a sweep over teachers pays for one decomposition."""
+    B, n, m = features.shape
+    shared = B == 1 or features.stride(0) == 0
+    X = features[:1] if shared else features
+    ones = torch.ones((*X.shape[:-1], 1), dtype=X.dtype, device=X.device)
+    Z = torch.cat([X, ones], dim=-1)
+    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    rtol = max(n, m + 1) * torch.finfo(Z.dtype).eps
+    keep = S > rtol * S[..., :1]
+    root_n = math.sqrt(n)
+    U = U * (keep.to(Z.dtype) * root_n)[..., None, :]
+    coef = Vh.mT * torch.where(keep, root_n / S, torch.zeros_like(S))[..., None, :]
+    fill = (~keep).to(Z.dtype)[..., :, None].expand(*keep.shape, k - 1).reshape(keep.shape[0], -1)
+    return _LogitBasis(U=U, coef=coef, fill=fill.contiguous(), rank=keep.sum(dim=-1))
+
+
+def _logits(U: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Logits ``(B, n, k)`` from reduced coordinates ``(B, D, k-1)``; the reference class has logit 0."""
+    free = U @ theta
+    return torch.cat([free, torch.zeros_like(free[..., :1])], dim=-1)
+
+
+def _head_parameters(basis: _LogitBasis, theta: torch.Tensor, m: int):
+    """``(W, b)`` with the gauge ``W[k-1] = 0``, ``b[k-1] = 0``, from reduced coordinates."""
+    coeffs = basis.coef @ theta  # (B, m+1, k-1)
+    B, _, kc = coeffs.shape
+    W = torch.zeros((B, kc + 1, m), dtype=theta.dtype, device=theta.device)
+    b = torch.zeros((B, kc + 1), dtype=theta.dtype, device=theta.device)
+    W[:, :kc] = coeffs[:, :m].mT
+    b[:, :kc] = coeffs[:, m]
+    return W, b
+
+
+def _parameter_gradient(U: torch.Tensor, logit_grad: torch.Tensor) -> torch.Tensor:
+    r""":math:`g_{(j,c)} = \frac1n\sum_i \tilde U_{ij}\,\partial_{\eta_{ic}}\phi_i`, flattened ``(B, D*(k-1))``."""
+    n = logit_grad.shape[-2]
+    g = U.mT @ logit_grad / n
+    return g.reshape(g.shape[0], -1)
+
+
+def _parameter_hessian(U: torch.Tensor, logit_hessian: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    r""":math:`H = \frac1n\sum_i A_i\otimes\tilde u_i\tilde u_i^\top` (``B, D(k-1), D(k-1)``), with :math:`A_i` the
+    ``(k-1) x (k-1)`` Hessian of the per-sample loss in the free logits, plus an identity on dropped coordinates."""
+    B, n, kc, _ = logit_hessian.shape
+    D = U.shape[-1]
+    H = torch.empty((B, D, kc, D, kc), dtype=U.dtype, device=U.device)
+    for c in range(kc):
+        for c2 in range(c, kc):
+            block = U.mT @ (logit_hessian[..., c, c2, None] * U) / n
+            H[:, :, c, :, c2] = block
+            if c2 != c:
+                H[:, :, c2, :, c] = block.mT
+    H = H.reshape(B, D * kc, D * kc)
+    H.diagonal(dim1=-2, dim2=-1).add_(fill)
+    return H
+
+
+def _softmax_curvature(probs: torch.Tensor) -> torch.Tensor:
+    r""":math:`(\mathrm{diag}(s) - s s^\top)` restricted to the free classes: ``(B, n, k-1, k-1)``."""
+    s = probs[..., :-1]
+    return torch.diag_embed(s) - s[..., :, None] * s[..., None, :]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-sample losses in logit space (stable: log-probabilities come from log_softmax, never log(exp(.)))
+# --------------------------------------------------------------------------------------------------------
+
+
+class _ForwardCrossEntropy:
+    r""":math:`\phi_i(\eta) = \mathrm{lse}(\eta) - q_i^\top\eta = \mathrm{CE}(q_i, \mathrm{softmax}(\eta))`."""
+
+    convex = True
+
+    def __init__(self, teacher: torch.Tensor):
+        self.teacher = teacher
+
+    def take(self, index):
+        return _ForwardCrossEntropy(self.teacher[index])
+
+    def objective(self, eta):
+        return (torch.logsumexp(eta, dim=-1) - (self.teacher * eta).sum(dim=-1)).mean(dim=-1)
+
+    def derivatives(self, eta):
+        probs = torch.softmax(eta, dim=-1)
+        return probs, (probs - self.teacher)[..., :-1], _softmax_curvature(probs)
+
+
+class _ReverseDivergence:
+    r"""Reverse KL :math:`\phi_i = \sum_y s_y(\log s_y - \log q_{iy})` or reverse CE
+    :math:`\phi_i = -\sum_y s_y\log q_{iy}`, with :math:`s = \mathrm{softmax}(\eta)`.
+
+    With :math:`a = \partial\phi/\partial s` up to a constant (:math:`a = \log s - \log q` for KL,
+    :math:`a = -\log q` for CE) and :math:`\bar a = s^\top a`:
+    :math:`\nabla_\eta\phi = s\odot(a - \bar a)` and
+    :math:`\nabla^2_\eta\phi = \mathrm{diag}(s\odot(a-\bar a)) - s s^\top\odot[(a-\bar a)\mathbf 1^\top
+    + \mathbf 1(a-\bar a)^\top] + [\mathrm{diag}(s) - s s^\top]_{\text{KL only}}`.
+    """
+
+    convex = False
+
+    def __init__(self, log_teacher: torch.Tensor, with_entropy: bool):
+        self.log_teacher = log_teacher
+        self.with_entropy = with_entropy
+
+    def take(self, index):
+        return _ReverseDivergence(self.log_teacher[index], self.with_entropy)
+
+    def _direction(self, eta):
+        log_s = torch.log_softmax(eta, dim=-1)
+        s = log_s.exp()
+        a = (log_s - self.log_teacher) if self.with_entropy else -self.log_teacher
+        return s, a
+
+    def objective(self, eta):
+        s, a = self._direction(eta)
+        return (s * a).sum(dim=-1).mean(dim=-1)
+
+    def derivatives(self, eta):
+        s, a = self._direction(eta)
+        centred = a - (s * a).sum(dim=-1, keepdim=True)
+        grad = s * centred
+        hess = torch.diag_embed(grad) - s[..., :, None] * s[..., None, :] * (
+            centred[..., :, None] + centred[..., None, :]
+        )
+        if self.with_entropy:
+            hess = hess + torch.diag_embed(s) - s[..., :, None] * s[..., None, :]
+        return s, grad[..., :-1], hess[..., :-1, :-1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The certificate
+# --------------------------------------------------------------------------------------------------------
+
+
+def _logit_range_constant(U: torch.Tensor, H_inv: torch.Tensor, kc: int) -> torch.Tensor:
+    r""":math:`\kappa = \max_i\max_{y\ne y'}\|H^{-1/2}J_i^\top(e_y - e_{y'})\|` (``B``).
+
+    With :math:`M_i[c,c'] = \tilde u_i^\top (H^{-1})_{c,c'}\tilde u_i` (the ``(c, c')`` block of :math:`H^{-1}`),
+    the squared norm is :math:`M_i[y,y] + M_i[y',y'] - 2M_i[y,y']` for two free classes and :math:`M_i[y,y]`
+    against the reference class (whose logit is fixed at 0)."""
+    B = H_inv.shape[0]
+    n, D = U.shape[-2], U.shape[-1]
+    H5 = H_inv.reshape(B, D, kc, D, kc)
+    M = torch.empty((B, n, kc, kc), dtype=U.dtype, device=U.device)
+    for c in range(kc):
+        for c2 in range(c, kc):
+            value = ((U @ H5[:, :, c, :, c2]) * U).sum(dim=-1)
+            M[..., c, c2] = value
+            M[..., c2, c] = value
+    diag = M.diagonal(dim1=-2, dim2=-1)
+    pairs = diag[..., :, None] + diag[..., None, :] - 2 * M
+    kappa2 = torch.maximum(diag.amax(dim=(1, 2)), pairs.amax(dim=(1, 2, 3)))
+    return kappa2.clamp_min(0).sqrt()
+
+
+def _self_concordance_gap(decrement: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    r""":math:`(u + (1-u)\log(1-u))/\kappa^2 = \lambda^2\varphi(u)` with :math:`u = \lambda\kappa < 1`, else
+    :math:`+\infty`. :math:`\varphi(u) = \sum_{j\ge2}u^{j-2}/(j(j-1))` is summed as a series for small
+    :math:`u` (the closed form cancels there), with the tail bounded above so the result stays an upper bound."""
+    u = decrement * kappa
+    small = u < 1e-2
+    us = torch.where(small, u, torch.zeros_like(u))
+    series = torch.zeros_like(u)
+    for j in range(9, 1, -1):  # Horner: phi = 1/2 + u/6 + u^2/12 + ... + u^7/72
+        series = series * us + 1.0 / (j * (j - 1))
+    series = series + us**8 / (90 * (1 - us))  # tail sum_{j>=10} u^{j-2}/(j(j-1)) <= u^8/(90(1-u))
+    ul = torch.where(small | (u >= 1), torch.full_like(u, 0.5), u)
+    closed = (ul + (1 - ul) * torch.log1p(-ul)) / ul**2
+    phi = torch.where(small, series, closed)
+    gap = decrement**2 * phi
+    ok = (u < 1) & torch.isfinite(u)
+    return torch.where(ok, gap, torch.full_like(gap, float("inf")))
+
+
+def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, probs: torch.Tensor):
+    """(gap, Newton decrement, gradient norm) of the forward problem at the point whose probabilities are
+    ``probs``; the gradient and Hessian of the forward loss depend on the parameters only through them."""
+    kc = teacher.shape[-1] - 1
+    g = _parameter_gradient(basis.U, (probs - teacher)[..., :-1])
+    H = _parameter_hessian(basis.U, _softmax_curvature(probs), basis.fill)
+    L, info = torch.linalg.cholesky_ex(H)
+    pd = info == 0
+    inf = torch.full_like(g[:, 0], float("inf"))
+    decrement = inf.clone()
+    gap = inf.clone()
+    if pd.any():
+        idx = pd.nonzero()[:, 0]
+        Lp = L[idx]
+        w = torch.linalg.solve_triangular(Lp, g[idx][..., None], upper=False)[..., 0]
+        decrement[idx] = w.norm(dim=-1)
+        kappa = _logit_range_constant(basis.take(idx).U, torch.cholesky_inverse(Lp), kc)
+        gap[idx] = _self_concordance_gap(decrement[idx], kappa)
+    return gap, decrement, g.norm(dim=-1)
+
+
+def softmax_forward_certificate(features, teacher, W, b) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Certified bound on the forward-loss suboptimality of softmax heads ``(W, b)``, and the Newton decrement.
+
+    For :math:`f(\theta) = \frac1n\sum_i \mathrm{lse}(\eta_i(\theta)) - q_i^\top\eta_i(\theta)` in the reduced
+    coordinates of this module (logits :math:`\eta_i = J_i\theta`, the reference class at 0), with gradient
+    :math:`g` and Hessian :math:`H` at :math:`\theta`:
+
+    .. math::
+
+        \lambda = \sqrt{g^\top H^{-1}g},\qquad
+        \kappa = \max_i\max_{y\ne y'}\big\|H^{-1/2}J_i^\top(e_y - e_{y'})\big\|,\qquad u = \lambda\kappa,
+
+        f(\theta) - \inf f \;\le\; \mathrm{gap} = \frac{u + (1-u)\log(1-u)}{\kappa^2}
+        \ \ (u < 1),\qquad \mathrm{gap} = +\infty\ \ (u\ge 1).
+
+    For small :math:`u` the gap is :math:`\approx\lambda^2/2`, the classical Newton-decrement estimate.
+
+    Why it is valid (generalized self-concordance, Bach 2010, Prop. 1 and Sec. 2): fix a direction
+    :math:`\Delta` and let :math:`\varphi(t) = f(\theta + t\Delta)`; the logit change of sample :math:`i` is
+    :math:`v_i = J_i\Delta` (linear in :math:`t`). The third derivative of log-sum-exp is the third central
+    moment under :math:`s = \mathrm{softmax}(\eta)`:
+    :math:`D^3\mathrm{lse}(\eta)[v,v,v] = \mathbb E_s[(v - \bar v)^3]`, and
+    :math:`|\mathbb E_s[(v-\bar v)^3]| \le \mathrm{range}(v)\,\mathrm{Var}_s(v)`. The linear term
+    :math:`-q_i^\top\eta_i` has no curvature, so :math:`|\varphi'''(t)| \le R\,\varphi''(t)` with
+    :math:`R = \max_i(\max_y v_{iy} - \min_y v_{iy})`. Hence :math:`\varphi''(t) \ge \varphi''(0)e^{-Rt}`, and
+    integrating twice,
+
+    .. math::
+
+        f(\theta+\Delta) \ge f(\theta) + g^\top\Delta + \psi(R)\,\|\Delta\|_H^2,\qquad
+        \psi(r) = \frac{e^{-r} + r - 1}{r^2}\ \text{(decreasing)}.
+
+    By Cauchy–Schwarz each logit difference is :math:`(e_y - e_{y'})^\top J_i\Delta \le
+    \|H^{-1/2}J_i^\top(e_y - e_{y'})\|\,\|\Delta\|_H`, so :math:`R \le \kappa\|\Delta\|_H`; and
+    :math:`g^\top\Delta \ge -\lambda\|\Delta\|_H`. Writing :math:`t = \|\Delta\|_H`,
+    :math:`f(\theta+\Delta) \ge f(\theta) - \lambda t + (e^{-\kappa t} + \kappa t - 1)/\kappa^2`, whose minimum
+    over :math:`t\ge0` (at :math:`e^{-\kappa t} = 1 - u`) is :math:`f(\theta) - \mathrm{gap}`; for
+    :math:`u\ge1` the bound is unbounded below or not informative, so no certificate is given. Every
+    attainable logit configuration is reached in the reduced coordinates, so this bounds
+    :math:`\Phi(W,b) - \inf\Phi` over all heads (restricted to the numerical column space of ``[h, 1]``).
+
+    Computed in float64; rounding in its own evaluation is the only slack. When the infimum is not attained
+    (for example a one-hot teacher on separable data) :math:`u\ge1` persists and the gap stays ``inf``.
+
+    Args:
+        features: ``(B, n, m)``; teacher: ``(B, n, k)``; W: ``(B, k, m)``; b: ``(B, k)``.
+
+    Returns:
+        ``(gap, newton_decrement)``, each ``(B,)``; ``inf`` where the Hessian is numerically singular.
+    """
+    features = torch.as_tensor(features, dtype=torch.float64)
+    dev = features.device
+    teacher = torch.as_tensor(teacher, dtype=torch.float64, device=dev)
+    W = torch.as_tensor(W, dtype=torch.float64, device=dev)
+    b = torch.as_tensor(b, dtype=torch.float64, device=dev)
+    if features.ndim == 2:
+        features, teacher, W, b = features[None], teacher[None], W[None], b[None]
+    basis = _logit_basis(features, teacher.shape[-1])
+    probs = SoftmaxHead.predict(W, b, features)
+    gap, decrement, _ = _forward_certificate(basis, teacher, probs)
+    return gap, decrement
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batched Newton
+# --------------------------------------------------------------------------------------------------------
+
+
+def _curvature_scale(H, fill):
+    """Largest diagonal entry of the Hessian over the kept coordinates (the identity on dropped ones is not
+    curvature, and must not set the scale when the real curvature is tiny, e.g. saturated probabilities)."""
+    return (H.diagonal(dim1=-2, dim2=-1) * (1 - fill)).abs().amax(dim=-1).clamp_min(1e-300)
+
+
+def _damped_newton_direction(H, g, fill):
+    r"""Solve :math:`(H + \mu\,\sigma I)\Delta = -g` per student with the smallest :math:`\mu` of a ladder for which
+    the matrix is positive definite (Cholesky succeeds); :math:`\sigma` is the largest diagonal entry.
+
+    For the convex (forward) problem :math:`\mu = 0` (pure Newton) except where the Hessian is numerically
+    singular. The last rung is Gershgorin's bound :math:`\mu\sigma > \max_r\sum_c |H_{rc}|`, which makes
+    every symmetric matrix positive definite, so every student gets a descent direction. Returns the
+    direction, the damping used (0 = pure Newton) and :math:`g^\top(H+\mu\sigma I)^{-1}g` (the squared
+    decrement of the step)."""
+    B, p, _ = H.shape
+    scale = _curvature_scale(H, fill)
+    gershgorin = H.abs().sum(dim=-1).amax(dim=-1)
+    rungs = (0.0, 1e-12, 1e-9, 1e-6, 1e-3, 1.0)
+    direction = torch.zeros_like(g)
+    damping = torch.full_like(scale, float("nan"))
+    todo = torch.arange(B, device=H.device)
+    for i in range(len(rungs) + 1):
+        if todo.numel() == 0:
+            break
+        shift = rungs[i] * scale[todo] if i < len(rungs) else 2 * gershgorin[todo] + scale[todo]
+        M = H[todo].clone()
+        M.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+        L, info = torch.linalg.cholesky_ex(M)
+        ok = info == 0
+        done = todo[ok]
+        direction[done] = -torch.cholesky_solve(g[done][..., None], L[ok])[..., 0]
+        damping[done] = shift[ok]
+        todo = todo[~ok]
+    direction = direction * (1 - fill)  # dropped coordinates never move
+    return direction, damping, -(g * direction).sum(dim=-1)
+
+
+def _saddle_free_newton_direction(H, g, fill):
+    r"""Modified Newton step for a non-convex objective: :math:`\Delta = -V|\Lambda|_\delta^{-1}V^\top g` with
+    :math:`H = V\Lambda V^\top` and eigenvalues replaced by :math:`\max(|\lambda|, \delta)`,
+    :math:`\delta = 10^{-8}\sigma` (Dauphin et al. 2014, "Identifying and attacking the saddle point problem";
+    Nocedal and Wright, Sec. 3.4). The step matrix is positive definite, so :math:`\Delta` is a descent
+    direction; at a local minimum with positive definite Hessian it is the Newton step (quadratic
+    convergence). Unlike a Levenberg–Marquardt shift :math:`H + \mu I`, which must exceed the most negative
+    eigenvalue and then shortens the step in *every* direction, it moves along negative curvature at full
+    length: near saddles (common for reverse CE, whose infimum is often at infinity) the shift made
+    progress stall for hundreds of iterations. Returns the direction and :math:`g^\top|H|_\delta^{-1}g`."""
+    scale = _curvature_scale(H, fill)
+    eigenvalues, V = torch.linalg.eigh(H)
+    modulus = torch.maximum(eigenvalues.abs(), 1e-8 * scale[:, None])
+    coefficients = (V.mT @ g[..., None])[..., 0] / modulus
+    direction = -(V @ coefficients[..., None])[..., 0] * (1 - fill)
+    return direction, -(g * direction).sum(dim=-1)
+
+
+@dataclass
+class _NewtonRun:
+    theta: torch.Tensor
+    iterations: torch.Tensor
+
+
+def _newton(basis: _LogitBasis, model, theta0: torch.Tensor, *, tol: float, max_iter: int) -> _NewtonRun:
+    r"""Batched Newton with Armijo backtracking on :math:`\theta\mapsto\frac1n\sum_i\phi_i(J_i\theta)`:
+    :func:`_damped_newton_direction` for a convex ``model``, :func:`_saddle_free_newton_direction` otherwise.
+
+    Stops a student when: (convex ``model``) the self-concordance gap is at most ``tol``; (non-convex) the
+    modified Newton decrement satisfies :math:`\lambda^2/2\le` ``tol`` and the gradient norm is at
+    most :math:`\sqrt{\text{tol}}`; or when :math:`\lambda^2/2` is below :math:`10^{-3}` of the objective's
+    rounding level :math:`16\varepsilon(|f|+1)` (no measurable progress is left: an unattained infimum ends
+    here, before probabilities become subnormal); (non-convex) when the gradient norm is at most
+    :math:`\sqrt{\text{tol}}` and two steps in a row decreased the objective by no more than that rounding
+    level (one such step is normal just before Newton's last, quadratically convergent step); or when
+    no step passes the line search; or after ``max_iter`` steps.
+    Students that stop are removed from the working set (one copy when it has thinned out)."""
+    B = theta0.shape[0]
+    kc = theta0.shape[-1]
+    dev = theta0.device
+    theta = theta0.clone()
+    iterations = torch.zeros(B, dtype=torch.long, device=dev)
+    ws = torch.arange(B, device=dev)
+    bs, md, th = basis, model, theta.clone()
+    f = md.objective(_logits(bs.U, th))
+    running = torch.ones(B, dtype=torch.bool, device=dev)
+    flat_steps = torch.zeros(B, dtype=torch.long, device=dev)
+    grad_tol = math.sqrt(tol)
+    for it in range(max_iter + 1):
+        if not running.any():
+            break
+        if running.sum() < 0.75 * running.numel():
+            theta[ws] = th
+            keep = running.nonzero()[:, 0]
+            ws, bs, md, th, f, running = ws[keep], bs.take(keep), md.take(keep), th[keep], f[keep], running[keep]
+            flat_steps = flat_steps[keep]
+        eta = _logits(bs.U, th)
+        _, logit_grad, logit_hess = md.derivatives(eta)
+        g = _parameter_gradient(bs.U, logit_grad)
+        H = _parameter_hessian(bs.U, logit_hess, bs.fill)
+        if md.convex:
+            direction, damping, dec2 = _damped_newton_direction(H, g, bs.fill)
+        else:
+            direction, dec2 = _saddle_free_newton_direction(H, g, bs.fill)
+        # The Newton model predicts a decrease far below the objective's rounding level: nothing measurable is
+        # left to gain (this is where an unattained infimum ends, before probabilities become subnormal).
+        slack = 16 * torch.finfo(f.dtype).eps * (f.abs() + 1)
+        running = running & ~(dec2 / 2 <= 1e-3 * slack)
+        if md.convex:
+            # Undamped decrement small enough to possibly certify `tol`: pay for kappa (gap >= lambda^2/2).
+            cand = running & (damping == 0) & (dec2 / 2 <= tol)
+            if cand.any():
+                idx = cand.nonzero()[:, 0]
+                L = torch.linalg.cholesky(H[idx])
+                kappa = _logit_range_constant(bs.take(idx).U, torch.cholesky_inverse(L), kc)
+                gap = _self_concordance_gap(dec2[idx].clamp_min(0).sqrt(), kappa)
+                running[idx[gap <= tol]] = False
+        else:
+            stationary = g.norm(dim=-1) <= grad_tol
+            running = running & ~((dec2 / 2 <= tol) & stationary)
+        if not running.any() or it == max_iter:
+            break
+        # Armijo backtracking; a rounding allowance lets the last, tiny decreases through.
+        alpha = torch.ones_like(f)
+        pending = running.clone()
+        f_before = f.clone()
+        slope = (g * direction).sum(dim=-1)
+        step = direction.reshape(th.shape)
+        for _bt in range(_MAX_BACKTRACK):
+            if not pending.any():
+                break
+            trial = th + alpha[:, None, None] * step
+            ft = md.objective(_logits(bs.U, trial))
+            ok = pending & torch.isfinite(ft) & (ft <= f + _ARMIJO * alpha * slope + slack)
+            th = torch.where(ok[:, None, None], trial, th)
+            f = torch.where(ok, ft, f)
+            pending = pending & ~ok
+            alpha = torch.where(pending, alpha * 0.5, alpha)
+        iterations[ws[running]] += 1
+        running = running & ~pending  # no acceptable step: stop, the point reached is kept
+        if not md.convex:
+            # Stationary and the objective no longer moves measurably: where the infimum is not attained
+            # (reverse CE pushes towards a vertex) the logits would otherwise grow until probabilities are
+            # subnormal, for no gain.
+            flat = stationary & (f_before - f <= slack)
+            flat_steps = torch.where(flat, flat_steps + 1, torch.zeros_like(flat_steps))
+            running = running & ~(flat_steps >= 2)
+    theta[ws] = th
+    return _NewtonRun(theta=theta, iterations=iterations)
+
+
+def fit_softmax_batched(
+    features: torch.Tensor, teacher: torch.Tensor, loss: Loss, *, tol: float = 1e-10, max_iter: int = 200
+) -> FitResult:
+    r"""Fit ``B`` softmax-head students at once: :math:`\min_{W,b}\frac1n\sum_i\ell(q_i,\mathrm{softmax}(Wh_i+b))`.
+
+    Forward losses: Newton's method with backtracking in the reduced coordinates of this module, stopped
+    once the self-concordance certificate (:func:`softmax_forward_certificate`, Bach 2010) is at most ``tol``;
+    ``gap`` is that certificate recomputed at the returned ``(W, b)``. When the infimum is not attained
+    (e.g. a one-hot teacher on separable data) the gap stays ``inf`` and ``converged`` is False (the
+    iteration stops once no measurable progress is left, or after ``max_iter``): that is the correct answer,
+    not an error.
+
+    Reverse losses: non-convex in the logits. Modified Newton with Armijo backtracking, the Hessian's
+    eigenvalues replaced by their absolute values (floored at :math:`10^{-8}` of the largest curvature) so
+    that the step matrix is positive definite (:func:`_saddle_free_newton_direction`; a Levenberg–Marquardt
+    shift was tried first and stalled near saddles), started from the forward-KL solution.
+    ``certificate = "none"``, ``gap = NaN``; ``converged`` means ``grad_norm <= sqrt(tol)``, and the
+    iteration continues until also :math:`\lambda^2/2 \le` ``tol`` for the modified Newton decrement. The
+    result is a stationary point, a local minimum when the Hessian is positive definite there
+    (``info["hessian_pd"]``). Reverse losses need a teacher with every probability
+    > 0: a softmax student has every probability > 0, so :math:`\mathrm{KL}(F\|F_w)` and
+    :math:`\mathrm{CE}(F, F_w)` are :math:`+\infty` for every head wherever the teacher has a 0. Such input
+    is a ``ValueError`` (no floor is applied silently: floor the teacher yourself if that is what you mean).
+    Reverse CE often has no minimiser (it is linear in the student's probabilities, so its infimum pushes
+    mass towards vertices); the solver then follows the logits outwards and stops once the gradient is below
+    ``sqrt(tol)`` and the objective no longer moves measurably, or after ``max_iter``.
+
+    ``grad_norm`` is the Euclidean norm of the gradient in the whitened coordinates (a unit step there changes
+    the logits by one in root-mean-square over the sample).
+
+    Args:
+        features: ``(B, n, m)`` float64 (an expanded view of one ``(n, m)`` matrix is decomposed once).
+        teacher: ``(B, n, k)`` rows in the simplex (exact 0 and 1 allowed for forward losses).
+        loss: a :class:`~w2s_theory.divergences.Loss`.
+        tol: target certified gap (forward) / squared-gradient tolerance (reverse).
+        max_iter: Newton iterations per phase.
+
+    Returns:
+        :class:`~w2s_theory.solvers.result.FitResult` with ``params = {"W": (B,k,m), "b": (B,k)}`` (gauge:
+        last class 0) and ``info`` holding ``rank`` (of ``[h, 1]``) and, for reverse losses,
+        ``start_objective`` (the reverse loss at the forward-KL start), ``forward_iterations`` and ``grad_tol``.
+    """
+    features = features.to(torch.float64)
+    teacher = teacher.to(device=features.device, dtype=torch.float64)
+    B, n, m = features.shape
+    k = teacher.shape[-1]
+    reverse_loss = not loss.teacher_first
+    if loss.name not in ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce"):
+        raise ValueError(f"loss {loss.name!r} is not available for the softmax head; use a KL or CE loss")
+    if reverse_loss and bool((teacher <= 0).any()):
+        bad = int((teacher <= 0).any(dim=-1).sum())
+        raise ValueError(
+            f"teacher: {bad} rows have a probability of 0, so {loss.name} is +inf for every softmax student "
+            "(its probabilities are all > 0); floor the teacher (clip to gamma > 0 and renormalise) or use a "
+            "forward loss"
+        )
+    dev = features.device
+    if k == 1:  # one class: the head is the constant 1, nothing to fit
+        W = torch.zeros((B, 1, m), dtype=torch.float64, device=dev)
+        b = torch.zeros((B, 1), dtype=torch.float64, device=dev)
+        probs = torch.ones_like(teacher)
+        zeros = torch.zeros(B, dtype=torch.float64, device=dev)
+        return FitResult(
+            head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs,
+            objective=loss.per_sample(teacher, probs).mean(dim=-1),
+            gap=zeros if not reverse_loss else torch.full_like(zeros, float("nan")),
+            certificate="self_concordance" if not reverse_loss else "none", grad_norm=zeros,
+            iterations=torch.zeros(B, dtype=torch.long, device=dev),
+            converged=torch.ones(B, dtype=torch.bool, device=dev),
+            method="trivial (k = 1)",
+        )
+
+    basis = _logit_basis(features, k)
+    D = basis.U.shape[-1]
+    theta0 = torch.zeros((B, D, k - 1), dtype=torch.float64, device=dev)
+    forward = _newton(basis, _ForwardCrossEntropy(teacher), theta0, tol=tol, max_iter=max_iter)
+    info = {"rank": basis.rank.expand(B).clone(), "tol": tol}
+
+    if not reverse_loss:
+        W, b = _head_parameters(basis, forward.theta, m)
+        probs = SoftmaxHead.predict(W, b, features)
+        gap, _, grad_norm = _forward_certificate(basis, teacher, probs)
+        return FitResult(
+            head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs,
+            objective=loss.per_sample(teacher, probs).mean(dim=-1), gap=gap, certificate="self_concordance",
+            grad_norm=grad_norm, iterations=forward.iterations, converged=gap <= tol,
+            method="newton (whitened logit basis, backtracking, self-concordance certificate)", info=info,
+        )
+
+    model = _ReverseDivergence(torch.log(teacher), with_entropy=loss.name == "reverse_kl")
+    start_objective = loss.per_sample(teacher, torch.softmax(_logits(basis.U, forward.theta), dim=-1)).mean(dim=-1)
+    rev = _newton(basis, model, forward.theta, tol=tol, max_iter=max_iter)
+    W, b = _head_parameters(basis, rev.theta, m)
+    probs = SoftmaxHead.predict(W, b, features)
+    # Gradient and Hessian at the returned (W, b), through the same coordinates.
+    eta = SoftmaxHead.logits(W, b, features)
+    eta = eta - eta[..., -1:]
+    _, logit_grad, logit_hess = model.derivatives(eta)
+    g = _parameter_gradient(basis.U, logit_grad)
+    H = _parameter_hessian(basis.U, logit_hess, basis.fill)
+    grad_norm = g.norm(dim=-1)
+    grad_tol = math.sqrt(tol)
+    info.update(
+        start_objective=start_objective, forward_iterations=forward.iterations, grad_tol=grad_tol,
+        hessian_pd=torch.linalg.cholesky_ex(H)[1] == 0,
+    )
+    return FitResult(
+        head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs,
+        objective=loss.per_sample(teacher, probs).mean(dim=-1),
+        gap=torch.full_like(grad_norm, float("nan")), certificate="none", grad_norm=grad_norm,
+        iterations=rev.iterations, converged=grad_norm <= grad_tol,
+        method="saddle-free newton from the forward-KL solution (whitened logit basis, backtracking)", info=info,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact reference (cvxpy)
+# --------------------------------------------------------------------------------------------------------
+
+
+def fit_softmax_reference(features: np.ndarray, teacher: np.ndarray, loss: str) -> FitResult:
+    r"""Reference fit of one softmax student with cvxpy (Clarabel), forward losses only:
+
+    .. math:: \min_{W, b}\ \frac1n\sum_i \mathrm{lse}(W h_i + b) - q_i^\top(W h_i + b)\quad(+\text{const}),
+
+    with the gauge :math:`W_{k-1} = 0, b_{k-1} = 0`. Any status other than ``"optimal"`` is a
+    ``RuntimeError``. The returned ``gap`` is :func:`softmax_forward_certificate` evaluated at the returned
+    point, never the solver's own claim.
+
+    Args:
+        features: ``(n, m)`` or ``(1, n, m)``; teacher: ``(n, k)`` or ``(1, n, k)``; loss: ``forward_kl`` or
+            ``forward_ce``.
+    """
+    import cvxpy as cp
+
+    loss_obj = get_loss(loss)
+    if loss not in ("forward_kl", "forward_ce"):
+        raise ValueError(f"the cvxpy softmax reference handles forward losses only (convex); got {loss!r}")
+    X = np.asarray(features, dtype=np.float64)
+    Q = np.asarray(teacher, dtype=np.float64)
+    if X.ndim == 3:
+        if X.shape[0] != 1:
+            raise ValueError(f"features: the reference fits one student (B = 1), got batch {X.shape[0]}")
+        X = X[0]
+    if Q.ndim == 3:
+        if Q.shape[0] != 1:
+            raise ValueError(f"teacher: the reference fits one student (B = 1), got batch {Q.shape[0]}")
+        Q = Q[0]
+    n, m = X.shape
+    k = Q.shape[1]
+    W_free = cp.Variable((k - 1, m))
+    b_free = cp.Variable(k - 1)
+    free_logits = X @ W_free.T + np.ones((n, 1)) @ cp.reshape(b_free, (1, k - 1), order="C")
+    logits = cp.hstack([free_logits, np.zeros((n, 1))])
+    objective = (cp.sum(cp.log_sum_exp(logits, axis=1)) - cp.sum(cp.multiply(Q, logits))) / n
+    problem = cp.Problem(cp.Minimize(objective))
+    problem.solve(solver=cp.CLARABEL)
+    if problem.status != "optimal":
+        raise RuntimeError(f"cvxpy softmax reference ({loss}) ended with status {problem.status!r}")
+    W = np.zeros((k, m))
+    b = np.zeros(k)
+    W[: k - 1] = W_free.value
+    b[: k - 1] = b_free.value
+    Wt = torch.as_tensor(W, dtype=torch.float64)[None]
+    bt = torch.as_tensor(b, dtype=torch.float64)[None]
+    Xt = torch.as_tensor(X, dtype=torch.float64)[None]
+    Qt = torch.as_tensor(Q, dtype=torch.float64)[None]
+    probs = SoftmaxHead.predict(Wt, bt, Xt)
+    basis = _logit_basis(Xt, k)
+    gap, _, grad_norm = _forward_certificate(basis, Qt, probs)
+    return FitResult(
+        head="softmax", loss=loss, params={"W": Wt, "b": bt}, probs=probs,
+        objective=loss_obj.per_sample(Qt, probs).mean(dim=-1), gap=gap, certificate="self_concordance",
+        grad_norm=grad_norm, iterations=torch.tensor([problem.solver_stats.num_iters or 0]),
+        converged=torch.isfinite(gap), method="cvxpy (clarabel)",
+    )
