@@ -39,5 +39,11 @@ def test_bad_spec_values_are_errors():
         RunSpec(noise=1.5)
     with pytest.raises(ValueError, match="n_train"):
         RunSpec(n_train=0)
-    with pytest.raises(ValueError, match="unknown head"):
+    with pytest.raises(ValueError, match="head must be one of"):
         RunSpec(head="tree")
+    with pytest.raises(ValueError, match="head must be one of"):
+        RunSpec(head="squared")  # no class probabilities to score
+    with pytest.raises(ValueError, match="loss must be one of"):
+        RunSpec(loss="kl")
+    with pytest.raises(ValueError, match="n_train must be an integer"):
+        RunSpec(n_train=200.5)

@@ -34,7 +34,7 @@ import torch
 
 from ._backend import to_numpy
 from .divergences import kl
-from .heads import MixtureHead, SoftmaxHead, get_head
+from .heads import MixtureHead, SoftmaxHead
 from .solvers import fit
 from .synthetic import WorldConfig, flip_labels, make_world, rng_for
 from .theorems import forward_kl_pythagorean, theorem2_reverse_kl
@@ -42,6 +42,8 @@ from .theorems import forward_kl_pythagorean, theorem2_reverse_kl
 __all__ = ["RunSpec", "WorldData", "prepare_world", "predict", "model_metrics", "run_specs"]
 
 CLASSIFICATION_LOSSES = ("forward_kl", "reverse_kl", "forward_ce", "reverse_ce")
+PROBABILITY_HEADS = ("mixture", "linear", "softmax")
+STUDENT_LOSSES = CLASSIFICATION_LOSSES + ("squared",)  # squared loss on probabilities (Charikar-style)
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,19 @@ class RunSpec:
     def __post_init__(self):
         if not 0 <= self.noise <= 1:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
-        for name in ("n_weak", "n_train", "n_test"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        get_head(self.head)  # raises for unknown names
-        get_head(self.weak_head)
+        for name in ("n_weak", "n_train", "n_test", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'seed' else 1}, got {value}")
+        for name, head in (("head", self.head), ("weak_head", self.weak_head)):
+            if head not in PROBABILITY_HEADS:
+                raise ValueError(f"{name} must be one of {', '.join(PROBABILITY_HEADS)} (a head with class "
+                                 f"probabilities), got {head!r}")
+        for name, loss in (("loss", self.loss), ("weak_loss", self.weak_loss)):
+            if loss not in STUDENT_LOSSES:
+                raise ValueError(f"{name} must be one of {', '.join(STUDENT_LOSSES)}, got {loss!r}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
