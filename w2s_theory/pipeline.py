@@ -4,8 +4,9 @@ world(seed) -> weak teacher fit on ground truth (split A) -> teacher probabiliti
 flipped) -> students fit on split B (one batch per head x loss) -> metrics on split B (in-sample, where the
 theorems are exact) and on held-out split C -> result rows.
 
-A :class:`RunSpec` names one student; :func:`run_specs` fits any list of them, batching students that share a
-(head, loss) and a world into one solver call (shared features), and returns one row per spec.
+A :class:`RunSpec` names one student; :func:`run_specs` fits any list of them, batching students with the same
+(head, loss) and shapes into one solver call (features stacked per student, across worlds), and returns one
+row per spec.
 
 Metrics (for a model :math:`F` against the truth :math:`F^*`):
 
@@ -165,47 +166,56 @@ def _noisy_teacher(spec: RunSpec, clean: np.ndarray) -> np.ndarray:
     return noisy
 
 
+def _student_shape(spec: RunSpec) -> tuple:
+    """Students with equal shapes can share one solver batch, whatever their world."""
+    return (spec.head, spec.loss, spec.n_train, spec.n_test, spec.world.strong_dim, spec.world.k)
+
+
 def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) -> list[dict]:
     """Fit every spec's student and return one row per spec (same order).
 
-    Students of one world with the same (head, loss) are fitted in one batched call on the shared strong
-    features; ``worlds`` caches :class:`WorldData` by :meth:`RunSpec.world_key` across calls.
+    All students with the same (head, loss) and shapes are fitted in one batched solver call, whatever their
+    world, on their worlds' features stacked as ``(B, n, m)``. That layout is used even when all students
+    share one world: its arithmetic for one student does not depend on the other students in the batch
+    (checked bit for bit), so a row never depends on how a sweep was chunked, resumed or distributed,
+    whereas the faster shared-features layout (one GEMM over all students) changes the last bits with the
+    batch. ``worlds`` caches :class:`WorldData` by :meth:`RunSpec.world_key` across calls.
     """
     worlds = {} if worlds is None else worlds
+    for spec in specs:
+        if spec.world_key() not in worlds:
+            worlds[spec.world_key()] = prepare_world(spec, device)
     rows: list[dict | None] = [None] * len(specs)
     groups: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
-        groups.setdefault((spec.world_key(), spec.head, spec.loss), []).append(i)
-    for (wkey, head, loss), members in groups.items():
-        first = specs[members[0]]
-        if wkey not in worlds:
-            worlds[wkey] = prepare_world(first, device)
-        data = worlds[wkey]
-        teachers = np.stack([_noisy_teacher(specs[i], data.teacher_train) for i in members])
-        result = fit(data.strong_train, teachers, loss=loss, head=head, device=device)
-        test_probs = to_numpy(predict(head, result.params, torch.as_tensor(data.strong_test, device=result.probs.device)))
+        groups.setdefault(_student_shape(spec), []).append(i)
+    for (head, loss, *_), members in groups.items():
+        data = [worlds[specs[i].world_key()] for i in members]
+        teachers = np.stack([_noisy_teacher(specs[i], d.teacher_train) for i, d in zip(members, data)])
+        train_features = np.stack([d.strong_train for d in data])
+        test_features = np.stack([d.strong_test for d in data])
+        truth_train = np.stack([d.truth_train for d in data])
+        result = fit(train_features, teachers, loss=loss, head=head, device=device)
+        test_probs = to_numpy(predict(head, result.params, torch.as_tensor(test_features, device=result.probs.device)))
         train_probs = to_numpy(result.probs)
         if head in ("mixture", "linear") and loss in ("reverse_kl", "forward_kl"):
             check = (theorem2_reverse_kl if loss == "reverse_kl" else forward_kl_pythagorean)(
-                np.broadcast_to(data.truth_train, teachers.shape), teachers, train_probs, to_numpy(result.gap))
+                truth_train, teachers, train_probs, to_numpy(result.gap))
         else:
             check = None
-        weak_test = model_metrics(data.truth_test, data.teacher_test, "weak_test")
-        ceiling_test = model_metrics(data.truth_test, data.ceiling_test, "ceiling_test")
-        bayes = float(data.truth_test.max(-1).mean())
-        for j, i in enumerate(members):
+        for j, (i, d) in enumerate(zip(members, data)):
             spec = specs[i]
             q = teachers[j]
             row = {"run_id": spec.run_id, **_flat_spec(spec)}
             row.update(objective=float(result.objective[j]), gap=float(result.gap[j]),
                        certificate=result.certificate, converged=bool(result.converged[j]),
                        iterations=int(result.iterations[j]))
-            row.update(model_metrics(data.truth_train, train_probs[j], "student_train"))
-            row.update(model_metrics(data.truth_train, q, "teacher_train"))
-            row.update(model_metrics(data.truth_test, test_probs[j], "student_test"))
-            row.update(weak_test)
-            row.update(ceiling_test)
-            row["bayes_accuracy"] = bayes
+            row.update(model_metrics(d.truth_train, train_probs[j], "student_train"))
+            row.update(model_metrics(d.truth_train, q, "teacher_train"))
+            row.update(model_metrics(d.truth_test, test_probs[j], "student_test"))
+            row.update(model_metrics(d.truth_test, d.teacher_test, "weak_test"))
+            row.update(model_metrics(d.truth_test, d.ceiling_test, "ceiling_test"))
+            row["bayes_accuracy"] = float(d.truth_test.max(-1).mean())
             row["gain_train"] = row["teacher_train_kl_error"] - row["student_train_kl_error"]
             row["misfit_reverse"] = float(kl(train_probs[j], q).mean())
             row["misfit_forward"] = float(kl(q, train_probs[j]).mean())
