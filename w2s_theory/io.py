@@ -46,6 +46,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+        # mkstemp creates 0600 files; give the result the permissions an ordinary open() would (umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

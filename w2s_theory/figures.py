@@ -1,0 +1,546 @@
+r"""The studies behind the paper-style figures (``w2s-theory figures``), and the tables drawn from them.
+
+Each figure has one ``*_figure`` function that runs (or reads) its study and writes ``<name>.png`` and
+``<name>.pdf`` (plus ``<name>.md`` for tables) into the output folder:
+
+=================  ===================================================================================
+figure             study
+=================  ===================================================================================
+mode_seeking       one Gaussian fitted to a two-component mixture by forward and by reverse KL,
+                   numerically (quadrature + L-BFGS from several starts), not by formula
+gain_vs_misfit     (a) Charikar et al.'s squared-loss setup (:mod:`w2s_theory.charikar`), three variants;
+                   (b) sweep ``experiments/gain_vs_misfit_kl.toml`` (mixture head, reverse vs forward KL)
+noise_robustness   sweep ``experiments/noise_robustness.toml`` (softmax head, four losses, flipped labels)
+bound_tightness    random and near-extremal instances of Lemma 1's √-bound with floor γ = 10⁻³
+guarantee_table    :func:`w2s_theory.guarantees.guarantee_table`
+loss_comparison    sweep ``experiments/loss_comparison.toml`` (weak → strong pairs, four losses, PGR)
+demo_digits        the bring-your-own pipeline (:mod:`w2s_theory.byo`) on scikit-learn's digits
+=================  ===================================================================================
+
+Sweep-driven and per-task results go through the results store: a sweep writes its rows with
+:func:`w2s_theory.sweep.run_sweep` (which skips runs already stored), and the figure is drawn from
+``ResultsStore.dataframe(study)`` — never from memory. ``quick=True`` runs a smaller version of every study
+(fewer seeds, fewer samples; studies named ``<name>_quick`` so they never mix with the full ones).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from .store import ResultsStore
+from .validation import InputError
+
+__all__ = ["FIGURES", "EXPERIMENTS_DIR", "make_figures", "sweep_results", "mode_seeking_study",
+           "bound_tightness_instances", "summarise_noise_robustness", "summarise_loss_comparison",
+           "charikar_results", "QUICK"]
+
+FIGURES = ("mode_seeking", "gain_vs_misfit", "noise_robustness", "bound_tightness", "guarantee_table",
+           "loss_comparison", "demo_digits")
+
+#: Sweep configs of the sweep-driven figures (a fresh clone has them next to the package).
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+#: The smaller version of each study for ``--quick``: seeds kept and samples per split.
+QUICK = {
+    "noise_robustness": dict(seeds=2, n=300),
+    "loss_comparison": dict(seeds=1, n=300),
+    "gain_vs_misfit_kl": dict(seeds=15, n=200),
+}
+
+#: The probability floor of the bound_tightness figure (the paper's example value, THEORY.md).
+BOUND_GAMMA = 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sweeps through the store
+# --------------------------------------------------------------------------------------------------------
+
+
+def _shrink(specs, seeds: int, n: int):
+    kept = sorted({s.seed for s in specs})[:seeds]
+    return [replace(s, n_weak=min(s.n_weak, n), n_train=min(s.n_train, n), n_test=min(s.n_test, n))
+            for s in specs if s.seed in kept]
+
+
+def sweep_results(name: str, store: ResultsStore, *, quick: bool = False, device=None, progress: bool = True,
+                  experiments: Path | None = None, ledger: list | None = None) -> tuple[pd.DataFrame, str]:
+    """Run the sweep ``experiments/<name>.toml`` into ``store`` (runs already there are skipped) and return
+    its rows read back from the store, with the study's description. ``ledger`` collects
+    ``(study, computed, read from the store)`` counts."""
+    from .config import load_study
+    from .sweep import run_sweep
+
+    path = Path(experiments or EXPERIMENTS_DIR) / f"{name}.toml"
+    study = load_study(path)
+    specs, study_name = study.specs, study.name
+    if quick:
+        specs, study_name = _shrink(specs, **QUICK[name]), f"{study.name}_quick"
+    summary = run_sweep(specs, store, study_name, device=device, progress=progress)
+    if ledger is not None:
+        ledger.append((study_name, summary.ran, summary.skipped))
+    frame = store.dataframe(study_name)
+    wanted = {s.run_id for s in specs}
+    frame = frame[frame["run_id"].isin(wanted)].reset_index(drop=True)
+    if len(frame) != len(wanted):
+        raise RuntimeError(f"study {study_name}: {len(wanted)} runs expected in the store, found {len(frame)}")
+    return frame, study.description
+
+
+def _mean_se(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    mean = float(np.mean(v))
+    if v.size < 2 or not np.all(np.isfinite(v)):
+        return mean, float("nan")
+    return mean, float(np.std(v, ddof=1) / math.sqrt(v.size))
+
+
+# --------------------------------------------------------------------------------------------------------
+# mode_seeking
+# --------------------------------------------------------------------------------------------------------
+
+#: The two-component mixture of the mode-seeking figure (unequal weights, so reverse KL has one global fit).
+MIXTURE = dict(weights=(0.6, 0.4), means=(-2.0, 2.0), sds=(0.7, 0.7))
+
+
+def _normal_pdf(x, mu, sigma):
+    return np.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+
+
+def _normal_logpdf(x, mu, sigma):
+    return -0.5 * ((x - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+
+
+def mode_seeking_study(mixture: dict = MIXTURE, grid_points: int = 6001) -> dict:
+    r"""Fit :math:`q = \mathcal N(\mu, \sigma^2)` to the mixture :math:`p` by minimising
+    :math:`\mathrm{KL}(p\|q)` (forward) and :math:`\mathrm{KL}(q\|p)` (reverse) numerically: both integrals by
+    the trapezoidal rule on a fine grid, minimised over :math:`(\mu, \log\sigma)` by L-BFGS from a grid of
+    starts. Returns the grid, :math:`p`, the forward fit and every distinct local minimum of the reverse
+    objective (best first). The forward fit must match :math:`p`'s mean and variance (moment matching); that
+    is checked by the tests, not used here."""
+    from scipy.optimize import minimize
+
+    w, m, s = (np.asarray(mixture[k], float) for k in ("weights", "means", "sds"))
+    lo, hi = float((m - 8 * s).min()), float((m + 8 * s).max())
+    x = np.linspace(lo, hi, grid_points)
+    comp = np.stack([_normal_logpdf(x, mi, si) for mi, si in zip(m, s)]) + np.log(w)[:, None]
+    log_p = np.logaddexp.reduce(comp, axis=0)
+    p = np.exp(log_p)
+
+    def forward(theta):  # KL(p||q) = int p (log p - log q)
+        return float(np.trapezoid(p * (log_p - _normal_logpdf(x, theta[0], math.exp(theta[1]))), x))
+
+    def reverse(theta):  # KL(q||p) = int q (log q - log p)
+        lq = _normal_logpdf(x, theta[0], math.exp(theta[1]))
+        return float(np.trapezoid(np.exp(lq) * (lq - log_p), x))
+
+    starts = [(mu0, math.log(s0)) for mu0 in np.linspace(lo / 2, hi / 2, 7) for s0 in (0.5, 2.0)]
+
+    def minima(objective):
+        found = []
+        for start in starts:
+            r = minimize(objective, np.array(start), method="L-BFGS-B",
+                         bounds=[(lo, hi), (math.log(1e-2), math.log(hi - lo))], options={"ftol": 1e-14, "gtol": 1e-10})
+            if r.success and not any(abs(r.x[0] - f[0]) < 1e-2 and abs(r.x[1] - f[1]) < 1e-2 for f, _ in found):
+                found.append((r.x, float(r.fun)))
+        return sorted(found, key=lambda t: t[1])
+
+    def record(theta, value):
+        mu, sigma = float(theta[0]), float(math.exp(theta[1]))
+        return {"mu": mu, "sigma": sigma, "kl": value, "density": _normal_pdf(x, mu, sigma)}
+
+    fw = minima(forward)[0]
+    return {"x": x, "p": p, "mixture": mixture, "forward": record(*fw),
+            "reverse": [record(t, v) for t, v in minima(reverse)]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# bound_tightness
+# --------------------------------------------------------------------------------------------------------
+
+
+def _floored(rng, shape, k, gamma):
+    return gamma + (1 - k * gamma) * rng.dirichlet(np.full(k, 0.5), size=shape)
+
+
+def bound_tightness_instances(gamma: float = BOUND_GAMMA, count: int = 4000, seed: int = 0) -> pd.DataFrame:
+    r"""Instances of Lemma 1, :math:`|L(F^*,F_w) - L(F^*,F_{sw})| \le C\sqrt d` with every probability of
+    :math:`F_w` and :math:`F_{sw}` at least :math:`\gamma`, evaluated by :func:`w2s_theory.bounds.sqrt_bound`;
+    returns ``kind``, ``abs_diff`` and ``sqrt_forward`` / ``sqrt_reverse`` (:math:`\sqrt{\mathbb E\,
+    \mathrm{KL}(F_w\|F_{sw})}` and :math:`\sqrt{\mathbb E\,\mathrm{KL}(F_{sw}\|F_w)}`).
+
+    * ``random``: 16 points, ``k`` in {2, 3}, :math:`F_w, F_{sw}` floored Dirichlet(0.5) draws, :math:`F^*`
+      a Dirichlet(0.5) draw;
+    * ``near-extremal``: one binary point with :math:`F_w = (a, 1-a)`, :math:`a` log-uniform in
+      :math:`[\gamma, 1/2]`, :math:`F_{sw} = (a e^{\delta}, \cdot)` with a small log-ratio :math:`\delta`, and
+      :math:`F^*` all on the first class — the configuration whose limit :math:`a\to\gamma`,
+      :math:`\delta\to 0` attains the sharp constant :math:`\sqrt{2(1-\gamma)/\gamma}`.
+    """
+    from .bounds import sqrt_bound
+    from .synthetic import rng_for
+
+    rng = rng_for(seed, "bound-tightness")
+    batches = []
+    per_k = count // 4
+    for k in (2, 3):
+        teacher, student = _floored(rng, (per_k, 16), k, gamma), _floored(rng, (per_k, 16), k, gamma)
+        truth = rng.dirichlet(np.full(k, 0.5), size=(per_k, 16))
+        batches.append(("random", truth, teacher, student))
+    m = count - 2 * per_k
+    a = np.exp(rng.uniform(math.log(gamma), math.log(0.5), m))
+    delta = rng.choice([-1.0, 1.0], m) * np.exp(rng.uniform(math.log(1e-4), math.log(1.0), m))
+    b = np.clip(a * np.exp(delta), gamma, 1 - gamma)
+    truth = np.zeros((m, 1, 2))
+    truth[..., 0] = 1.0
+    batches.append(("near-extremal", truth, np.stack([a, 1 - a], -1)[:, None], np.stack([b, 1 - b], -1)[:, None]))
+    frames = []
+    for kind, truth, teacher, student in batches:
+        forward = sqrt_bound(truth, teacher, student, direction="forward", gamma=gamma)
+        reverse = sqrt_bound(truth, teacher, student, direction="reverse", gamma=gamma)
+        frames.append(pd.DataFrame({"kind": kind, "abs_diff": np.abs(forward.details["gain"]),
+                                    "d_forward": forward.details["misfit"], "d_reverse": reverse.details["misfit"],
+                                    "verdict_forward": forward.verdict, "verdict_reverse": reverse.verdict}))
+    frame = pd.concat(frames, ignore_index=True)
+    frame["sqrt_forward"] = np.sqrt(frame["d_forward"].clip(lower=0))
+    frame["sqrt_reverse"] = np.sqrt(frame["d_reverse"].clip(lower=0))
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------------
+# Charikar et al.'s setup through the store
+# --------------------------------------------------------------------------------------------------------
+
+
+def charikar_config(quick: bool):
+    from .charikar import CharikarConfig
+
+    if quick:
+        return CharikarConfig(pretrain_samples=300, pretrain_epochs=3, fresh_tasks=30, n_weak=500, n_train=500,
+                              n_test=500)
+    return CharikarConfig(pretrain_epochs=60)
+
+
+def charikar_results(store: ResultsStore, *, quick: bool = False, progress=None,
+                     ledger: list | None = None) -> tuple[pd.DataFrame, object]:
+    """Rows of Charikar et al.'s experiment (one per variant x fresh task), computed only when the store does
+    not have them yet, and read back from the store."""
+    from .charikar import VARIANTS, run_charikar
+
+    config = charikar_config(quick)
+    study = "charikar_gain_misfit" + ("_quick" if quick else "")
+    ids = [config.run_id(v, t) for v in VARIANTS for t in range(config.fresh_tasks)]
+    computed = 0
+    if len(store.done_ids(ids)) < len(ids):
+        rows = run_charikar(config, progress=progress)
+        store.write(study, rows, [{**config.as_dict(), "variant": r["variant"], "task": r["task"]} for r in rows])
+        computed = len(rows)
+    if ledger is not None:
+        ledger.append((study, computed, len(ids) - computed))
+    store.link(study, ids)
+    frame = store.dataframe(study)
+    frame = frame[frame["run_id"].isin(set(ids))].reset_index(drop=True)
+    return frame, config
+
+
+# --------------------------------------------------------------------------------------------------------
+# Summaries (tables)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _world_label(temperature: float, bayes: float) -> str:
+    return f"temperature {temperature:g} (Bayes accuracy {bayes:.2f})"
+
+
+def summarise_noise_robustness(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean ± standard error over seeds of the student's test accuracy and KL error per (world, loss,
+    noise); and the weak / ceiling references per world (means over seeds)."""
+    rows = []
+    for (temp, loss, noise), g in frame.groupby(["world_temperature", "loss", "noise"]):
+        acc = _mean_se(g["student_test_accuracy"])
+        err = _mean_se(g["student_test_kl_error"])
+        rows.append({"world": temp, "loss": loss, "noise": noise, "accuracy_mean": acc[0], "accuracy_se": acc[1],
+                     "kl_error_mean": err[0], "kl_error_se": err[1], "seeds": len(g)})
+    refs = []
+    for temp, g in frame.groupby("world_temperature"):
+        one = g.drop_duplicates("seed")
+        refs.append({"world": temp, "weak_accuracy": one["weak_test_accuracy"].mean(),
+                     "ceiling_accuracy": one["ceiling_test_accuracy"].mean(),
+                     "weak_kl_error": one["weak_test_kl_error"].mean(),
+                     "ceiling_kl_error": one["ceiling_test_kl_error"].mean(), "bayes": one["bayes_accuracy"].mean()})
+    return pd.DataFrame(rows), pd.DataFrame(refs)
+
+
+def _pair_label(row) -> str:
+    return f"{int(row['world_weak_dim'])} feats → {int(row['world_strong_dim'])} feats"
+
+
+def summarise_loss_comparison(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± standard error over seeds of test accuracy and PGR per (weak -> strong pair, loss), with the
+    weak and ceiling accuracies of the pair."""
+    frame = frame.copy()
+    frame["pair"] = frame.apply(_pair_label, axis=1)
+    order = (frame[["world_weak_dim", "world_strong_dim", "pair"]].drop_duplicates()
+             .sort_values(["world_strong_dim", "world_weak_dim"])["pair"].tolist())
+    rows = []
+    for pair in order:
+        g = frame[frame["pair"] == pair]
+        one = g.drop_duplicates("seed")
+        by_seed = g.pivot_table(index="seed", columns="loss", values="student_test_accuracy")
+        for loss, gl in g.groupby("loss"):
+            acc, pgr = _mean_se(gl["student_test_accuracy"]), _mean_se(gl["pgr"])
+            # Paired over seeds (same world, same teacher): the seed-to-seed spread of the worlds cancels.
+            diff = _mean_se(by_seed[loss] - by_seed["forward_kl"]) if "forward_kl" in by_seed else (math.nan,) * 2
+            rows.append({"pair": pair, "loss": loss, "accuracy_mean": acc[0], "accuracy_se": acc[1],
+                         "pgr_mean": pgr[0], "pgr_se": pgr[1], "weak_accuracy": one["weak_test_accuracy"].mean(),
+                         "ceiling_accuracy": one["ceiling_test_accuracy"].mean(), "seeds": len(gl),
+                         "vs_forward_kl_mean": diff[0], "vs_forward_kl_se": diff[1]})
+    return pd.DataFrame(rows)
+
+
+def _pm(mean, se, digits=3) -> str:
+    if not math.isfinite(mean):
+        return "+inf" if mean == math.inf else str(mean)
+    return f"{mean:.{digits}f} ± {se:.{digits}f}" if math.isfinite(se) else f"{mean:.{digits}f}"
+
+
+LOSS_NAMES = {"forward_kl": "forward KL", "reverse_kl": "reverse KL", "forward_ce": "forward CE",
+              "reverse_ce": "reverse CE"}
+LOSS_ORDER = ("forward_kl", "reverse_kl", "forward_ce", "reverse_ce")
+
+
+def loss_comparison_markdown(summary: pd.DataFrame) -> str:
+    """The paper's main-table shape: one row per pair, test accuracy of each loss (best in bold), PGR, and
+    the paired difference reverse KL - forward KL (mean ± s.e. over seeds)."""
+    losses = [loss for loss in LOSS_ORDER if loss in set(summary["loss"])]
+    paired = "reverse_kl" in losses and "forward_kl" in losses
+    head = ("| weak → strong | weak | " + " | ".join(LOSS_NAMES[loss] for loss in losses)
+            + " | ceiling | " + " | ".join(f"PGR {LOSS_NAMES[loss]}" for loss in losses)
+            + (" | reverse − forward KL (paired) |" if paired else " |"))
+    lines = [head, "|" + "---|" * (3 + 2 * len(losses) + paired)]
+    for pair in dict.fromkeys(summary["pair"]):
+        d = summary[summary["pair"] == pair].set_index("loss")
+        best = max(losses, key=lambda loss: d.loc[loss, "accuracy_mean"])
+        cells = [f"**{_pm(d.loc[loss, 'accuracy_mean'], d.loc[loss, 'accuracy_se'])}**" if loss == best
+                 else _pm(d.loc[loss, "accuracy_mean"], d.loc[loss, "accuracy_se"]) for loss in losses]
+        pgrs = [_pm(d.loc[loss, "pgr_mean"], d.loc[loss, "pgr_se"], 2) for loss in losses]
+        first = d.iloc[0]
+        diff = ""
+        if paired:
+            mean, se = d.loc["reverse_kl", "vs_forward_kl_mean"], d.loc["reverse_kl", "vs_forward_kl_se"]
+            diff = f" | {mean:+.4f}" + (f" ± {se:.4f}" if math.isfinite(se) else "")
+        lines.append(f"| {pair} | {first['weak_accuracy']:.3f} | " + " | ".join(cells)
+                     + f" | {first['ceiling_accuracy']:.3f} | " + " | ".join(pgrs) + diff + " |")
+    return "\n".join(lines)
+
+
+def noise_robustness_markdown(summary: pd.DataFrame, references: pd.DataFrame) -> str:
+    losses = [loss for loss in LOSS_ORDER if loss in set(summary["loss"])]
+    blocks = []
+    for _, ref in references.iterrows():
+        d = summary[summary["world"] == ref["world"]]
+        lines = [f"**{_world_label(ref['world'], ref['bayes'])}** — weak teacher {ref['weak_accuracy']:.3f}, "
+                 f"strong ceiling {ref['ceiling_accuracy']:.3f} (test accuracy); cells: accuracy / KL error",
+                 "", "| flipped | " + " | ".join(LOSS_NAMES[loss] for loss in losses) + " |",
+                 "|" + "---|" * (1 + len(losses))]
+        for noise in sorted(set(d["noise"])):
+            e = d[d["noise"] == noise].set_index("loss")
+            cells = [f"{_pm(e.loc[loss, 'accuracy_mean'], e.loc[loss, 'accuracy_se'])} / "
+                     f"{_pm(e.loc[loss, 'kl_error_mean'], e.loc[loss, 'kl_error_se'])}" for loss in losses]
+            lines.append(f"| {noise:.0%} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def guarantee_markdown(table: pd.DataFrame) -> str:
+    cols = ["head", "loss", "error_direction", "inequality", "expected", "instances", "holds", "violated",
+            "inconclusive", "fraction_holds"] + (["pattern_met"] if "pattern_met" in table.columns else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+        # "KL(F*||F)" would end the cell: escape the pipes inside cells.
+        cells = [f"{r[c]:.3f}" if c == "fraction_holds" else str(r[c]).replace("|", "\\|") for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    from .io import atomic_write
+
+    from .plots import _readable
+
+    atomic_write(path, lambda fh: fh.write((text.rstrip() + "\n").encode()))
+    _readable(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# One function per figure
+# --------------------------------------------------------------------------------------------------------
+
+
+def mode_seeking_figure(out: Path, **_) -> list[Path]:
+    from . import plots
+
+    return plots.save_figure(plots.plot_mode_seeking(mode_seeking_study()), out, "mode_seeking")
+
+
+def gain_vs_misfit_figure(out: Path, store: ResultsStore, quick: bool, device, progress, say, ledger, experiments,
+                          **_) -> list[Path]:
+    from . import plots
+
+    charikar, config = charikar_results(store, quick=quick, progress=say, ledger=ledger)
+    kl, _ = sweep_results("gain_vs_misfit_kl", store, quick=quick, device=device, progress=progress, ledger=ledger,
+                          experiments=experiments)
+    spec = kl.iloc[0]
+    charikar_caption = (f"Charikar et al.'s setup: x ~ N(0, {config.input_scale:g}² I_{config.input_dim}), width "
+                        f"{config.width}, h* {config.target_depth} layers, weak {config.weak_depth} / strong "
+                        f"{config.strong_depth} layers pre-trained on T = {config.pretrain_tasks} tasks "
+                        f"({config.pretrain_samples} samples each, {config.pretrain_epochs} epochs); "
+                        f"{config.fresh_tasks} fresh tasks, {config.n_train} transfer samples; perturbed = h* with "
+                        f"weight noise {config.perturbation:g}×sd.")
+    kl_caption = (f"Synthetic world k = {spec['world_k']}, temperature {spec['world_temperature']:g}, "
+                  f"truth_concentration {spec['world_truth_concentration']:g} (realizable), "
+                  f"{kl['seed'].nunique()} tasks (world seeds), {spec['n_train']} transfer samples.")
+    fig = plots.plot_gain_vs_misfit(charikar, kl, kl_caption, charikar_caption)
+    return plots.save_figure(fig, out, "gain_vs_misfit")
+
+
+def noise_robustness_figure(out: Path, store: ResultsStore, quick: bool, device, progress, ledger, experiments,
+                            **_) -> list[Path]:
+    from . import plots
+
+    frame, _ = sweep_results("noise_robustness", store, quick=quick, device=device, progress=progress,
+                             ledger=ledger, experiments=experiments)
+    summary, refs = summarise_noise_robustness(frame)
+    titles = {r["world"]: _world_label(r["world"], r["bayes"]) for _, r in refs.iterrows()}
+    spec = frame.iloc[0]
+    caption = (f"Synthetic worlds k = {spec['world_k']}, truth_concentration {spec['world_truth_concentration']:g}, "
+               f"weak: {spec['world_weak_dim']} features after {spec['world_weak_depth']} block (mixture head), "
+               f"strong: {spec['world_strong_dim']} features; {frame['seed'].nunique()} seeds, "
+               f"{spec['n_train']} transfer / {spec['n_test']} test samples. A flipped row swaps the teacher's two "
+               "probabilities. Accuracy = expected accuracy against labels drawn from F*.")
+    acc = summary.pivot_table(index=["world", "noise"], columns="loss", values="accuracy_mean")
+    if {"forward_kl", "reverse_kl"} <= set(acc.columns):
+        gap = float((acc["reverse_kl"] - acc["forward_kl"]).abs().max())
+        caption += (f" Forward CE coincides with forward KL (same gradients); reverse KL differs from forward KL by "
+                    f"at most {gap:.3f} in mean accuracy, so their curves overlap.")
+    fig = plots.plot_noise_robustness(summary, refs, titles, caption)
+    paths = plots.save_figure(fig, out, "noise_robustness")
+    paths.append(_write_text(Path(out) / "noise_robustness.md", noise_robustness_markdown(summary, refs)))
+    return paths
+
+
+def bound_tightness_figure(out: Path, quick: bool, **_) -> list[Path]:
+    from . import plots
+    from .bounds import provable_sqrt_constant, sharp_binary_constant
+
+    instances = bound_tightness_instances(BOUND_GAMMA, count=1000 if quick else 6000)
+    caption = ("Every probability of F_w and F_sw is at least γ. Random instances sit far below both lines; "
+               "near-extremal binary instances (F_w → (γ, 1−γ), F_sw → F_w, F* on the rare class) approach the "
+               "sharp constant from below.")
+    fig = plots.plot_bound_tightness(instances, BOUND_GAMMA, float(provable_sqrt_constant(BOUND_GAMMA)),
+                                     float(sharp_binary_constant(BOUND_GAMMA)), caption)
+    return plots.save_figure(fig, out, "bound_tightness")
+
+
+def guarantee_table_figure(out: Path, quick: bool, **_) -> list[Path]:
+    from . import plots
+    from .guarantees import guarantee_table
+
+    table = guarantee_table(quick=quick, seed=0)
+    caption = ("Verdicts use each solver's certificate: violated = slack below −certificate − rounding. "
+               f"{'Quick instance counts.' if quick else ''}")
+    paths = plots.save_figure(plots.plot_guarantee_table(table, caption), out, "guarantee_table")
+    paths.append(_write_text(Path(out) / "guarantee_table.md", guarantee_markdown(table)))
+    return paths
+
+
+def loss_comparison_figure(out: Path, store: ResultsStore, quick: bool, device, progress, ledger, experiments,
+                           **_) -> list[Path]:
+    from . import plots
+
+    frame, _ = sweep_results("loss_comparison", store, quick=quick, device=device, progress=progress,
+                             ledger=ledger, experiments=experiments)
+    summary = summarise_loss_comparison(frame)
+    spec = frame.iloc[0]
+    caption = (f"Synthetic worlds k = {spec['world_k']}, temperature {spec['world_temperature']:g}, "
+               f"truth_concentration {spec['world_truth_concentration']:g}; weak representation read after "
+               f"{spec['world_weak_depth']} block, strong after {spec['world_strong_depth']} blocks; softmax head; "
+               f"{frame['seed'].nunique()} seeds, {spec['n_train']} transfer / {spec['n_test']} test samples; "
+               "clean teacher.")
+    fig = plots.plot_loss_comparison(summary, caption)
+    paths = plots.save_figure(fig, out, "loss_comparison")
+    paths.append(_write_text(Path(out) / "loss_comparison.md", loss_comparison_markdown(summary)))
+    return paths
+
+
+def demo_digits_figure(out: Path, quick: bool, device, say, **_) -> list[Path]:
+    from . import plots
+    from .byo import DEMOS, ByoSettings, format_report, load_demo, run_byo
+
+    try:
+        weak, strong, labels = load_demo("digits")
+    except InputError as exc:
+        say(f"demo_digits: skipped ({exc})")
+        return []
+    settings = ByoSettings(repeats=1 if quick else 10, device=device or "cpu")
+    report = run_byo(weak, strong, labels, settings)
+    caption = (f"{DEMOS['digits']}. {settings.repeats} random splits into thirds (weak head / students / test), "
+               "mean ± s.e.; softmax heads; weak head and ceiling L2-regularised (λ = "
+               f"{settings.l2:g}), students unregularised.")
+    fig = plots.plot_demo(report, "Bring your own representations: scikit-learn digits (no download)", caption)
+    paths = plots.save_figure(fig, out, "demo_digits")
+    paths.append(_write_text(Path(out) / "demo_digits.md", format_report(report, markdown=True)))
+    return paths
+
+
+_BUILDERS = {
+    "mode_seeking": mode_seeking_figure,
+    "gain_vs_misfit": gain_vs_misfit_figure,
+    "noise_robustness": noise_robustness_figure,
+    "bound_tightness": bound_tightness_figure,
+    "guarantee_table": guarantee_table_figure,
+    "loss_comparison": loss_comparison_figure,
+    "demo_digits": demo_digits_figure,
+}
+
+
+def make_figures(store_path, out_dir, *, quick: bool = False, only=None, device=None, progress: bool = True,
+                 say=print, experiments=None) -> dict[str, dict]:
+    """Build the figures named in ``only`` (default: all of :data:`FIGURES`) into ``out_dir``; returns
+    ``{name: {"files": [...], "seconds": s, "computed": runs computed now, "stored": runs read from the
+    store}}`` (the last two count the runs of stored studies only). ``experiments`` is the folder of the sweep
+    configs (default :data:`EXPERIMENTS_DIR`, the repository's ``experiments/``)."""
+    names = list(FIGURES if not only else only)
+    unknown = [n for n in names if n not in _BUILDERS]
+    if unknown:
+        raise InputError(f"unknown figure(s): {', '.join(unknown)}; choose from: {', '.join(FIGURES)}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    import torch
+
+    threads = torch.get_num_threads()
+    with ResultsStore(store_path) as store:
+        for name in names:
+            start = time.perf_counter()
+            ledger: list = []
+            try:
+                # The studies are many small problems: one thread avoids oversubscribing a shared CPU.
+                torch.set_num_threads(1)
+                files = _BUILDERS[name](out=out, store=store, quick=quick, device=device, progress=progress,
+                                        say=say, ledger=ledger, experiments=experiments)
+            finally:
+                torch.set_num_threads(threads)
+            seconds = time.perf_counter() - start
+            done[name] = {"files": [str(p) for p in files], "seconds": seconds,
+                          "computed": sum(c for _, c, _ in ledger), "stored": sum(r for _, _, r in ledger)}
+            runs = (f"; {done[name]['computed']} runs computed, {done[name]['stored']} read from the store"
+                    if ledger else "")
+            say(f"{name}: {', '.join(Path(p).name for p in files) or 'nothing written'} ({seconds:.1f} s{runs})")
+    return done

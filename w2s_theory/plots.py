@@ -1,0 +1,437 @@
+r"""Matplotlib drawings of the paper-style figures (Agg backend: no display needed).
+
+Each ``plot_*`` function draws one figure from data that :mod:`w2s_theory.figures` computed (from the results
+store for sweep-driven figures) and returns the :class:`matplotlib.figure.Figure`; :func:`save_figure` writes
+it as ``<name>.png`` (for the README) and ``<name>.pdf`` (for papers), atomically and without timestamps so
+that regenerated files only change when the numbers do.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .io import atomic_write  # noqa: E402
+
+__all__ = ["save_figure", "plot_mode_seeking", "plot_gain_vs_misfit", "plot_noise_robustness",
+           "plot_bound_tightness", "plot_guarantee_table", "plot_loss_comparison", "plot_demo", "LOSS_STYLE"]
+
+#: One look per training loss, shared by every figure. Forward KL and forward CE have the same gradients
+#: (their curves coincide), so they differ in marker and line style to stay visible on top of each other.
+LOSS_STYLE = {
+    "forward_kl": dict(color="#1f77b4", marker="o", linestyle="-", label="forward KL"),
+    "forward_ce": dict(color="#17becf", marker="x", linestyle="--", label="forward CE"),
+    "reverse_kl": dict(color="#d62728", marker="s", linestyle="-", label="reverse KL"),
+    "reverse_ce": dict(color="#ff7f0e", marker="^", linestyle="--", label="reverse CE"),
+}
+LOSS_ORDER = ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce")
+
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "legend.fontsize": 8.5,
+                     "figure.dpi": 100, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3})
+
+
+def save_figure(fig, out_dir: str | Path, name: str) -> list[Path]:
+    """Write ``fig`` as ``out_dir/name.png`` and ``out_dir/name.pdf``; returns the two paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+        buffer = _io.BytesIO()
+        fig.savefig(buffer, format=fmt, bbox_inches="tight", metadata=metadata)
+        path = out / f"{name}.{fmt}"
+        atomic_write(path, lambda fh, data=buffer.getvalue(): fh.write(data))
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _caption(fig, text: str, y: float, width: int = 150) -> None:
+    """A caption under the figure, wrapped to ``width`` characters per line (paragraphs kept)."""
+    import textwrap
+
+    wrapped = "\n".join(textwrap.fill(part, width) for part in text.split("\n"))
+    fig.text(0.5, y, wrapped, ha="center", va="top", fontsize=8.5)
+
+
+def _identity_line(ax, lo: float, hi: float, label: str = "y = x") -> None:
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, linestyle="-", zorder=1, label=label)
+
+
+def _square_limits(ax, x, y) -> None:
+    values = np.concatenate([np.asarray(x, float), np.asarray(y, float)])
+    values = values[np.isfinite(values)]
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    pad = 0.05 * (hi - lo if hi > lo else 1.0)
+    lo, hi = min(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    _identity_line(ax, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------------------
+# mode_seeking
+# --------------------------------------------------------------------------------------------------------
+
+
+def plot_mode_seeking(study: dict):
+    """The mixture density with the forward-KL and reverse-KL Gaussian fits (Figure 1 of the paper)."""
+    x = study["x"]
+    mix = study["mixture"]
+    parts = " + ".join(f"{w:g}·N({m:g}, {s:g}²)" for w, m, s in zip(mix["weights"], mix["means"], mix["sds"]))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    ax.fill_between(x, study["p"], color="0.8", label=f"target p = {parts}")
+    fw = study["forward"]
+    ax.plot(x, fw["density"], color=LOSS_STYLE["forward_kl"]["color"], linewidth=2,
+            label=f"forward KL(p‖q) fit: μ={fw['mu']:.2f}, σ={fw['sigma']:.2f} (covers both modes)")
+    for i, rv in enumerate(study["reverse"]):
+        ax.plot(x, rv["density"], color=LOSS_STYLE["reverse_kl"]["color"], linewidth=2 if i == 0 else 1.2,
+                linestyle=("-", ":", "-.", "--")[min(i, 3)],
+                label=(f"reverse KL(q‖p) fit: μ={rv['mu']:.2f}, σ={rv['sigma']:.2f} (locks onto one mode)" if i == 0
+                       else f"reverse KL, other local minimum: μ={rv['mu']:.2f} (KL {rv['kl']:.2f} vs "
+                            f"{study['reverse'][0]['kl']:.2f})"))
+    ax.set_xlabel("x")
+    ax.set_ylabel("density")
+    ax.set_title("One Gaussian q fitted to a mixture p (numerically): forward KL covers the mass, "
+                 "reverse KL seeks a mode", fontsize=10)
+    ax.set_ylim(0, max(np.max(study["p"]), max(r["density"].max() for r in study["reverse"])) * 1.45)
+    ax.legend(loc="upper left", frameon=True)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# gain_vs_misfit
+# --------------------------------------------------------------------------------------------------------
+
+VARIANT_TITLES = {
+    "realizable": "realizable: $h_s = h^\\star$",
+    "pretrained": "pretrained $h_s$ (8 layers, T tasks)",
+    "perturbed": "perturbed $h^\\star$",
+}
+
+
+def _violation_scatter(ax, x, y, violated, color, marker, label):
+    ok = ~violated
+    ax.scatter(x[ok], y[ok], s=14, color=color, marker=marker, alpha=0.65, linewidths=0.5,
+               label=f"{label}: holds ({int(ok.sum())})")
+    if violated.any():
+        ax.scatter(x[violated], y[violated], s=34, facecolors="none", edgecolors="black", marker="D",
+                   linewidths=1.0, label=f"{label}: violated ({int(violated.sum())})")
+        ax.scatter(x[violated], y[violated], s=12, color=color, marker=marker, alpha=0.9)
+
+
+def plot_gain_vs_misfit(charikar: pd.DataFrame, kl: pd.DataFrame, kl_caption: str, charikar_caption: str):
+    """(a) Charikar's squared-loss setup, one panel per variant; (b) mixture head, forward vs reverse KL.
+    One point per task, gain on x, misfit on y, the line y = x; violated guarantees are ringed."""
+    variants = [v for v in VARIANT_TITLES if v in set(charikar["variant"])]
+    fig, grid = plt.subplots(2, 3, figsize=(14, 9.2))
+    axes = [*grid[0, : len(variants)], grid[1, 0], grid[1, 1]]
+    for ax, variant in zip(axes, variants):
+        d = charikar[charikar["variant"] == variant]
+        x, y = d["gain_train"].to_numpy(), d["misfit_train"].to_numpy()
+        _violation_scatter(ax, x, y, (d["theorem_verdict"] == "violated").to_numpy(), "#2ca02c", "o",
+                           "gain ≥ misfit")
+        _square_limits(ax, x, y)
+        ax.set_title(f"(a) squared loss, {VARIANT_TITLES[variant]}")
+        ax.set_xlabel("gain  E(f_w−f*)² − E(f_sw−f*)²")
+        ax.set_ylabel("misfit  E(f_sw−f_w)²")
+        # How far f* is from the strong class (epsilon of their non-realizable theorem), against the weak error.
+        ax.text(0.97, 0.30, f"median ε = min E(f−f*)² = {d['best_error_train'].median():.3g}\n"
+                f"median weak error = {d['weak_error_train'].median():.3g}", transform=ax.transAxes, ha="right",
+                va="top", fontsize=8, bbox=dict(facecolor="white", edgecolor="0.7", alpha=0.9))
+        ax.legend(loc="lower right")
+    for ax, loss in zip(axes[len(variants):], ("reverse_kl", "forward_kl")):
+        d = kl[kl["loss"] == loss]
+        x, y = d["gain_train"].to_numpy(), d["misfit"].to_numpy()
+        style = LOSS_STYLE[loss]
+        _violation_scatter(ax, x, y, (d["theorem_verdict"] == "violated").to_numpy(), style["color"],
+                           style["marker"], "gain ≥ misfit")
+        _square_limits(ax, x, y)
+        direction = "KL(F_sw‖F_w)" if loss == "reverse_kl" else "KL(F_w‖F_sw)"
+        ax.set_title(f"(b) mixture head, {style['label']}")
+        ax.set_xlabel("gain  E KL(F*‖F_w) − E KL(F*‖F_sw)")
+        ax.set_ylabel(f"misfit  E {direction}")
+        ax.legend(loc="upper left")
+    note = grid[1, 2]
+    note.axis("off")
+    note.text(0.0, 1.0, "How to read it\n\n"
+              "One point per task: gain = teacher error − student\nerror, misfit = student–teacher disagreement,\n"
+              "both in-sample on the transfer split, where the\ntheorems are stated.\n\n"
+              "Guarantee: gain ≥ misfit (on or below y = x).\n"
+              "Ringed points violate it by more than the\nsolver's certificate.\n\n"
+              "Squared loss: exact equality when realizable\n(Charikar et al., Thm 1); only ≥ − O(√ε) otherwise.\n"
+              "Mixture head: guaranteed for reverse KL\n(Yao et al. 2025, Thm 2); no guarantee for forward KL.",
+              va="top", ha="left", fontsize=9.5, transform=note.transAxes)
+    fig.suptitle("Gain vs misfit, one point per task (in-sample on the transfer split)", y=1.0)
+    _caption(fig, f"(a) {charikar_caption}\n(b) {kl_caption}", -0.005)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# noise_robustness
+# --------------------------------------------------------------------------------------------------------
+
+
+def _fmt_ref(value: float) -> str:
+    return f"{0.0 if abs(value) < 5e-4 else value:.3f}"
+
+
+def _reference_lines(ax, weak: float, ceiling: float) -> None:
+    """Weak teacher and strong ceiling as horizontal lines, each labelled with its value at the right edge
+    (above its line, or below it when the line runs along the top of the axes). Call after the y-limits are
+    final."""
+    lo, hi = ax.get_ylim()
+    for value, style, name in ((weak, dict(color="0.35", linestyle=":", linewidth=1.6), "weak"),
+                               (ceiling, dict(color="black", linestyle="-.", linewidth=1.2), "ceiling")):
+        ax.axhline(value, **style)
+        above = (value - lo) / (hi - lo) < 0.9
+        ax.annotate(f"{name} {_fmt_ref(value)}", xy=(1.0, value), xycoords=("axes fraction", "data"),
+                    xytext=(-3, 2 if above else -2), textcoords="offset points", ha="right",
+                    va="bottom" if above else "top", fontsize=8, color=style["color"])
+
+
+def plot_noise_robustness(summary: pd.DataFrame, references: pd.DataFrame, world_titles: dict, caption: str):
+    """Student test accuracy (top) and KL error (bottom) against the flipped fraction, one column per world;
+    mean ± standard error over seeds; weak teacher and strong ceiling as horizontal lines. KL errors that are
+    infinite (a saturated student) or far off the scale of the other curves are listed in the panel instead
+    of stretching its axis."""
+    from matplotlib.lines import Line2D
+
+    worlds = list(world_titles)
+    fig, axes = plt.subplots(2, len(worlds), figsize=(5.6 * len(worlds), 7.6), squeeze=False)
+    for col, world in enumerate(worlds):
+        d = summary[summary["world"] == world]
+        ref = references[references["world"] == world].iloc[0]
+        for row, (metric, ylabel) in enumerate((("accuracy", "student test accuracy"),
+                                                ("kl_error", "student test error  E KL(F*‖F_sw)"))):
+            ax = axes[row, col]
+            finite_values = d.loc[np.isfinite(d[f"{metric}_mean"]) & (d["loss"] != "reverse_ce"), f"{metric}_mean"]
+            largest = max(float(finite_values.max()) if len(finite_values) else 0.0, ref[f"weak_{metric}"])
+            top = largest * (1.25 if metric == "accuracy" else 1.45)
+            notes = []
+            for loss in LOSS_ORDER:
+                e = d[d["loss"] == loss].sort_values("noise")
+                if e.empty:
+                    continue
+                noise = e["noise"].to_numpy()
+                mean, se = e[f"{metric}_mean"].to_numpy(), e[f"{metric}_se"].to_numpy()
+                shown = np.isfinite(mean) if metric == "accuracy" else np.isfinite(mean) & (mean <= top)
+                st = LOSS_STYLE[loss]
+                if shown.any():
+                    ax.errorbar(noise[shown], mean[shown], yerr=np.where(np.isfinite(se[shown]), se[shown], 0),
+                                color=st["color"], marker=st["marker"], linestyle=st["linestyle"], capsize=3,
+                                markersize=5, linewidth=1.4)
+                if (~shown).any():
+                    off = ", ".join(f"{x:.0%}: {'+∞' if not np.isfinite(m) else f'{m:.3g}'}"
+                                    for x, m in zip(noise[~shown], mean[~shown]))
+                    notes.append(f"{st['label']} off scale — {off}")
+            if metric == "kl_error":
+                ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=top)
+            else:
+                lo, hi = ax.get_ylim()
+                ax.set_ylim(min(lo, ref["weak_accuracy"]) - 0.01, max(hi, ref["ceiling_accuracy"]) + 0.01)
+            _reference_lines(ax, ref[f"weak_{metric}"], ref[f"ceiling_{metric}"])
+            if metric == "kl_error":
+                if notes:
+                    ax.text(0.02, 0.97, "\n".join(notes) + "\n(+∞: some test probabilities are exactly 0)",
+                            transform=ax.transAxes, va="top", fontsize=7.5, color="#b35900", wrap=True)
+            else:
+                ax.set_title(world_titles[world])
+            ax.set_xlabel("fraction of teacher labels flipped (p → 1 − p)")
+            ax.set_ylabel(ylabel)
+    handles = [Line2D([], [], color=LOSS_STYLE[l]["color"], marker=LOSS_STYLE[l]["marker"],
+                      linestyle=LOSS_STYLE[l]["linestyle"], label=LOSS_STYLE[l]["label"]) for l in LOSS_ORDER]
+    handles += [Line2D([], [], color="0.35", linestyle=":", linewidth=1.6, label="weak teacher"),
+                Line2D([], [], color="black", linestyle="-.", linewidth=1.2, label="strong ceiling")]
+    fig.legend(handles=handles, loc="upper center", ncol=6, bbox_to_anchor=(0.5, 0.965), frameon=False)
+    fig.suptitle("Label-noise robustness, softmax head (mean ± standard error over seeds)", y=1.0)
+    _caption(fig, caption, -0.01)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# bound_tightness
+# --------------------------------------------------------------------------------------------------------
+
+
+def plot_bound_tightness(instances: pd.DataFrame, gamma: float, provable: float, sharp: float, caption: str):
+    """``|L(F*,F_w) − L(F*,F_sw)|`` against ``sqrt(d)`` (forward and reverse ``d``), log-log, with the lines
+    ``C sqrt(d)`` for the provable and the sharp constants."""
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6))
+    kinds = {"random": ("#7f7f7f", "random instances (k = 2, 3; 16 points)"),
+             "near-extremal": ("#9467bd", "near-extremal binary instances")}
+    for ax, (direction, label) in zip(axes, (("forward", "d = E KL(F_w‖F_sw)"), ("reverse", "d = E KL(F_sw‖F_w)"))):
+        col = f"sqrt_{direction}"
+        finite = instances[np.isfinite(instances[col]) & (instances[col] > 0) & (instances["abs_diff"] > 0)]
+        for kind, (color, name) in kinds.items():
+            d = finite[finite["kind"] == kind]
+            ax.scatter(d[col], d["abs_diff"], s=6, color=color, alpha=0.45, label=name, linewidths=0,
+                       rasterized=True)  # thousands of points: a bitmap layer keeps the PDF small
+        x = finite[col].to_numpy()
+        grid = np.logspace(math.log10(x.min()) - 0.2, math.log10(x.max()) + 0.2, 50)
+        ax.plot(grid, provable * grid, color="#d62728", linewidth=1.6,
+                label=f"provable: C = 1/(√2 γ) = {provable:.1f}")
+        ax.plot(grid, sharp * grid, color="black", linewidth=1.6, linestyle="--",
+                label=f"sharp: C* = √(2(1−γ)/γ) = {sharp:.2f}")
+        ratio = (finite["abs_diff"] / finite[col]).max()
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"√d,  {label}")
+        ax.set_ylabel("|L(F*,F_w) − L(F*,F_sw)|")
+        ax.set_title(f"{direction} direction: largest ratio found {ratio:.2f} (sharp C* = {sharp:.2f})")
+        ax.set_ylim(top=max(ax.get_ylim()[1], 1.0))
+        ax.legend(loc="upper left", markerscale=3)  # above the provable line nothing is drawn
+    fig.suptitle(f"Lemma 1 √-bound |ΔL| ≤ C √d with probability floor γ = {gamma:g}", y=1.01)
+    _caption(fig, caption, -0.02)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# guarantee_table
+# --------------------------------------------------------------------------------------------------------
+
+
+def plot_guarantee_table(table: pd.DataFrame, caption: str):
+    """The guarantee table as a coloured table: one row per head x loss x direction x inequality."""
+    columns = ["head", "loss", "error_direction", "inequality", "expected", "instances", "holds", "violated",
+               "inconclusive", "fraction_holds"]
+    headers = ["head", "loss", "error", "inequality", "expected", "instances", "holds", "violated",
+               "inconcl.", "fraction holds"]
+    met = "pattern_met" in table.columns
+    if met:
+        headers.append("as expected")
+    cells = []
+    colours = []
+    cmap = plt.get_cmap("RdYlGn")
+    for _, r in table.iterrows():
+        frac = float(r["fraction_holds"])
+        cells.append([str(r["head"]), str(r["loss"]), str(r["error_direction"]), str(r["inequality"]),
+                      str(r["expected"]), str(int(r["instances"])), str(int(r["holds"])), str(int(r["violated"])),
+                      str(int(r["inconclusive"])), f"{frac:.3f}"]
+                     + (["yes" if r["pattern_met"] else "NO"] if met else []))
+        shade = cmap(0.15 + 0.7 * frac) if math.isfinite(frac) else (1, 1, 1, 1)
+        colours.append(["white"] * (len(columns) - 1) + [shade] + (["white"] if met else []))
+    fig, ax = plt.subplots(figsize=(15, 0.3 * (len(cells) + 1)))
+    ax.axis("off")
+    tab = ax.table(cellText=cells, colLabels=headers, cellColours=colours, cellLoc="left", bbox=[0, 0, 1, 1])
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(8.5)
+    tab.auto_set_column_width(list(range(len(headers))))
+    for (row, _col), cell in tab.get_celld().items():
+        if row == 0:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("#e6e6e6")
+    ax.set_title("Guarantee table: fraction of random instances on which each inequality holds "
+                 "(certified verdicts)", fontsize=11, pad=10)
+    # "expected" is what the theory predicts: holds / equality (every instance) or may fail (counterexamples).
+    _caption(fig, caption, -0.03)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# loss_comparison and the demo
+# --------------------------------------------------------------------------------------------------------
+
+
+def _grouped_bars(ax, groups: list[str], series: dict, errors: dict, references: dict | None = None):
+    width = 0.8 / max(len(series), 1)
+    xs = np.arange(len(groups))
+    for i, (loss, values) in enumerate(series.items()):
+        st = LOSS_STYLE[loss]
+        ax.bar(xs + (i - (len(series) - 1) / 2) * width, values, width, yerr=errors.get(loss), color=st["color"],
+               label=st["label"], capsize=2, edgecolor="black", linewidth=0.4,
+               hatch="//" if st["linestyle"] == "--" else None)
+    if references:
+        for name, (values, style) in references.items():
+            for j, v in enumerate(values):
+                ax.hlines(v, xs[j] - 0.45, xs[j] + 0.45, label=name if j == 0 else None, **style)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(groups)
+
+
+def plot_loss_comparison(summary: pd.DataFrame, caption: str):
+    """Test accuracy of the four losses per weak -> strong pair, with the weak and ceiling references (top),
+    and PGR (bottom)."""
+    pairs = list(dict.fromkeys(summary["pair"]))
+    losses = [loss for loss in LOSS_ORDER if loss in set(summary["loss"])]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.5, 1.6 * len(pairs) + 3), 8.2), sharex=True)
+
+    def series(column):
+        out, err = {}, {}
+        for loss in losses:
+            d = summary[summary["loss"] == loss].set_index("pair").loc[pairs]
+            out[loss], err[loss] = d[f"{column}_mean"].to_numpy(), d[f"{column}_se"].to_numpy()
+        return out, err
+
+    first = summary.drop_duplicates("pair").set_index("pair").loc[pairs]
+    acc, acc_err = series("accuracy")
+    _grouped_bars(axes[0], pairs, acc, acc_err, {
+        "weak teacher": (first["weak_accuracy"].to_numpy(), dict(color="0.3", linestyle=":", linewidth=2)),
+        "strong ceiling": (first["ceiling_accuracy"].to_numpy(), dict(color="black", linestyle="-.", linewidth=1.5)),
+    })
+    lo = min(np.nanmin(first["weak_accuracy"]), min(np.nanmin(v) for v in acc.values()))
+    hi = max(np.nanmax(first["ceiling_accuracy"]), max(np.nanmax(v) for v in acc.values()))
+    axes[0].set_ylim(lo - 0.05 * (hi - lo) - 0.01, hi + 0.25 * (hi - lo) + 0.01)
+    axes[0].set_ylabel("student test accuracy")
+    axes[0].legend(ncol=3, loc="upper left")
+    axes[0].set_title("Loss comparison per weak → strong representation pair (mean ± s.e. over seeds)")
+    pgr, pgr_err = series("pgr")
+    _grouped_bars(axes[1], pairs, pgr, pgr_err)
+    tops = [np.nanmax(v + np.nan_to_num(pgr_err[k])) for k, v in pgr.items()]
+    bottoms = [np.nanmin(v - np.nan_to_num(pgr_err[k])) for k, v in pgr.items()]
+    axes[1].set_ylim(min(0.0, min(bottoms) * 1.15), max(tops) * 1.25 if max(tops) > 0 else 0.1)
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    axes[1].set_ylabel("PGR = (student − weak) / (ceiling − weak)")
+    axes[1].set_xlabel("weak → strong representation pair")
+    axes[1].legend(ncol=4, loc="upper left")
+    for label in axes[1].get_xticklabels():
+        label.set_fontsize(8.5)
+    _caption(fig, caption, -0.005)
+    fig.tight_layout()
+    return fig
+
+
+def plot_demo(report: dict, title: str, caption: str):
+    """Bring-your-own demo: test accuracy and KL error per loss, weak and ceiling as lines."""
+    losses = [loss for loss in LOSS_ORDER if loss in report]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, ylabel in ((axes[0], "accuracy", "test accuracy"),
+                               (axes[1], "kl_error", "test error  E KL(F*‖F) = cross-entropy")):
+        values = np.array([report[loss][metric] for loss in losses], float)
+        errors = np.array([report[loss][f"{metric}_se"] for loss in losses], float)
+        finite = np.isfinite(values)
+        xs = np.arange(len(losses))
+        for i, loss in enumerate(losses):
+            st = LOSS_STYLE[loss]
+            if finite[i]:
+                ax.bar(xs[i], values[i], 0.6, yerr=errors[i] if np.isfinite(errors[i]) else None, color=st["color"],
+                       edgecolor="black", linewidth=0.4, capsize=3, hatch="//" if st["linestyle"] == "--" else None)
+            else:
+                ax.text(xs[i], 0.02, "+∞", ha="center", va="bottom", transform=ax.get_xaxis_transform(),
+                        fontsize=12, color=st["color"], weight="bold")
+        for name, style in (("weak", dict(color="0.3", linestyle=":", linewidth=2)),
+                            ("ceiling", dict(color="black", linestyle="-.", linewidth=1.5))):
+            v = report[name][metric]
+            ax.axhline(v, label=f"{'weak teacher' if name == 'weak' else 'strong ceiling'} ({v:.3f})", **style)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([LOSS_STYLE[loss]["label"] for loss in losses])
+        ax.set_xlim(-0.6, len(losses) - 0.4)
+        ax.set_ylabel(ylabel)
+        finite_values = values[finite] if finite.any() else np.zeros(1)
+        top = max(report["ceiling"][metric], report["weak"][metric], float(np.max(finite_values))) * 1.3
+        ax.set_ylim(0, min(1.05, top) if metric == "accuracy" else top)
+        ax.legend(loc="upper left", ncol=2)
+    fig.suptitle(title)
+    _caption(fig, caption, -0.01)
+    fig.tight_layout()
+    return fig
