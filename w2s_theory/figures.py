@@ -369,10 +369,7 @@ def guarantee_markdown(table: pd.DataFrame) -> str:
 def _write_text(path: Path, text: str) -> Path:
     from .io import atomic_write
 
-    from .plots import _readable
-
     atomic_write(path, lambda fh: fh.write((text.rstrip() + "\n").encode()))
-    _readable(path)
     return path
 
 
