@@ -16,7 +16,8 @@ gradient pushes outwards are held at 0, the rest take a Newton step with the exa
 curvature in the class probabilities). Steps follow the projected arc with an Armijo rule.
 
 Certificate: the Frank–Wolfe gap :math:`g(A) = \max_{S}\langle\nabla\Phi(A), A - S\rangle
-\ge \Phi(A) - \Phi^\star` over the product of simplices, computed in float64 at the returned point.
+\ge \Phi(A) - \Phi^\star` over the product of simplices, computed in float64 at the returned point and
+increased by a bound on the rounding error of that computation, so that it bounds the exact gap.
 Where the teacher puts zero mass on a class, the reverse losses force the student to do the same
 (any other choice has infinite loss): those entries of ``A`` are fixed at 0 before solving and the gap is
 taken over the remaining face, which is exactly the set where the objective is finite.
@@ -395,11 +396,38 @@ def fit_mixture_batched(
     return _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol)
 
 
+def _gamma(count: int, dtype) -> float:
+    u = torch.finfo(dtype).eps / 2
+    return count * u / (1 - count * u)
+
+
+def _gap_rounding_bound(design, dphi, gap):
+    r"""Bound on the floating-point error of the computed Frank–Wolfe gap, added to it so that the reported
+    certificate bounds the *exact* gap of the returned head (Higham, *Accuracy and Stability*, §3.1).
+
+    :math:`G = \frac1n\sum_i \ell'(q_i, p_i)h_i^\top` with :math:`p_i = Ah_i` a sum of :math:`m` non-negative
+    products (relative error :math:`\le\gamma_m`); each derivative
+    :math:`\ell'\in\{\log(p/q)+1, -q/p, -\log q, 2(p-q)\}` is then off by at most
+    :math:`\gamma_{m+4}(|\ell'| + 2)`, so :math:`G` by :math:`\varepsilon = \gamma_{n+m+4}\frac1n\sum_i
+    (|\ell'_i| + 2)h_i^\top` entrywise. The columns of :math:`A` lie in the simplex, so the gap moves by at
+    most :math:`2\sum_j\max_y\varepsilon_{yj}`, plus :math:`\gamma_{k+m}` times itself for its own sums.
+    Without it an interior optimum, where Theorem 2 is an equality, is undecidable: slack and gap both sit at
+    the level of rounding.
+    """
+    n, m, k = design.n, design.m, dphi.shape[-1]
+    magnitude = torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
+    eps_G = _gamma(n + m + 4, dphi.dtype) * design.gradient(magnitude)  # features are >= 0: |X| = X
+    return 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + m, dphi.dtype) * gap
+
+
 def _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol) -> FitResult:
-    """Objective and certificate at the returned point, recomputed from scratch in the features' dtype."""
+    """Objective and certificate at the returned point, recomputed from scratch in the features' dtype; the
+    certificate includes a bound on the rounding of its own evaluation (:func:`_gap_rounding_bound`)."""
     probs, value = _evaluate(design, teacher, A, loss)
-    G = design.gradient(loss.grad_student(_teacher_for_derivatives(design, teacher, allowed, loss), probs))
+    dphi = loss.grad_student(_teacher_for_derivatives(design, teacher, allowed, loss), probs)
+    G = design.gradient(dphi)
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
+    gap = gap + _gap_rounding_bound(design, dphi, gap)
     inf = torch.full_like(gap, float("inf"))
     gap = torch.where(feasible_problem & ~torch.isnan(gap), gap, inf)
     value = torch.where(feasible_problem, value, inf)

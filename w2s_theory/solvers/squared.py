@@ -181,6 +181,38 @@ def _frank_wolfe_gap_ball(g, theta, radius):
     return per_output.clamp_min(0).sum(dim=-1)
 
 
+def _unit_roundoff_gamma(count: int) -> float:
+    u = torch.finfo(torch.float64).eps / 2
+    return count * u / (1 - count * u)
+
+
+def _rounding_inflation(Z, theta, targets, gap, radius):
+    r"""The computed gap plus a bound on the floating-point error of its own evaluation, so that the reported
+    certificate bounds the *exact* suboptimality of the computed :math:`\theta` (Higham, *Accuracy and
+    Stability of Numerical Algorithms*, §3.1). Without it an exact equality, with a computed gap of
+    :math:`10^{-31}`, could not be told from rounding noise.
+
+    The residual :math:`r = Z\theta - y` is computed with entrywise error at most
+    :math:`\rho = \gamma_{d+1}(|Z||\theta| + |y|)`.
+
+    * Unconstrained (gap :math:`\tfrac1n\|U_r^\top r\|^2`): the exact gap is at most
+      :math:`(\sqrt{\text{gap}} + \sqrt{\tfrac1n\sum\rho^2})^2`.
+    * Ball of radius :math:`R` (gap :math:`\sum_o g_o^\top\theta_o + R\|g_o\|`): the gradient is off by at
+      most :math:`\eta = \tfrac2n|Z|^\top(\rho + \gamma_n|r|)` entrywise, so the gap by at most
+      :math:`2R\|\eta_o\|` per output, plus the rounding of its own two terms.
+    """
+    n, d = Z.shape[-2], Z.shape[-1]
+    absZ = Z.abs()
+    rho = _unit_roundoff_gamma(d + 1) * (absZ @ theta.abs() + targets.abs())
+    gap = gap.clamp_min(0)
+    if radius is None:
+        return (gap.sqrt() + (rho**2).sum(dim=-1).mean(dim=-1).sqrt()) ** 2
+    r, g = _residual_gradient(Z, targets, theta)
+    eta = 2.0 / n * (absZ.mT @ (rho + _unit_roundoff_gamma(n) * r.abs()))
+    own = _unit_roundoff_gamma(d + 2) * ((g.abs() * theta.abs()).sum(dim=-2) + radius * g.norm(dim=-2)).sum(-1)
+    return gap + 2 * radius * eta.norm(dim=-2).sum(dim=-1) + own
+
+
 def fit_squared_batched(
     features: torch.Tensor,
     targets: torch.Tensor,
@@ -205,7 +237,8 @@ def fit_squared_batched(
         :class:`~w2s_theory.solvers.result.FitResult` with ``params = {"theta": (B, d, k_out)}``, ``probs`` the
         predictions ``(B, n, k_out)``, ``objective`` the mean over samples of the squared error summed over
         outputs, ``gap`` the ``normal_equations`` certificate (unconstrained) or the ``frank_wolfe`` gap
-        (ball), ``grad_norm`` the Frobenius norm of the gradient.
+        (ball), including a bound on the rounding of its own evaluation (:func:`_rounding_inflation`), and
+        ``grad_norm`` the Frobenius norm of the gradient.
     """
     features = features.to(torch.float64)
     targets = targets.to(device=features.device, dtype=torch.float64)
@@ -225,6 +258,7 @@ def fit_squared_batched(
     r, g = _residual_gradient(Z, targets, theta)
     if radius is not None:
         gap = _frank_wolfe_gap_ball(g, theta, radius)
+    gap = _rounding_inflation(Z, theta, targets, gap, radius)
     return FitResult(
         head="squared", loss="squared", params={"theta": theta}, probs=preds,
         objective=squared(targets, preds).mean(dim=-1), gap=gap, certificate=certificate,
