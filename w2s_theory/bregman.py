@@ -32,6 +32,29 @@ log-partition         :math:`\mathrm{KL}(\sigma(y)\|\sigma(x))` on logits  forwa
                                                    head: an affine set of logits, so equality
 ====================  ===========================  =============================================
 
+Non-realizable targets (the truth :math:`A` outside :math:`\mathcal C`). For any :math:`G\in\mathcal C`,
+
+.. math::
+
+    \mathbb E\,D_\phi(A,T) - \mathbb E\,D_\phi(A,P) - \mathbb E\,D_\phi(P,T)
+    = \underbrace{\langle\nabla\Phi(P),\, G - P\rangle}_{\ge -g(P)}
+    + \underbrace{\mathbb E\,\langle\nabla\phi(P) - \nabla\phi(T),\, A - G\rangle}_{\text{misspecification term}},
+
+so the corrected inequality :math:`\mathbb E D(A,P) \le \mathbb E D(A,T) - \mathbb E D(P,T) + |\text{misspecification}|`
+holds with the same certificate. Each generator bounds the misspecification term by a Hölder pair
+(:func:`misspecification_bound`): :math:`2\Lambda\,\mathbb E\,\mathrm{TV}(A, G)` for the negative entropy
+(:math:`\Lambda = \max|\log(P/T)|`, THEORY.md) and :math:`2\sqrt{\mathbb E\|P-T\|^2\,\mathbb E\|A-G\|^2}` for
+the squared norm (the :math:`O(\sqrt\varepsilon)` term of Charikar et al. 2024). One function,
+:func:`nonrealizable_projection_inequality`, evaluates both.
+
+Certifying that an inequality *fails*. A slack below ``-g(P)`` refutes the theorem only when the theorem
+applies (realizable :math:`A`). To show that the *plain* inequality fails at the exact projection
+:math:`P^\circ` for a truth outside the class, :func:`projection_inequality_at_minimiser` bounds
+:math:`|\mathrm{slack}(P) - \mathrm{slack}(P^\circ)|` from the gap alone, via the exact identity
+:math:`\Phi(P) - \Phi(P^\circ) = \langle\nabla\Phi(P^\circ), P - P^\circ\rangle + \mathbb E\,D_\phi(P, P^\circ)
+\ge \mathbb E\,D_\phi(P, P^\circ)`, so :math:`\mathbb E\,D_\phi(P, P^\circ) \le g(P)`; each generator turns that
+into a bound on :math:`|\mathbb E D(A,P) - \mathbb E D(A,P^\circ)|` (:attr:`BregmanGenerator.truth_term_perturbation`).
+
 (For the log-partition generator :math:`\psi(z) = \log\sum_y e^{z_y}`,
 :math:`D_\psi(z_1, z_2) = \mathrm{KL}(\mathrm{softmax}(z_2)\,\|\,\mathrm{softmax}(z_1))`, so projecting the
 teacher's logits onto the head's logits is exactly forward-KL training, and the identity reads
@@ -40,7 +63,7 @@ teacher's logits onto the head's logits is exactly forward-KL training, and the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -56,6 +79,10 @@ __all__ = [
     "GENERATORS",
     "ProjectionCheck",
     "projection_inequality",
+    "misspecification_term",
+    "misspecification_bound",
+    "nonrealizable_projection_inequality",
+    "projection_inequality_at_minimiser",
     "verdict",
     "rounding_bound",
 ]
@@ -89,27 +116,111 @@ def _log_partition_magnitude(x, y):
     return _neg_entropy_magnitude(_softmax(y), _softmax(x))
 
 
+def _neg_entropy_gradient_difference(p, t):
+    # grad phi(p) - grad phi(t) = log(p / t); 0 where both are 0 (an entry pinned at 0 in both), +-inf where
+    # exactly one is 0.
+    p, t = _to_numpy(p), _to_numpy(t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log(p) - np.log(t)
+    return np.where((p == 0) & (t == 0), 0.0, out)
+
+
+def _squared_gradient_difference(p, t):
+    return 2 * (_to_numpy(p) - _to_numpy(t))
+
+
+def _log_partition_gradient_difference(z1, z2):
+    return _to_numpy(_softmax(z1)) - _to_numpy(_softmax(z2))
+
+
+def _neg_entropy_holder_bound(truth, reference, target, projection):
+    r""":math:`2\Lambda\,\mathbb E\,\mathrm{TV}(A, G)` with :math:`\Lambda = \max_{x,y}|\log(P_y/T_y)|` (THEORY.md,
+    "Non-realizable reverse bound"); entries where both are 0 are excluded (their ratio is 1 by convention)."""
+    A, G = _to_numpy(truth), _to_numpy(reference)
+    tv = 0.5 * np.abs(A - G).sum(-1).mean(-1)
+    log_ratio = np.abs(_neg_entropy_gradient_difference(projection, target))
+    lam = log_ratio.max(axis=(-1, -2))
+    with np.errstate(invalid="ignore"):
+        return np.where(tv == 0, 0.0, 2 * lam * tv)
+
+
+def _squared_holder_bound(truth, reference, target, projection):
+    r""":math:`2\sqrt{\mathbb E\|P-T\|^2\;\mathbb E\|A-G\|^2}` (Cauchy–Schwarz; the :math:`O(\sqrt\varepsilon)` term
+    of Charikar et al. 2024 with :math:`\varepsilon = \mathbb E\|A - G\|^2`)."""
+    misfit = ((_to_numpy(projection) - _to_numpy(target)) ** 2).sum(-1).mean(-1)
+    eps = ((_to_numpy(truth) - _to_numpy(reference)) ** 2).sum(-1).mean(-1)
+    return 2 * np.sqrt(misfit * eps)
+
+
+def _neg_entropy_truth_term_perturbation(truth, projection, eps):
+    r"""Bound on :math:`|\mathbb E\,\mathrm{KL}(A\|P) - \mathbb E\,\mathrm{KL}(A\|P^\circ)|` given
+    :math:`\mathbb E\,\mathrm{KL}(P\|P^\circ)\le\varepsilon` (rows in the simplex).
+
+    Pinsker per sample, :math:`\mathrm{KL}_i \ge 2\,\mathrm{TV}_i^2 \ge 2\max_y\Delta_{iy}^2` with
+    :math:`\Delta = P - P^\circ`, gives :math:`|\Delta_{iy}| \le \delta = \sqrt{n\varepsilon/2}` and
+    :math:`\mathbb E\sum_y\Delta_y^2 \le \mathbb E(2\mathrm{TV})^2 \le 2\varepsilon`. By the mean-value theorem
+    :math:`|\log P_y - \log P^\circ_y| \le |\Delta_y|/\tilde P_y` with :math:`\tilde P = P - \delta`, and by
+    Cauchy–Schwarz the difference is at most :math:`\sqrt{\mathbb E\sum_{y: A_y>0}(A_y/\tilde P_y)^2}\,
+    \sqrt{2\varepsilon}`; infinite where :math:`\tilde P_y \le 0 < A_y`."""
+    A, P = _to_numpy(truth), _to_numpy(projection)
+    eps = np.broadcast_to(_to_numpy(eps), P.shape[:-2]).astype(float)
+    n = P.shape[-2]
+    delta = np.sqrt(n * np.maximum(eps, 0) / 2)[..., None, None]
+    lower = P - delta
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(A > 0, (A / lower) ** 2, 0.0)
+        bad = ((A > 0) & (lower <= 0)).any(axis=(-1, -2))
+        bound = np.sqrt(terms.sum(-1).mean(-1)) * np.sqrt(2 * eps)
+    bound = np.where(bad, np.inf, bound)
+    return np.where(eps == 0, 0.0, bound)
+
+
+def _squared_truth_term_perturbation(truth, projection, eps):
+    r"""Bound on :math:`|\mathbb E\|A-P\|^2 - \mathbb E\|A-P^\circ\|^2|` given
+    :math:`\mathbb E\|P-P^\circ\|^2 \le \varepsilon`: the difference of squares of two norms that differ by at
+    most :math:`\sqrt\varepsilon`, i.e. :math:`\sqrt\varepsilon\,(2\|A - P\| + \sqrt\varepsilon)`."""
+    eps = np.maximum(_to_numpy(eps).astype(float), 0)
+    dist = np.sqrt(((_to_numpy(truth) - _to_numpy(projection)) ** 2).sum(-1).mean(-1))
+    return np.sqrt(eps) * (2 * dist + np.sqrt(eps))
+
+
 @dataclass(frozen=True)
 class BregmanGenerator:
     r"""A generator :math:`\phi`, its Bregman divergence (exact at the boundary) and a bound on the size of
-    the terms that divergence sums, from which the floating-point error of an evaluation is bounded."""
+    the terms that divergence sums, from which the floating-point error of an evaluation is bounded.
+
+    Optional parts (``None`` where not available for a generator):
+
+    * ``gradient_difference(x, y)`` = :math:`\nabla\phi(x) - \nabla\phi(y)` per entry (for the
+      misspecification term);
+    * ``holder_bound(A, G, T, P)``: an upper bound on
+      :math:`|\mathbb E\langle\nabla\phi(P) - \nabla\phi(T), A - G\rangle|`;
+    * ``truth_term_perturbation(A, P, eps)``: a bound on :math:`|\mathbb E D(A,P) - \mathbb E D(A,P^\circ)|`
+      for every :math:`P^\circ` with :math:`\mathbb E D(P, P^\circ) \le` ``eps``.
+    """
 
     name: str
     divergence: Callable
     term_magnitude: Callable
     description: str
+    gradient_difference: Callable | None = None
+    holder_bound: Callable | None = None
+    truth_term_perturbation: Callable | None = None
 
 
 NEGATIVE_ENTROPY = BregmanGenerator(
     "negative_entropy", generalized_kl, _neg_entropy_magnitude,
     "phi(x) = sum x log x; D = KL on the simplex (generalised KL off it)",
+    _neg_entropy_gradient_difference, _neg_entropy_holder_bound, _neg_entropy_truth_term_perturbation,
 )
 SQUARED_NORM = BregmanGenerator(
     "squared_norm", squared, _squared_magnitude, "phi(x) = ||x||^2; D = ||x - y||^2",
+    _squared_gradient_difference, _squared_holder_bound, _squared_truth_term_perturbation,
 )
 LOG_PARTITION = BregmanGenerator(
     "log_partition", _log_partition_divergence, _log_partition_magnitude,
     "psi(z) = logsumexp(z) on logits; D(z1, z2) = KL(softmax(z2) || softmax(z1))",
+    _log_partition_gradient_difference,
 )
 GENERATORS = {g.name: g for g in (NEGATIVE_ENTROPY, SQUARED_NORM, LOG_PARTITION)}
 
@@ -165,6 +276,7 @@ class ProjectionCheck:
     rounding: np.ndarray
     verdict: np.ndarray
     equality: bool
+    terms: dict = field(default_factory=dict)  # extra per-instance numbers (corrections, misfits, ...)
 
 
 def projection_inequality(generator: BregmanGenerator, reference, target, projection, certificate, *,
@@ -189,3 +301,84 @@ def projection_inequality(generator: BregmanGenerator, reference, target, projec
     cert = np.broadcast_to(_to_numpy(certificate), slack.shape).astype(float)
     return ProjectionCheck(generator.name, lhs, rhs, slack, cert, rnd,
                            np.asarray(verdict(slack, cert, rnd, equality=equality)), equality)
+
+
+def _require(generator: BregmanGenerator, part: str):
+    fn = getattr(generator, part)
+    if fn is None:
+        raise NotImplementedError(f"generator {generator.name!r} has no {part}")
+    return fn
+
+
+def misspecification_term(generator: BregmanGenerator, truth, reference, target, projection) -> np.ndarray:
+    r"""The exact misspecification term :math:`\mathbb E\,\langle\nabla\phi(P) - \nabla\phi(T), A - G\rangle`
+    per instance (``0 * inf = 0`` where :math:`A = G`), for truth ``A``, reference ``G`` in the class, target
+    ``T`` and projection ``P``."""
+    diff = _require(generator, "gradient_difference")(projection, target)
+    delta = _to_numpy(truth) - _to_numpy(reference)
+    with np.errstate(invalid="ignore"):
+        prod = np.where(delta == 0, 0.0, diff * delta)
+    return prod.sum(-1).mean(-1)
+
+
+def misspecification_bound(generator: BregmanGenerator, truth, reference, target, projection) -> np.ndarray:
+    """The generator's Hölder bound on :func:`misspecification_term` (see the module docstring)."""
+    return np.asarray(_require(generator, "holder_bound")(truth, reference, target, projection), dtype=float)
+
+
+def nonrealizable_projection_inequality(generator: BregmanGenerator, truth, reference, target, projection,
+                                        certificate) -> ProjectionCheck:
+    r"""The corrected Pythagorean inequality for a truth ``A`` that need not lie in the class:
+
+    .. math:: \mathbb E D(A,P) \le \mathbb E D(A,T) - \mathbb E D(P,T) + \beta(A, G, T, P),
+
+    with ``reference`` :math:`G` any member of the class and :math:`\beta` the generator's Hölder bound
+    (:func:`misspecification_bound`). ``certificate`` is what the solver proved about ``P``: the Frank–Wolfe gap
+    (``slack >= -gap`` then follows from the identity in the module docstring), or, for an affine class, a
+    bound on :math:`|\langle\nabla\Phi(P), G - P\rangle|`. The result is an inequality check either way; ``terms`` holds the plain slack, the exact misspecification term and
+    :math:`\beta`.
+    """
+    D = generator.divergence
+    A, G, T, P = (_to_numpy(x) for x in (truth, reference, target, projection))
+    d_ap, d_at, d_pt = (_to_numpy(D(x, y)).mean(-1) for x, y in ((A, P), (A, T), (P, T)))
+    beta = misspecification_bound(generator, A, G, T, P)
+    lhs, rhs_plain = d_ap, d_at - d_pt
+    rhs = rhs_plain + beta
+    n_terms = int(np.prod(A.shape[-2:]))
+    rnd = _to_numpy(rounding_bound(generator, [(A, P), (A, T), (P, T)], n_terms))
+    u = float(np.finfo(np.float64).eps) / 2
+    with np.errstate(invalid="ignore"):
+        rnd = rnd + 16 * (n_terms + 8) * u * np.where(np.isfinite(beta), beta, 0.0)
+        slack = np.where(np.isinf(rhs) & (rhs > 0), np.inf, rhs - lhs)
+        plain = np.where(np.isinf(rhs_plain) & (rhs_plain > 0), np.inf, rhs_plain - lhs)
+    cert = np.broadcast_to(_to_numpy(certificate), slack.shape).astype(float)
+    terms = {"plain_slack": plain, "correction": beta,
+             "misspecification": misspecification_term(generator, A, G, T, P), "misfit": d_pt}
+    return ProjectionCheck(generator.name, lhs, rhs, slack, cert, rnd, np.asarray(verdict(slack, cert, rnd)),
+                           False, terms)
+
+
+def projection_inequality_at_minimiser(generator: BregmanGenerator, truth, target, projection, gap
+                                       ) -> ProjectionCheck:
+    r"""The plain inequality :math:`\mathbb E D(A,P) \le \mathbb E D(A,T) - \mathbb E D(P,T)` with a certificate
+    that bounds how far its slack at the computed ``projection`` can be from the slack at the *exact*
+    projection :math:`P^\circ`, whatever the truth ``A`` (in the class or not):
+
+    .. math:: |\mathrm{slack}(P) - \mathrm{slack}(P^\circ)| \le g + \pi(A, P, g),
+
+    :math:`g` the solver's gap (which bounds both :math:`\Phi(P) - \Phi(P^\circ)` and
+    :math:`\mathbb E D(P, P^\circ)`) and :math:`\pi` the generator's ``truth_term_perturbation``. A
+    ``violated`` verdict therefore certifies that the inequality fails for the exact minimiser: this is how a
+    counterexample outside the realizable setting is certified.
+    """
+    D = generator.divergence
+    A, T, P = (_to_numpy(x) for x in (truth, target, projection))
+    g = np.broadcast_to(_to_numpy(gap), P.shape[:-2]).astype(float)
+    d_ap, d_at, d_pt = (_to_numpy(D(x, y)).mean(-1) for x, y in ((A, P), (A, T), (P, T)))
+    lhs, rhs = d_ap, d_at - d_pt
+    cert = g + _require(generator, "truth_term_perturbation")(A, P, g)
+    rnd = _to_numpy(rounding_bound(generator, [(A, P), (A, T), (P, T)], int(np.prod(A.shape[-2:]))))
+    with np.errstate(invalid="ignore"):
+        slack = np.where(np.isinf(rhs) & (rhs > 0), np.inf, rhs - lhs)
+    return ProjectionCheck(generator.name, lhs, rhs, slack, cert, rnd, np.asarray(verdict(slack, cert, rnd)),
+                           False, {"misfit": d_pt})

@@ -5,6 +5,14 @@ Every function takes the quantities of one or many instances (leading batch axis
 with what the solver *proved* about its student, never with a hand-picked tolerance (DESIGN.md, principle 1).
 
 Notation: :math:`F^*` truth, :math:`F_w` weak teacher, :math:`F_{sw}` strong student fitted on the teacher.
+
+Realizable theorems: :func:`theorem2_reverse_kl`, :func:`charikar_squared`, :func:`softmax_forward_identity`;
+a false analogue with a certificate for its counterexamples: :func:`forward_kl_pythagorean`. Non-realizable
+versions (truth outside the class), all instances of :mod:`w2s_theory.bregman`: the corrected inequalities
+:func:`reverse_kl_nonrealizable` and :func:`charikar_nonrealizable`, and the plain ones certified for the exact
+minimiser, :func:`reverse_kl_pythagorean_at_minimiser` and :func:`charikar_squared_at_minimiser` (so that their
+failures are real). The :math:`\sqrt\cdot`-bounds live in :mod:`w2s_theory.bounds`, the softmax reverse-KL row
+(non-convex, certified by branch and bound) in :mod:`w2s_theory.guarantees`.
 """
 
 from __future__ import annotations
@@ -14,7 +22,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._backend import to_numpy
-from .bregman import LOG_PARTITION, NEGATIVE_ENTROPY, SQUARED_NORM, projection_inequality, rounding_bound, verdict
+from .bregman import (
+    LOG_PARTITION,
+    NEGATIVE_ENTROPY,
+    SQUARED_NORM,
+    nonrealizable_projection_inequality,
+    projection_inequality,
+    projection_inequality_at_minimiser,
+    rounding_bound,
+    verdict,
+)
 from .divergences import kl
 
 __all__ = [
@@ -23,11 +40,19 @@ __all__ = [
     "forward_kl_pythagorean",
     "softmax_forward_identity",
     "charikar_squared",
+    "squared_affine_certificate",
+    "reverse_kl_nonrealizable",
+    "reverse_kl_pythagorean_at_minimiser",
+    "charikar_nonrealizable",
+    "charikar_squared_at_minimiser",
 ]
 
 SOURCES = {
     "yao2025": "Yao et al. 2025 (arXiv 2502.11107), Thm 2",
     "charikar2024": "Charikar, Pabbaraju, Shiragur 2024 (arXiv 2405.15116), Thm 1",
+    "charikar2024_nonrealizable": "Charikar, Pabbaraju, Shiragur 2024 (arXiv 2405.15116), non-realizable "
+                                  "theorem; explicit constant 2*sqrt(eps*misfit) derived here",
+    "theory_md_nonrealizable": "THEORY.md, 'Non-realizable reverse bound' (derived there, not the paper's)",
     "theory_md": "THEORY.md guarantee table",
 }
 
@@ -178,3 +203,88 @@ def charikar_squared(truth_values, weak_values, student_values, certificate, *, 
     return _from_projection(
         "charikar_squared", "E(f_sw-f*)^2 <= E(f_w-f*)^2 - E(f_sw-f_w)^2  (gain >= misfit)",
         SOURCES["charikar2024"], check)
+
+
+def _as3(v) -> np.ndarray:
+    """Real outputs ``(B, n)`` -> ``(B, n, 1)`` (one output), leaving ``(B, n, k_out)`` alone."""
+    a = _np(v)
+    return a[..., None] if a.ndim < 3 else a
+
+
+def squared_affine_certificate(gap, reference_values, student_values) -> np.ndarray:
+    r"""Certificate of the Pythagorean *equality* for least squares over an affine (unconstrained linear) class:
+
+    .. math:: |\langle\nabla\Phi(\hat\theta), \theta_G - \hat\theta\rangle| \le \sqrt{g^\top H^+ g}\,
+        \|\theta_G - \hat\theta\|_H = 2\sqrt{\mathrm{gap}\cdot\mathbb E(f_G - f_{sw})^2},
+
+    because :math:`\Phi(\theta) = \mathbb E(z^\top\theta - y)^2` has Hessian :math:`H = \tfrac2n Z^\top Z`, the
+    normal-equations gap is exactly :math:`\tfrac12 g^\top H^+ g` (:mod:`w2s_theory.solvers.squared`) and
+    :math:`\|\Delta\|_H^2 = 2\,\mathbb E(z^\top\Delta)^2`. ``reference_values`` are the outputs of any member
+    :math:`f_G` of the class (the truth, when realizable)."""
+    G, P = _as3(reference_values), _as3(student_values)
+    return 2 * np.sqrt(np.maximum(_np(gap), 0) * ((G - P) ** 2).sum(-1).mean(-1))
+
+
+def reverse_kl_nonrealizable(truth, teacher, student, gap, reference) -> TheoremResult:
+    r"""THEORY.md's non-realizable reverse bound: for :math:`F_{sw}` the reverse-KL projection of :math:`F_w` onto a
+    convex class and *any* :math:`G` in the class,
+
+    .. math:: \mathbb E\,\mathrm{KL}(F^*\|F_{sw}) \le \mathbb E\,\mathrm{KL}(F^*\|F_w) - \mathbb E\,\mathrm{KL}(F_{sw}\|F_w)
+        + 2\Lambda\,\mathbb E\,\mathrm{TV}(F^*, G),\qquad \Lambda = \max_{x,y}|\log(F_{sw,y}/F_{w,y})|.
+
+    Proof: the negative-entropy instance of :func:`w2s_theory.bregman.nonrealizable_projection_inequality`
+    (three-point identity plus Hölder), so ``slack >= -gap`` for the computed student. ``reference`` is the
+    chosen :math:`G` (e.g. the realizable part of a misspecified truth). ``details`` holds the plain slack
+    (the uncorrected Theorem-2 form) and the correction per instance.
+    """
+    check = nonrealizable_projection_inequality(NEGATIVE_ENTROPY, _np(truth), _np(reference), _np(teacher),
+                                                _np(student), _np(gap))
+    return _from_projection(
+        "reverse_kl_nonrealizable",
+        "E KL(F*||F_sw) <= E KL(F*||F_w) - E KL(F_sw||F_w) + 2 Lambda E TV(F*, G)",
+        SOURCES["theory_md_nonrealizable"], check, dict(check.terms))
+
+
+def reverse_kl_pythagorean_at_minimiser(truth, teacher, student, gap) -> TheoremResult:
+    r"""The plain Theorem-2 inequality :math:`\mathbb E\,\mathrm{KL}(F^*\|F_{sw}) \le \mathbb E\,\mathrm{KL}(F^*\|F_w)
+    - \mathbb E\,\mathrm{KL}(F_{sw}\|F_w)` for a truth that need not lie in the class, with a certificate for the
+    *exact* reverse-KL projection (:func:`w2s_theory.bregman.projection_inequality_at_minimiser`):
+    ``violated`` certifies that the inequality fails at the exact minimiser, which is how THEORY.md's "the plain
+    inequality does fail once F* leaves the class" is checked. For a realizable truth use
+    :func:`theorem2_reverse_kl` (whose certificate, the gap alone, is smaller)."""
+    check = projection_inequality_at_minimiser(NEGATIVE_ENTROPY, _np(truth), _np(teacher), _np(student), _np(gap))
+    return _from_projection(
+        "reverse_kl_pythagorean_at_minimiser", "E KL(F*||F_sw) <= E KL(F*||F_w) - E KL(F_sw||F_w)  (any F*)",
+        SOURCES["yao2025"] + " (plain form, truth outside the class)", check, dict(check.terms))
+
+
+def charikar_nonrealizable(truth_values, weak_values, student_values, reference_values, certificate
+                           ) -> TheoremResult:
+    r"""Charikar et al. 2024, non-realizable version, with the :math:`O(\sqrt\varepsilon)` term made explicit:
+    for :math:`f_{sw}` the squared-loss projection of :math:`f_w` onto a convex class and any :math:`f_G` in it,
+
+    .. math:: \mathbb E(f_{sw}-f^*)^2 \le \mathbb E(f_w-f^*)^2 - \mathbb E(f_{sw}-f_w)^2
+        + 2\sqrt{\varepsilon\;\mathbb E(f_{sw}-f_w)^2},\qquad \varepsilon = \mathbb E(f^*-f_G)^2
+
+    (the squared-norm instance of :func:`w2s_theory.bregman.nonrealizable_projection_inequality`; with
+    :math:`f_G` the best in class, :math:`\varepsilon = \min_f d(f, f^*)`). The constant 2 is derived here, not
+    quoted from the paper. ``certificate``: the Frank–Wolfe gap for a constrained class, or
+    :func:`squared_affine_certificate` (with ``reference_values``) for an unconstrained one.
+    """
+    check = nonrealizable_projection_inequality(SQUARED_NORM, _as3(truth_values), _as3(reference_values),
+                                                _as3(weak_values), _as3(student_values), _np(certificate))
+    return _from_projection(
+        "charikar_nonrealizable",
+        "E(f_sw-f*)^2 <= E(f_w-f*)^2 - E(f_sw-f_w)^2 + 2 sqrt(eps E(f_sw-f_w)^2)",
+        SOURCES["charikar2024_nonrealizable"], check, dict(check.terms))
+
+
+def charikar_squared_at_minimiser(truth_values, weak_values, student_values, gap) -> TheoremResult:
+    r"""Charikar's plain inequality (gain >= misfit) for a truth that need not lie in the class, certified for the
+    exact least-squares projection (:func:`w2s_theory.bregman.projection_inequality_at_minimiser` with the
+    squared norm): ``violated`` certifies that gain < misfit at the exact minimiser."""
+    check = projection_inequality_at_minimiser(SQUARED_NORM, _as3(truth_values), _as3(weak_values),
+                                               _as3(student_values), _np(gap))
+    return _from_projection(
+        "charikar_squared_at_minimiser", "E(f_sw-f*)^2 <= E(f_w-f*)^2 - E(f_sw-f_w)^2  (any f*)",
+        SOURCES["charikar2024"] + " (plain form, truth outside the class)", check, dict(check.terms))
