@@ -69,6 +69,18 @@ class FitResult:
         )
         return out
 
+    @classmethod
+    def concat(cls, parts: list["FitResult"]) -> "FitResult":
+        """Students of several results (same head, loss and certificate) as one batch, in order."""
+        first = parts[0]
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return cls(
+            head=first.head, loss=first.loss, params={k: torch.cat([p.params[k] for p in parts]) for k in first.params},
+            probs=cat("probs"), objective=cat("objective"), gap=cat("gap"), certificate=first.certificate,
+            grad_norm=cat("grad_norm"), iterations=cat("iterations"), converged=cat("converged"),
+            method=first.method, info=dict(first.info),
+        )
+
     def select(self, index) -> "FitResult":
         """The students at ``index`` (an int, slice or index tensor), keeping the batch axis."""
         if isinstance(index, int):
