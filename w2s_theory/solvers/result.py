@@ -9,7 +9,7 @@ import torch
 
 from .._backend import to_numpy
 
-__all__ = ["FitResult", "CERTIFICATES"]
+__all__ = ["FitResult", "CERTIFICATES", "single_student"]
 
 #: What a ``gap`` means, by certificate kind. Every kind except ``"none"`` is a proven upper bound on
 #: ``objective - optimum`` (up to floating-point rounding in its own evaluation).
@@ -92,3 +92,14 @@ class FitResult:
             certificate=self.certificate, grad_norm=pick(self.grad_norm), iterations=pick(self.iterations),
             converged=pick(self.converged), method=self.method, info=dict(self.info),
         )
+
+
+def single_student(name: str, array) -> np.ndarray:
+    """``array`` as float64 numpy without a batch axis: ``(n, d)`` or ``(1, n, d)`` in, ``(n, d)`` out.
+    The cvxpy references fit one student; a larger batch is an error naming the argument."""
+    a = np.asarray(array, dtype=np.float64)
+    if a.ndim == 3:
+        if a.shape[0] != 1:
+            raise ValueError(f"{name}: the reference fits one student (B = 1), got batch {a.shape[0]}")
+        a = a[0]
+    return a

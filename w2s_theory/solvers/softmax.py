@@ -45,7 +45,7 @@ import torch
 
 from ..divergences import Loss, get_loss
 from ..heads import SoftmaxHead
-from .result import FitResult
+from .result import FitResult, single_student
 
 __all__ = ["fit_softmax_batched", "softmax_forward_certificate", "fit_softmax_reference"]
 
@@ -630,16 +630,8 @@ def fit_softmax_reference(features: np.ndarray, teacher: np.ndarray, loss: str) 
     loss_obj = get_loss(loss)
     if loss not in ("forward_kl", "forward_ce"):
         raise ValueError(f"the cvxpy softmax reference handles forward losses only (convex); got {loss!r}")
-    X = np.asarray(features, dtype=np.float64)
-    Q = np.asarray(teacher, dtype=np.float64)
-    if X.ndim == 3:
-        if X.shape[0] != 1:
-            raise ValueError(f"features: the reference fits one student (B = 1), got batch {X.shape[0]}")
-        X = X[0]
-    if Q.ndim == 3:
-        if Q.shape[0] != 1:
-            raise ValueError(f"teacher: the reference fits one student (B = 1), got batch {Q.shape[0]}")
-        Q = Q[0]
+    X = single_student("features", features)
+    Q = single_student("teacher", teacher)
     n, m = X.shape
     k = Q.shape[1]
     W_free = cp.Variable((k - 1, m))

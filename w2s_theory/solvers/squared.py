@@ -39,7 +39,7 @@ import torch
 
 from ..divergences import squared
 from ..heads import SquaredHead
-from .result import FitResult
+from .result import FitResult, single_student
 
 __all__ = ["fit_squared_batched", "fit_squared_reference"]
 
@@ -282,16 +282,8 @@ def fit_squared_reference(
     """
     import cvxpy as cp
 
-    X = np.asarray(features, dtype=np.float64)
-    Y = np.asarray(targets, dtype=np.float64)
-    if X.ndim == 3:
-        if X.shape[0] != 1:
-            raise ValueError(f"features: the reference fits one student (B = 1), got batch {X.shape[0]}")
-        X = X[0]
-    if Y.ndim == 3:
-        if Y.shape[0] != 1:
-            raise ValueError(f"targets: the reference fits one student (B = 1), got batch {Y.shape[0]}")
-        Y = Y[0]
+    X = single_student("features", features)
+    Y = single_student("targets", targets)
     if Y.ndim == 1:
         Y = Y[:, None]
     Z = SquaredHead(bias=bias).design(X)
