@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .synthetic import corrupt_truth
+
 __all__ = ["MixtureProblem", "random_simplex_rows", "random_mixture_problem"]
 
 
@@ -39,16 +41,14 @@ def random_mixture_problem(rng: np.random.Generator, *, batch: int, n: int, m: i
                            zero_fraction: float = 0.0) -> MixtureProblem:
     """Random features, a random truth head ``A*`` and a teacher that is either an arbitrary distribution per
     row (``teacher="dirichlet"``) or the truth corrupted in logit space (``teacher="corrupt"``,
-    ``softmax(log F* + corruption * N(0, 1))``)."""
+    :func:`w2s_theory.synthetic.corrupt_truth` with scale ``corruption``)."""
     features = random_simplex_rows(rng, (n,), m, feature_concentration)
     truth_head = np.swapaxes(rng.dirichlet(np.full(k, 0.7), size=(batch, m)), -1, -2)
     truth = features @ np.swapaxes(truth_head, -1, -2)
     if teacher == "dirichlet":
         q = random_simplex_rows(rng, (batch, n), k, teacher_concentration, zero_fraction)
     elif teacher == "corrupt":
-        logits = np.log(np.clip(truth, 1e-300, None)) + corruption * rng.normal(size=truth.shape)
-        q = np.exp(logits - logits.max(-1, keepdims=True))
-        q /= q.sum(-1, keepdims=True)
+        q = corrupt_truth(truth.reshape(-1, k), corruption, rng).reshape(truth.shape)
     else:
         raise ValueError(f"teacher must be 'dirichlet' or 'corrupt', not {teacher!r}")
     return MixtureProblem(features, truth_head, truth, q)
