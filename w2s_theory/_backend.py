@@ -81,13 +81,6 @@ def ops(*arrays) -> SimpleNamespace:
     return TORCH if is_torch(*arrays) else NUMPY
 
 
-def as_same(x, like):
-    """Convert ``x`` to the array type, device and dtype of ``like``."""
-    if isinstance(like, torch.Tensor):
-        return torch.as_tensor(x, dtype=like.dtype, device=like.device)
-    return np.asarray(x, dtype=np.result_type(like, np.float64) if np.issubdtype(np.asarray(like).dtype, np.floating) else np.float64)
-
-
 def to_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()

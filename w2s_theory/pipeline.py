@@ -132,18 +132,14 @@ def predict(head: str, params: dict, features):
     raise ValueError(f"predict: head {head!r} has no probability outputs")
 
 
-def _fit_one(features, targets, loss, head, device):
-    return fit(features, targets, loss=loss, head=head, device=device)
-
-
 def prepare_world(spec: RunSpec, device="cpu") -> WorldData:
     """Sample the splits, fit the weak head on the truth (split A) and the strong ceiling (split B)."""
     world = make_world(spec.world, spec.seed)
     a, b, c = world.sample(spec.n_weak, "A"), world.sample(spec.n_train, "B"), world.sample(spec.n_test, "C")
-    weak = _fit_one(a.weak_features, a.truth, spec.weak_loss, spec.weak_head, device)
+    weak = fit(a.weak_features, a.truth, loss=spec.weak_loss, head=spec.weak_head, device=device)
     teacher_train = to_numpy(predict(spec.weak_head, weak.params, torch.as_tensor(b.weak_features)))[0]
     teacher_test = to_numpy(predict(spec.weak_head, weak.params, torch.as_tensor(c.weak_features)))[0]
-    ceiling = _fit_one(b.strong_features, b.truth, "forward_kl", "mixture", device)
+    ceiling = fit(b.strong_features, b.truth, loss="forward_kl", head="mixture", device=device)
     ceiling_test = to_numpy(predict("mixture", ceiling.params, torch.as_tensor(c.strong_features)))[0]
     return WorldData(b.strong_features, c.strong_features, b.truth, c.truth, teacher_train, teacher_test,
                      to_numpy(ceiling.probs)[0], ceiling_test, float(weak.gap[0]))

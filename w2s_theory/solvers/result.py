@@ -81,18 +81,6 @@ class FitResult:
             method=first.method, info=dict(first.info),
         )
 
-    def select(self, index) -> "FitResult":
-        """The students at ``index`` (an int, slice or index tensor), keeping the batch axis."""
-        if isinstance(index, int):
-            index = slice(index, index + 1)
-        pick = lambda t: t[index] if isinstance(t, (torch.Tensor, np.ndarray)) else t  # noqa: E731
-        return FitResult(
-            head=self.head, loss=self.loss, params={k: pick(v) for k, v in self.params.items()},
-            probs=pick(self.probs), objective=pick(self.objective), gap=pick(self.gap),
-            certificate=self.certificate, grad_norm=pick(self.grad_norm), iterations=pick(self.iterations),
-            converged=pick(self.converged), method=self.method, info=dict(self.info),
-        )
-
 
 def single_student(name: str, array) -> np.ndarray:
     """``array`` as float64 numpy without a batch axis: ``(n, d)`` or ``(1, n, d)`` in, ``(n, d)`` out.
