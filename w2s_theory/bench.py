@@ -40,7 +40,9 @@ mixture's timed rows through :func:`~w2s_theory.solvers.mixture.fit_mixture_batc
 before), for ``B`` in ``sizes``; a head whose :func:`~w2s_theory.solvers.fit` still routes to a per-student
 reference is reported as such and not timed in batch.
 
-**Timing**: one warm-up run of the same size, then the median of ``repeats`` runs (allocating gigabytes of
+**Timing**: a baseline's time is the mean over its students after one untimed warm-up solve (on 50 rows
+for cvxpy), so that first-call costs (imports, caches) are not charged to it; a batched solver's time is
+one warm-up run of the same size, then the median of ``repeats`` runs (allocating gigabytes of
 fresh memory the first time costs page faults that a sweep pays once). **Peak memory**: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size sampled every 2 ms during the solve,
 minus the resident size before it (inputs excluded).
@@ -281,12 +283,10 @@ def bench_cvxpy(students: int = 3, *, n: int = N, m: int = M, k: int = K, seed: 
         features, teacher = workload(students, n=n, m=m, k=k, seed=seed)
     features, teacher = features[:students].cpu(), teacher[:students].cpu()
     loss_obj = get_loss(loss)
-    n, k = teacher.shape[-2:]
-    m = features.shape[-1]
-    times, gaps = [], []
-    for b in range(students):
-        X, Q = features[b].numpy(), teacher[b].numpy()
-        start = time.perf_counter()
+    k, m = teacher.shape[-1], features.shape[-1]
+
+    def solve(X, Q):
+        n = X.shape[0]
         A = cp.Variable((k, m), nonneg=True)
         if loss == "reverse_kl":
             objective = cp.sum(cp.rel_entr(X @ A.T, Q)) / n
@@ -298,10 +298,18 @@ def bench_cvxpy(students: int = 3, *, n: int = N, m: int = M, k: int = K, seed: 
             raise ValueError(f"bench_cvxpy: loss {loss!r} is not benchmarked")
         problem = cp.Problem(cp.Minimize(objective), [cp.sum(A, axis=0) == 1])
         problem.solve(solver="CLARABEL")
+        return problem.status, A.value
+
+    solve(features[0, :50].numpy(), teacher[0, :50].numpy())  # warm-up: first-call costs, not the solve
+    times, gaps = [], []
+    for b in range(students):
+        X, Q = features[b].numpy(), teacher[b].numpy()
+        start = time.perf_counter()
+        status, A = solve(X, Q)
         times.append(time.perf_counter() - start)
-        if problem.status != "optimal":
-            raise RuntimeError(f"cvxpy returned status {problem.status!r} on benchmark student {b}")
-        gaps.append(_mixture_gap(features[b], teacher[b], A.value, loss_obj))
+        if status != "optimal":
+            raise RuntimeError(f"cvxpy returned status {status!r} on benchmark student {b}")
+        gaps.append(_mixture_gap(features[b], teacher[b], A, loss_obj))
     return {"students": students, "s_per_student": statistics.mean(times), "worst_gap": max(gaps),
             "times": times}
 
@@ -386,6 +394,7 @@ def _baseline_cvxpy_reference(head, loss, features, teacher, students) -> dict:
     """The project's exact reference, one student at a time (cvxpy + Clarabel, certified)."""
     from .solvers import fit
 
+    fit(features[0, :50].cpu(), teacher[0, :50].cpu(), loss=loss, head=head, backend="cvxpy")  # warm-up
     times, gaps, objectives = [], [], []
     for b in range(students):
         start = time.perf_counter()
@@ -420,8 +429,7 @@ def _baseline_lbfgs(features, teacher, students, targets, tol, max_iter: int = 2
     ``max_iter``; whether it got there is reported."""
     from scipy.optimize import minimize
 
-    times, excess, iterations = [], [], []
-    for b in range(students):
+    def solve(b):
         X, Q = features[b].cpu().numpy(), teacher[b].cpu().numpy()
         with np.errstate(divide="ignore", invalid="ignore"):
             entropy = float(np.mean(np.sum(np.where(Q > 0, Q * np.log(Q), 0.0), axis=1)))
@@ -436,7 +444,13 @@ def _baseline_lbfgs(features, teacher, students, targets, tol, max_iter: int = 2
                        jac=True, method="L-BFGS-B", callback=stop,
                        options={"maxiter": max_iter, "maxfun": 2 * max_iter, "ftol": 0.0, "gtol": 0.0,
                                 "maxcor": 20})
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start, res
+
+    solve(0)  # warm-up: first-call costs, not the solve
+    times, excess, iterations = [], [], []
+    for b in range(students):
+        seconds, res = solve(b)
+        times.append(seconds)
         excess.append(float(res.fun) - targets[b])
         iterations.append(int(res.nit))
     return {"solver": "scipy L-BFGS-B (oracle stop)",
@@ -447,6 +461,8 @@ def _baseline_lbfgs(features, teacher, students, targets, tol, max_iter: int = 2
 
 def _baseline_numpy_lstsq(features, teacher, students, objectives) -> dict:
     """``numpy.linalg.lstsq`` on ``[z, 1]`` per student; its objective is compared with the batched one."""
+    np.linalg.lstsq(np.hstack([features[0].cpu().numpy(), np.ones((features.shape[1], 1))]),
+                    teacher[0].cpu().numpy(), rcond=None)  # warm-up: first-call costs, not the solve
     times, differences = [], []
     for b in range(students):
         X, Y = features[b].cpu().numpy(), teacher[b].cpu().numpy()
