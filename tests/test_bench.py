@@ -127,7 +127,7 @@ def never_runs(monkeypatch):
     ["--device", "tpu"], ["--adam-epochs", "-1"], ["--adam-epochs", "0"], ["--repeats", "0"], ["--n", "-5"],
     ["--m", "0"], ["--cvxpy-students", "0"], ["--lbfgs-students", "-1"], ["--linear-m", "0"], ["--sizes", "0"],
     ["--sizes", "1,-2"], ["--sizes", ""], ["--tol", "nan"], ["--tol", "-1"], ["--tol", "inf"], ["--tol", "0"],
-    ["--heads", "mixture,tree"], ["--heads", ","], ["--peak-matrix", "0"], ["--sizes", "100000000", "--n", "100000"],
+    ["--heads", "mixture,tree"], ["--heads", ","], ["--peak-matrix", "0"], ["--head-repeats", "0"], ["--sizes", "100000000", "--n", "100000"],
 ])
 def test_bench_cli_rejects_bad_options_in_one_line_before_computing(options, never_runs, capsys):
     assert main(["bench", *options]) == 2

@@ -16,8 +16,8 @@ from ..io import format_table, save_json
 from ..validation import InputError
 
 #: Integer options that must be >= 1 (option name, attribute).
-_POSITIVE = ("cvxpy_students", "adam_students", "adam_epochs", "repeats", "n", "m", "linear_m", "lbfgs_students",
-             "numpy_students", "peak_matrix")
+_POSITIVE = ("cvxpy_students", "adam_students", "adam_epochs", "repeats", "head_repeats", "n", "m", "linear_m",
+             "lbfgs_students", "numpy_students", "peak_matrix")
 
 
 def register(sub) -> None:
@@ -32,7 +32,10 @@ def register(sub) -> None:
                    help="comma-separated heads to run (default mixture,linear,softmax,squared)")
     p.add_argument("--sizes", default="1,10,100,1000", help="batch sizes B (default 1,10,100,1000)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs per size after a warm-up; times are their median (default 3)")
+                   help="timed runs per size of the mixture head (the headline) after a warm-up; times are their "
+                        "median (default 3)")
+    p.add_argument("--head-repeats", type=int, default=1,
+                   help="the same for the other heads and the sparse workloads (default 1)")
     p.add_argument("--tol", type=float, default=1e-9, help="certified gap asked of the batched solvers (1e-9)")
     p.add_argument("--no-sparse", action="store_true", help="skip the sparse mixture workloads")
     p.add_argument("--cvxpy-students", type=int, default=3,
@@ -112,6 +115,7 @@ def handle(args) -> int:
                            tol=args.tol, n=args.n, m=args.m, heads=heads, sparse=not args.no_sparse,
                            linear_m=args.linear_m, lbfgs_students=args.lbfgs_students,
                            numpy_students=args.numpy_students, peak_matrix_size=args.peak_matrix,
+                           head_repeats=args.head_repeats,
                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     except MemoryError:
         raise InputError("ran out of memory; use smaller --sizes, --n or --m") from None
