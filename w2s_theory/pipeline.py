@@ -36,6 +36,7 @@ import torch
 from ._backend import to_numpy
 from .divergences import kl
 from .heads import MixtureHead, SoftmaxHead
+from .profile import phase
 from .solvers import fit
 from .synthetic import WorldConfig, flip_labels, make_world, rng_for
 from .theorems import forward_kl_pythagorean, theorem2_reverse_kl
@@ -136,10 +137,12 @@ def prepare_world(spec: RunSpec, device="cpu") -> WorldData:
     """Sample the splits, fit the weak head on the truth (split A) and the strong ceiling (split B)."""
     world = make_world(spec.world, spec.seed)
     a, b, c = world.sample(spec.n_weak, "A"), world.sample(spec.n_train, "B"), world.sample(spec.n_test, "C")
-    weak = fit(a.weak_features, a.truth, loss=spec.weak_loss, head=spec.weak_head, device=device)
+    with phase("solver: weak teachers and ceilings"):
+        weak = fit(a.weak_features, a.truth, loss=spec.weak_loss, head=spec.weak_head, device=device)
     teacher_train = to_numpy(predict(spec.weak_head, weak.params, torch.as_tensor(b.weak_features)))[0]
     teacher_test = to_numpy(predict(spec.weak_head, weak.params, torch.as_tensor(c.weak_features)))[0]
-    ceiling = fit(b.strong_features, b.truth, loss="forward_kl", head="mixture", device=device)
+    with phase("solver: weak teachers and ceilings"):
+        ceiling = fit(b.strong_features, b.truth, loss="forward_kl", head="mixture", device=device)
     ceiling_test = to_numpy(predict("mixture", ceiling.params, torch.as_tensor(c.strong_features)))[0]
     return WorldData(b.strong_features, c.strong_features, b.truth, c.truth, teacher_train, teacher_test,
                      to_numpy(ceiling.probs)[0], ceiling_test, float(weak.gap[0]))
@@ -180,7 +183,8 @@ def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) ->
     worlds = {} if worlds is None else worlds
     for spec in specs:
         if spec.world_key() not in worlds:
-            worlds[spec.world_key()] = prepare_world(spec, device)
+            with phase("worlds (sampling, teacher outputs)"):
+                worlds[spec.world_key()] = prepare_world(spec, device)
     rows: list[dict | None] = [None] * len(specs)
     groups: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
@@ -191,7 +195,8 @@ def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) ->
         train_features = np.stack([d.strong_train for d in data])
         test_features = np.stack([d.strong_test for d in data])
         truth_train = np.stack([d.truth_train for d in data])
-        result = fit(train_features, teachers, loss=loss, head=head, device=device)
+        with phase("solver: students"):
+            result = fit(train_features, teachers, loss=loss, head=head, device=device)
         test_probs = to_numpy(predict(head, result.params, torch.as_tensor(test_features, device=result.probs.device)))
         train_probs = to_numpy(result.probs)
         if head in ("mixture", "linear") and loss in ("reverse_kl", "forward_kl"):

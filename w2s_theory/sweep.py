@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from ._backend import resolve_device
 from .pipeline import RunSpec, run_specs
+from .profile import phase
 from .store import ResultsStore
 from .validation import InputError
 
@@ -251,8 +252,10 @@ def run_sweep(specs: list[RunSpec], store: ResultsStore, study: str, *, device: 
     start = time.perf_counter()
     executor = _RayExecutor(device) if backend == "ray" else _LocalExecutor(device)  # checks the device first
     try:
-        done = store.done_ids(unique)
-        store.link(study, [run_id for run_id in unique if run_id in done])  # computed by another study: list it
+        with phase("store"):
+            done = store.done_ids(unique)
+            # computed by another study: list it
+            store.link(study, [run_id for run_id in unique if run_id in done])
         pending = [spec for run_id, spec in unique.items() if run_id not in done]
         free = executor.free_memory() if free_memory is None else int(free_memory)
         budget = max(1, int(MEMORY_FRACTION * free / executor.workers_per_memory))
@@ -275,7 +278,8 @@ def run_sweep(specs: list[RunSpec], store: ResultsStore, study: str, *, device: 
                     # A row filed under the wrong id would be skipped as done for good: check before writing.
                     if len(rows) != len(chunk) or any(r["run_id"] != s.run_id for r, s in zip(rows, chunk)):
                         raise RuntimeError(f"a chunk of {len(chunk)} specs came back with rows that do not match")
-                    store.write(study, rows, [spec.as_dict() for spec in chunk])
+                    with phase("store"):
+                        store.write(study, rows, [spec.as_dict() for spec in chunk])
                     bar.update(len(chunk))
     finally:
         executor.close()
@@ -312,7 +316,9 @@ class _LocalExecutor:
             keys = {spec.world_key() for spec in chunk}
             for key in [k for k in worlds if k not in keys]:
                 del worlds[key]  # keep only what this chunk shares with the last one
-            yield chunk, run_specs(chunk, device=self.device_name, worlds=worlds)
+            with phase("metrics and rows"):  # what run_specs spends outside its worlds and solvers
+                rows = run_specs(chunk, device=self.device_name, worlds=worlds)
+            yield chunk, rows
 
     def close(self):
         pass

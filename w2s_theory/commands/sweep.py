@@ -5,6 +5,8 @@ The config is validated in full before the store is opened, so a bad config chan
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="run a sweep config (TOML) into a resumable SQLite results store",
@@ -19,12 +21,16 @@ def register(sub) -> None:
     p.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="at most N students per chunk (default: spread the work; free memory caps it anyway)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--profile", action="store_true",
+                   help="after the sweep, print the share of its wall time spent in the solvers, world "
+                        "sampling, metrics, store writes and overhead (local backend)")
     p.set_defaults(handler=handle)
 
 
 def handle(args) -> int:
     from .._backend import resolve_device
     from ..config import load_study
+    from ..profile import SWEEP_GROUPS, PhaseTimer
     from ..store import ResultsStore
     from ..sweep import run_sweep
     from ..validation import InputError
@@ -32,6 +38,8 @@ def handle(args) -> int:
     study = load_study(args.config)  # everything about the config is checked before the store is touched
     if args.chunk_size is not None and args.chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.profile and args.backend != "local":
+        raise InputError("--profile times phases in this process; use it with --backend local")
     if args.backend == "local":
         try:
             resolve_device(args.device)
@@ -42,7 +50,11 @@ def handle(args) -> int:
             import ray  # noqa: F401
         except ImportError:
             raise InputError("--backend ray needs Ray: install the ray extra: pip install 'w2s-theory[ray]'") from None
-    with ResultsStore(args.store) as store:
+    timer = PhaseTimer()
+    with timer if args.profile else nullcontext(), ResultsStore(args.store) as store:
         run_sweep(study.specs, store, study.name, device=args.device, backend=args.backend,
                   progress=not args.quiet, chunk_size=args.chunk_size)
+    if args.profile:
+        print(f"profile of sweep {study.name} (wall time from opening the store to closing it):")
+        print(timer.table(SWEEP_GROUPS))
     return 0
