@@ -206,7 +206,9 @@ def test_cache_returns_what_was_trained_and_skips_training(tmp_path, monkeypatch
     monkeypatch.setattr(ck, "pretrain", lambda *a, **k: pytest.fail("trained although cached"))
     second = pretrained_pair(TINY, cache=cache)
     for seed in TINY.seeds:
-        for a, b in zip(first[seed][1].weights + first[seed][2].biases, second[seed][1].weights + second[seed][2].biases):
+        (_, s1, w1, _), (_, s2, w2, _) = first[seed], second[seed]
+        for a, b in zip(s1.weights + s1.biases + w1.weights + w1.biases,
+                        s2.weights + s2.biases + w2.weights + w2.biases):
             assert torch.equal(a, b)
         assert np.array_equal(first[seed][3], second[seed][3])
 

@@ -10,7 +10,8 @@ mode_seeking       one Gaussian fitted to a two-component mixture by forward and
                    numerically (quadrature + L-BFGS from several starts), not by formula
 gain_vs_misfit     (a) Charikar et al.'s notebook setup (:mod:`w2s_theory.charikar`): pretrained on several
                    draws of h*, and the project's realizable and perturbed variants (plus
-                   ``gain_vs_misfit.json``, the statistics per draw); (b) sweep ``experiments/gain_vs_misfit_kl.toml`` (mixture head, reverse vs forward KL)
+                   ``gain_vs_misfit.json``, the statistics per draw); (b) sweep
+                   ``experiments/gain_vs_misfit_kl.toml`` (mixture head, reverse vs forward KL)
 noise_robustness   sweep ``experiments/noise_robustness.toml`` (softmax head, four losses, flipped labels)
 bound_tightness    random and near-extremal instances of Lemma 1's √-bound with floor γ = 10⁻³
 guarantee_table    :func:`w2s_theory.guarantees.guarantee_table`
@@ -272,7 +273,8 @@ def charikar_summary(frame: pd.DataFrame, main) -> dict:
     at = lambda e: frame[frame["pretrain_epochs"] == e]  # noqa: E731
     per_variant: dict = {}
     for s in summarise(at(main.pretrain_epochs)):
-        per_variant.setdefault(s["variant"], {})[s["draw"]] = {k: v for k, v in s.items() if k not in ("variant", "draw")}
+        stats = {k: v for k, v in s.items() if k not in ("variant", "draw")}
+        per_variant.setdefault(s["variant"], {})[s["draw"]] = stats
     authors = per_variant.get("pretrained", {}).get("authors")
     replication = None
     if authors is not None:
@@ -287,10 +289,10 @@ def charikar_summary(frame: pd.DataFrame, main) -> dict:
         rows = [s for s in summarise(at(e)) if s["variant"] == "pretrained" and s["draw"] == "authors"]
         if rows:
             epochs[str(int(e))] = {k: v for k, v in rows[0].items() if k not in ("variant", "draw")}
-    return _rounded({"config": main.as_dict(), "statistics": "on fresh inputs (the notebook's scatter) except median_eps (in-sample "
-            "least-squares error of the strong head fitted on the truth); misfit_over_gain = median misfit / "
-            "median gain", "variants": per_variant, "notebook_replication": replication,
-            "pretrain_epochs_authors_draw": epochs})
+    statistics = ("on fresh inputs (the notebook's scatter) except median_eps (in-sample least-squares error of "
+                  "the strong head fitted on the truth); misfit_over_gain = median misfit / median gain")
+    return _rounded({"config": main.as_dict(), "statistics": statistics, "variants": per_variant,
+                     "notebook_replication": replication, "pretrain_epochs_authors_draw": epochs})
 
 
 def _rounded(obj, digits: int = 6):
