@@ -287,7 +287,8 @@ def test_summary_statistics_are_the_stated_formulas():
     assert s["median_eps"] == pytest.approx(0.02)
     assert s["weak_error"] == pytest.approx(2.0)
     assert s["mean_abs_gain_minus_misfit"] == pytest.approx(0.1)
-    assert s["misfit_over_gain"] == pytest.approx(0.2 / 0.2)
+    assert s["misfit_over_gain"] == pytest.approx(0.8 / 0.7)
+    assert s["median_misfit_over_median_gain"] == pytest.approx(0.2 / 0.2)
     assert s["fraction_gain_ge_misfit"] == pytest.approx(1 / 3)
     assert s["weak_strong_gap"] == pytest.approx(np.median([0.99, 1.97, 2.98]))
 

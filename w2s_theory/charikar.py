@@ -90,8 +90,9 @@ VARIANTS = ("pretrained", "realizable", "perturbed")
 #: The notebook's stored scatter (pretrained variant, authors' draw), digitised from its PNG output (gain on
 #: x, misfit on y, fresh inputs; see docs/charikar.md), and the last pre-training losses it printed (sum over
 #: the last epoch's 630 minibatches of the minibatch mean, float32).
+#: About 80 of the 100 markers are recovered (the others overlap), hence two significant digits at most.
 DIGITISED = {"median_gain": 0.12, "median_misfit": 0.14, "mean_abs_gain_minus_misfit": 0.026,
-             "misfit_over_gain": 1.18, "fraction_gain_ge_misfit": 0.14}
+             "misfit_over_gain": 1.15, "median_misfit_over_median_gain": 1.18, "fraction_gain_ge_misfit": 0.17}
 NOTEBOOK_FINAL_LOSS = {"strong": 36.88668, "weak": 260.779357}
 
 
@@ -603,9 +604,10 @@ def run_charikar(config: CharikarConfig = CharikarConfig(), variants=VARIANTS, c
 
 def summarise(rows) -> list[dict]:
     """Per (variant, draw): ``median_eps`` (strong head on the truth, in-sample), ``weak_error`` (median, fresh
-    inputs), ``median_gain``, ``median_misfit``, ``weak_strong_gap`` (median of weak error minus ε),
-    ``mean_abs_gain_minus_misfit``, ``misfit_over_gain`` (ratio of the medians) and
-    ``fraction_gain_ge_misfit``, all on the fresh inputs (the notebook's scatter) unless stated."""
+    inputs), ``median_gain``, ``median_misfit``, ``weak_strong_gap`` (median of weak error minus ε, in-sample),
+    ``mean_abs_gain_minus_misfit``, ``misfit_over_gain`` = Σ misfit / Σ gain over the tasks (the slope of the
+    cloud's centre of mass; 1 on y = x), ``median_misfit_over_median_gain`` and ``fraction_gain_ge_misfit``,
+    all on the fresh inputs (the notebook's scatter) unless stated."""
     import pandas as pd
 
     frame = pd.DataFrame(list(rows)) if not isinstance(rows, pd.DataFrame) else rows
@@ -619,7 +621,8 @@ def summarise(rows) -> list[dict]:
             "weak_strong_gap": float((d["weak_error_train"] - d["best_error_train"]).median()),
             "median_gain": float(np.median(gain)), "median_misfit": float(np.median(misfit)),
             "mean_abs_gain_minus_misfit": float(np.mean(np.abs(gain - misfit))),
-            "misfit_over_gain": float(np.median(misfit) / np.median(gain)),
+            "misfit_over_gain": float(misfit.sum() / gain.sum()),
+            "median_misfit_over_median_gain": float(np.median(misfit) / np.median(gain)),
             "fraction_gain_ge_misfit": float(np.mean(gain >= misfit)),
             "strong_pretrain_loss": float(d["strong_pretrain_loss"].iloc[0]),
             "weak_pretrain_loss": float(d["weak_pretrain_loss"].iloc[0]),

@@ -290,7 +290,7 @@ def charikar_summary(frame: pd.DataFrame, main) -> dict:
         if rows:
             epochs[str(int(e))] = {k: v for k, v in rows[0].items() if k not in ("variant", "draw")}
     statistics = ("on fresh inputs (the notebook's scatter) except median_eps (in-sample least-squares error of "
-                  "the strong head fitted on the truth); misfit_over_gain = median misfit / median gain")
+                  "the strong head fitted on the truth); misfit_over_gain = sum of misfits / sum of gains over the tasks")
     return _rounded({"config": main.as_dict(), "statistics": statistics, "variants": per_variant,
                      "notebook_replication": replication, "pretrain_epochs_authors_draw": epochs})
 
