@@ -8,8 +8,10 @@ figure             study
 =================  ===================================================================================
 mode_seeking       one Gaussian fitted to a two-component mixture by forward and by reverse KL,
                    numerically (quadrature + L-BFGS from several starts), not by formula
-gain_vs_misfit     (a) Charikar et al.'s squared-loss setup (:mod:`w2s_theory.charikar`), three variants;
-                   (b) sweep ``experiments/gain_vs_misfit_kl.toml`` (mixture head, reverse vs forward KL)
+gain_vs_misfit     (a) Charikar et al.'s notebook setup (:mod:`w2s_theory.charikar`): pretrained on several
+                   draws of h*, and the project's realizable and perturbed variants (plus
+                   ``gain_vs_misfit.json``, the statistics per draw); (b) sweep
+                   ``experiments/gain_vs_misfit_kl.toml`` (mixture head, reverse vs forward KL)
 noise_robustness   sweep ``experiments/noise_robustness.toml`` (softmax head, four losses, flipped labels)
 bound_tightness    random and near-extremal instances of Lemma 1's √-bound with floor γ = 10⁻³
 guarantee_table    :func:`w2s_theory.guarantees.guarantee_table`
@@ -216,34 +218,92 @@ def bound_tightness_instances(gamma: float = BOUND_GAMMA, count: int = 4000, see
 
 
 def charikar_config(quick: bool):
-    from .charikar import CharikarConfig
+    """The main configuration (the notebook's, several draws of h*), and the shorter pre-trainings of the
+    authors' draw that the figure compares it with. Quick: the notebook's draws with 500 inputs per
+    pre-training task, 3 epochs, 30 transfer tasks of 500 inputs (seconds; nothing to compare with it)."""
+    from .charikar import AUTHORS_SEED, CharikarConfig
 
     if quick:
-        return CharikarConfig(pretrain_samples=300, pretrain_epochs=3, fresh_tasks=30, n_weak=500, n_train=500,
-                              n_test=500)
-    return CharikarConfig(pretrain_epochs=60)
+        return CharikarConfig(seeds=(AUTHORS_SEED, 1), pretrain_samples=500, pretrain_epochs=3, fresh_tasks=30,
+                              n_transfer=500, n_test=500), []
+    main = CharikarConfig()
+    return main, [replace(main, seeds=(AUTHORS_SEED,), pretrain_epochs=e) for e in CHARIKAR_SHORTER_EPOCHS]
+
+
+#: Shorter pre-trainings of the authors' draw shown next to the notebook's 1000 epochs.
+CHARIKAR_SHORTER_EPOCHS = (60, 250)
 
 
 def charikar_results(store: ResultsStore, *, quick: bool = False, progress=None,
-                     ledger: list | None = None) -> tuple[pd.DataFrame, object]:
-    """Rows of Charikar et al.'s experiment (one per variant x fresh task), computed only when the store does
-    not have them yet, and read back from the store."""
-    from .charikar import VARIANTS, run_charikar
+                     ledger: list | None = None, cache=None) -> tuple[pd.DataFrame, object]:
+    """Rows of Charikar et al.'s experiment (one per draw x variant x fresh task, plus the pretrained rows of
+    the shorter pre-trainings), computed only when the store does not have them yet, and read back from the
+    store. Pre-trained representations come from ``cache`` (default: the on-disk cache)."""
+    from .charikar import VARIANTS, RepresentationCache, run_charikar
 
-    config = charikar_config(quick)
-    study = "charikar_gain_misfit" + ("_quick" if quick else "")
-    ids = [config.run_id(v, t) for v in VARIANTS for t in range(config.fresh_tasks)]
-    computed = 0
-    if len(store.done_ids(ids)) < len(ids):
-        rows = run_charikar(config, progress=progress)
-        store.write(study, rows, [{**config.as_dict(), "variant": r["variant"], "task": r["task"]} for r in rows])
-        computed = len(rows)
-    if ledger is not None:
-        ledger.append((study, computed, len(ids) - computed))
-    store.link(study, ids)
+    main, shorter = charikar_config(quick)
+    cache = RepresentationCache() if cache is None else cache
+    study = "charikar_notebook" + ("_quick" if quick else "")
+    all_ids = []
+    for config, variants in [(main, VARIANTS)] + [(c, ("pretrained",)) for c in shorter]:
+        ids = [config.run_id(s, v, t) for s in config.seeds for v in variants for t in range(config.fresh_tasks)]
+        computed = 0
+        if len(store.done_ids(ids)) < len(ids):
+            rows = run_charikar(config, variants=variants, cache=cache, progress=progress)
+            spec = {k: v for k, v in config.as_dict().items() if k != "seeds"}
+            store.write(study, rows, [{**spec, "seed": r["seed"], "variant": r["variant"], "task": r["task"]}
+                                      for r in rows])
+            computed = len(rows)
+        if ledger is not None:
+            ledger.append((study, computed, len(ids) - computed))
+        all_ids += ids
+    store.link(study, all_ids)
     frame = store.dataframe(study)
-    frame = frame[frame["run_id"].isin(set(ids))].reset_index(drop=True)
-    return frame, config
+    frame = frame[frame["run_id"].isin(set(all_ids))].reset_index(drop=True)
+    return frame, main
+
+
+def charikar_summary(frame: pd.DataFrame, main) -> dict:
+    """What ``gain_vs_misfit.json`` holds: per variant and draw of the main configuration the statistics of
+    :func:`w2s_theory.charikar.summarise`; the replication of the notebook (authors' draw, pretrained) against
+    its digitised scatter, with the issue's acceptance bounds; and the pretrained authors' draw per
+    pre-training length."""
+    from .charikar import DIGITISED, NOTEBOOK_FINAL_LOSS, summarise
+
+    at = lambda e: frame[frame["pretrain_epochs"] == e]  # noqa: E731
+    per_variant: dict = {}
+    for s in summarise(at(main.pretrain_epochs)):
+        stats = {k: v for k, v in s.items() if k not in ("variant", "draw")}
+        per_variant.setdefault(s["variant"], {})[s["draw"]] = stats
+    authors = per_variant.get("pretrained", {}).get("authors")
+    replication = None
+    if authors is not None:
+        replication = {
+            "digitised_notebook": DIGITISED, "notebook_final_pretrain_loss": NOTEBOOK_FINAL_LOSS,
+            "replication": authors,
+            "mean_abs_gain_minus_misfit_at_most_0.03": authors["mean_abs_gain_minus_misfit"] <= 0.03,
+            "misfit_over_gain_within_0.9_1.25": 0.9 <= authors["misfit_over_gain"] <= 1.25,
+        }
+    epochs = {}
+    for e in sorted(frame["pretrain_epochs"].unique()):
+        rows = [s for s in summarise(at(e)) if s["variant"] == "pretrained" and s["draw"] == "authors"]
+        if rows:
+            epochs[str(int(e))] = {k: v for k, v in rows[0].items() if k not in ("variant", "draw")}
+    statistics = ("on fresh inputs (the notebook's scatter) except median_eps (in-sample least-squares error of "
+                  "the strong head fitted on the truth); misfit_over_gain = sum of misfits / sum of gains over the tasks")
+    return _rounded({"config": main.as_dict(), "statistics": statistics, "variants": per_variant,
+                     "notebook_replication": replication, "pretrain_epochs_authors_draw": epochs})
+
+
+def _rounded(obj, digits: int = 6):
+    """Floats to ``digits`` significant digits (the committed JSON does not change with the last bits)."""
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    if isinstance(obj, float) and math.isfinite(obj):
+        return float(f"{obj:.{digits}g}")
+    return obj
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -387,22 +447,30 @@ def mode_seeking_figure(out: Path, **_) -> list[Path]:
 def gain_vs_misfit_figure(out: Path, store: ResultsStore, quick: bool, device, progress, say, ledger, experiments,
                           **_) -> list[Path]:
     from . import plots
+    from .io import save_json
 
     charikar, config = charikar_results(store, quick=quick, progress=say, ledger=ledger)
+    summary = charikar_summary(charikar, config)
     kl, _ = sweep_results("gain_vs_misfit_kl", store, quick=quick, device=device, progress=progress, ledger=ledger,
                           experiments=experiments)
     spec = kl.iloc[0]
-    charikar_caption = (f"Charikar et al.'s setup: x ~ N(0, {config.input_scale:g}² I_{config.input_dim}), width "
-                        f"{config.width}, h* {config.target_depth} layers, weak {config.weak_depth} / strong "
-                        f"{config.strong_depth} layers pre-trained on T = {config.pretrain_tasks} tasks "
-                        f"({config.pretrain_samples} samples each, {config.pretrain_epochs} epochs); "
-                        f"{config.fresh_tasks} fresh tasks, {config.n_train} transfer samples; perturbed = h* with "
-                        f"weight noise {config.perturbation:g}×sd.")
+    charikar_caption = (f"Charikar et al.'s notebook setup: x ~ N(0, {config.input_scale:g}² I_{config.input_dim}), "
+                        f"width {config.width}, h* {config.target_depth} blocks, weak {config.weak_depth} / strong "
+                        f"{config.strong_depth} blocks pre-trained on T = {config.pretrain_tasks} tasks "
+                        f"({config.pretrain_samples} inputs each, {config.pretrain_epochs} epochs, tasks in order, "
+                        f"AdamW, float64); {config.fresh_tasks} transfer tasks of {config.n_transfer} inputs, exact "
+                        f"least squares; gain and misfit on fresh inputs. Draws of h*: the notebook's seed "
+                        f"('authors') and seeds {', '.join(str(s) for s in config.seeds[1:])}. Realizable and "
+                        f"perturbed (weight noise {config.perturbation:g}×sd) are this project's own variants.")
     kl_caption = (f"Synthetic world k = {spec['world_k']}, temperature {spec['world_temperature']:g}, "
                   f"truth_concentration {spec['world_truth_concentration']:g} (realizable), "
                   f"{kl['seed'].nunique()} tasks (world seeds), {spec['n_train']} transfer samples.")
-    fig = plots.plot_gain_vs_misfit(charikar, kl, kl_caption, charikar_caption)
-    return plots.save_figure(fig, out, "gain_vs_misfit")
+    main = charikar[charikar["pretrain_epochs"] == config.pretrain_epochs]
+    fig = plots.plot_gain_vs_misfit(main, kl, kl_caption, charikar_caption, summary)
+    paths = plots.save_figure(fig, out, "gain_vs_misfit")
+    json_path = Path(out) / "gain_vs_misfit.json"
+    save_json(json_path, summary)
+    return [*paths, json_path]
 
 
 def noise_robustness_figure(out: Path, store: ResultsStore, quick: bool, device, progress, ledger, experiments,

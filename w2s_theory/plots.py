@@ -111,10 +111,15 @@ def plot_mode_seeking(study: dict):
 # --------------------------------------------------------------------------------------------------------
 
 VARIANT_TITLES = {
-    "realizable": "realizable: $h_s = h^\\star$",
-    "pretrained": "pretrained $h_s$ (8 layers, T tasks)",
-    "perturbed": "perturbed $h^\\star$",
+    "pretrained": "pretrained $h_s$ (the notebook's experiment)",
+    "perturbed": "perturbed $h^\\star$ (this project's variant)",
+    "realizable": "realizable $h_s = h^\\star$ (this project's variant)",
 }
+
+#: One colour and marker per draw of h* (the notebook's own draw first, in black).
+_DRAW_STYLE = [dict(color="black", marker="o"), dict(color="#1f77b4", marker="s"),
+               dict(color="#ff7f0e", marker="^"), dict(color="#2ca02c", marker="D"),
+               dict(color="#9467bd", marker="v"), dict(color="#8c564b", marker="P")]
 
 
 def _violation_scatter(ax, x, y, violated, color, marker, label):
@@ -127,27 +132,70 @@ def _violation_scatter(ax, x, y, violated, color, marker, label):
         ax.scatter(x[violated], y[violated], s=12, color=color, marker=marker, alpha=0.9)
 
 
-def plot_gain_vs_misfit(charikar: pd.DataFrame, kl: pd.DataFrame, kl_caption: str, charikar_caption: str):
-    """(a) Charikar's squared-loss setup, one panel per variant; (b) mixture head, forward vs reverse KL.
-    One point per task, gain on x, misfit on y, the line y = x; violated guarantees are ringed."""
-    variants = [v for v in VARIANT_TITLES if v in set(charikar["variant"])]
-    fig, grid = plt.subplots(2, 3, figsize=(14, 9.2))
-    axes = [*grid[0, : len(variants)], grid[1, 0], grid[1, 1]]
-    for ax, variant in zip(axes, variants):
+def _draw_scatter(ax, d: pd.DataFrame, stats: dict, draws: list, title: str, digitised: dict | None = None,
+                  order: list | None = None):
+    """Fresh-input gain vs misfit of one Charikar variant, one colour per draw of h*; the legend carries each
+    draw's ε, weak error and distance to y = x."""
+    xs, ys = [], []
+    for draw in draws:
+        e = d[d["draw"] == draw]
+        if e.empty:
+            continue
+        style = _DRAW_STYLE[min((order or draws).index(draw), len(_DRAW_STYLE) - 1)]
+        st = stats[draw]
+        x, y = e["gain"].to_numpy(), e["misfit"].to_numpy()
+        ax.scatter(x, y, s=13, alpha=0.6, linewidths=0.4, **style,
+                   label=f"{draw}: ε {st['median_eps']:.3g}, weak err {st['weak_error']:.3g},\n"
+                         f"   |g−m| {st['mean_abs_gain_minus_misfit']:.3g}, m/g {st['misfit_over_gain']:.2f}")
+        xs.append(x)
+        ys.append(y)
+    if digitised is not None:
+        ax.scatter([digitised["median_gain"]], [digitised["median_misfit"]], s=160, marker="*", color="#d62728",
+                   edgecolors="black", linewidths=0.6, zorder=5,
+                   label=f"notebook's scatter (digitised): median\n   ({digitised['median_gain']:g}, "
+                         f"{digitised['median_misfit']:g}), |g−m| {digitised['mean_abs_gain_minus_misfit']:g}")
+        xs.append([digitised["median_gain"]])
+        ys.append([digitised["median_misfit"]])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    both = np.concatenate([x, y])
+    # A few tasks have a huge error on fresh inputs (x ~ N(0, 500²) reaches far out): keep the axes on the
+    # bulk (1st-99th percentile) and say how many points lie beyond.
+    lo, hi = np.quantile(both, [0.01, 0.99])
+    inside = (x >= lo) & (x <= hi) & (y >= lo) & (y <= hi)
+    off = int((~inside).sum()) if (both.max() - both.min()) > 1.5 * (hi - lo) else 0
+    _square_limits(ax, x[inside], y[inside]) if off else _square_limits(ax, x, y)
+    ax.set_title(title + (f"\n({off} points beyond the axes)" if off else ""))
+    ax.set_xlabel("gain  E(f_w−f*)² − E(f_sw−f*)²  (fresh inputs)")
+    ax.set_ylabel("misfit  E(f_sw−f_w)²  (fresh inputs)")
+    ax.legend(loc="upper left", fontsize=7.5, handletextpad=0.3, framealpha=0.6)
+
+
+def plot_gain_vs_misfit(charikar: pd.DataFrame, kl: pd.DataFrame, kl_caption: str, charikar_caption: str,
+                        summary: dict):
+    """(a) Charikar et al.'s notebook setup: the pretrained variant on the notebook's draw of h* (against its
+    digitised scatter) and on other draws, and the project's perturbed and realizable variants; (b) mixture
+    head, forward vs reverse KL. One point per task, gain on x, misfit on y, the line y = x."""
+    stats = summary["variants"]
+    draws = list(dict.fromkeys(charikar["draw"]))  # "authors" first
+    others = [d for d in draws if d != "authors"]
+    fig, grid = plt.subplots(2, 4, figsize=(19, 10))
+    pre = charikar[charikar["variant"] == "pretrained"]
+    digitised = (summary.get("notebook_replication") or {}).get("digitised_notebook")
+    _draw_scatter(grid[0, 0], pre, stats.get("pretrained", {}), ["authors"],
+                  "(a) notebook's experiment, notebook's draw of h*", digitised)
+    if others:
+        _draw_scatter(grid[0, 1], pre, stats.get("pretrained", {}), others,
+                      "(a) notebook's experiment, other draws of h*", order=draws)
+    else:
+        grid[0, 1].axis("off")
+    for ax, variant in ((grid[0, 2], "perturbed"), (grid[0, 3], "realizable")):
         d = charikar[charikar["variant"] == variant]
-        x, y = d["gain_train"].to_numpy(), d["misfit_train"].to_numpy()
-        _violation_scatter(ax, x, y, (d["theorem_verdict"] == "violated").to_numpy(), "#2ca02c", "o",
-                           "gain ≥ misfit")
-        _square_limits(ax, x, y)
-        ax.set_title(f"(a) squared loss, {VARIANT_TITLES[variant]}")
-        ax.set_xlabel("gain  E(f_w−f*)² − E(f_sw−f*)²")
-        ax.set_ylabel("misfit  E(f_sw−f_w)²")
-        # How far f* is from the strong class (epsilon of their non-realizable theorem), against the weak error.
-        ax.text(0.97, 0.30, f"median ε = min E(f−f*)² = {d['best_error_train'].median():.3g}\n"
-                f"median weak error = {d['weak_error_train'].median():.3g}", transform=ax.transAxes, ha="right",
-                va="top", fontsize=8, bbox=dict(facecolor="white", edgecolor="0.7", alpha=0.9))
-        ax.legend(loc="lower right")
-    for ax, loss in zip(axes[len(variants):], ("reverse_kl", "forward_kl")):
+        if d.empty:
+            ax.axis("off")
+            continue
+        _draw_scatter(ax, d, stats[variant], draws, f"(a) ours: {VARIANT_TITLES[variant].split(' (')[0]}",
+                      order=draws)
+    for ax, loss in zip(grid[1, :2], ("reverse_kl", "forward_kl")):
         d = kl[kl["loss"] == loss]
         x, y = d["gain_train"].to_numpy(), d["misfit"].to_numpy()
         style = LOSS_STYLE[loss]
@@ -159,18 +207,34 @@ def plot_gain_vs_misfit(charikar: pd.DataFrame, kl: pd.DataFrame, kl_caption: st
         ax.set_xlabel("gain  E KL(F*‖F_w) − E KL(F*‖F_sw)")
         ax.set_ylabel(f"misfit  E {direction}")
         ax.legend(loc="upper left")
-    note = grid[1, 2]
-    note.axis("off")
-    note.text(0.0, 1.0, "How to read it\n\n"
-              "One point per task: gain = teacher error − student\nerror, misfit = student–teacher disagreement,\n"
-              "both in-sample on the transfer split, where the\ntheorems are stated.\n\n"
-              "Guarantee: gain ≥ misfit (on or below y = x).\n"
-              "Ringed points violate it by more than the\nsolver's certificate.\n\n"
-              "Squared loss: exact equality when realizable\n(Charikar et al., Thm 1); only ≥ − O(√ε) otherwise.\n"
-              "Mixture head: guaranteed for reverse KL\n(Yao et al. 2025, Thm 2); no guarantee for forward KL.",
-              va="top", ha="left", fontsize=9.5, transform=note.transAxes)
-    fig.suptitle("Gain vs misfit, one point per task (in-sample on the transfer split)", y=1.0)
-    _caption(fig, f"(a) {charikar_caption}\n(b) {kl_caption}", -0.005)
+    # In-sample check of Theorem 1 (the equality of the realizable variant) and the pre-training lengths.
+    realizable = charikar[charikar["variant"] == "realizable"]
+    lines = ["How to read it", "",
+             "One point per transfer task: gain = weak error −",
+             "student error, misfit = student–weak disagreement,",
+             "on fresh inputs (as the notebook). ε = error of the",
+             "strong head fitted on the truth (in-sample), weak err",
+             "= weak head's error, |g−m| = mean |gain − misfit|,",
+             "m/g = Σ misfit / Σ gain over the tasks.", "",
+             "Squared loss (Charikar et al., Thm 1): gain ≥ misfit if",
+             "f* is in the strong class, with equality for least",
+             "squares; only up to O(√ε) otherwise."]
+    if not realizable.empty:
+        dev = (realizable["gain_train"] - realizable["misfit_train"]).abs().max()
+        lines += [f"Realizable, in-sample: max |gain − misfit| = {dev:.1e}."]
+    epochs = summary.get("pretrain_epochs_authors_draw") or {}
+    if len(epochs) > 1:
+        lines += ["", "Notebook's draw, pre-training epochs:", "epochs   ε      |g−m|   m/g"]
+        lines += [f"{e:>6}  {v['median_eps']:.3f}  {v['mean_abs_gain_minus_misfit']:.3f}  {v['misfit_over_gain']:.2f}"
+                  for e, v in sorted(epochs.items(), key=lambda kv: int(kv[0]))]
+    lines += ["", "Mixture head (b): guaranteed for reverse KL", "(Yao et al. 2025, Thm 2), not for forward KL;",
+              "ringed points violate it beyond the certificate."]
+    for ax in grid[1, 2:]:
+        ax.axis("off")
+    grid[1, 2].text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=8.8, transform=grid[1, 2].transAxes,
+                    family="monospace")
+    fig.suptitle("Gain vs misfit, one point per task", y=1.0)
+    _caption(fig, f"(a) {charikar_caption}\n(b) {kl_caption}", -0.005, width=190)
     fig.tight_layout()
     return fig
 
