@@ -1,0 +1,548 @@
+r"""Batched, certified fit of the linear head :math:`F(x) = W h(x) + b` on CPU or GPU.
+
+Problem, for each of ``B`` students independently (features :math:`h_i\in\mathbb R^m`, teacher
+:math:`q_i\in\Delta^k`, a loss :math:`\ell` convex and separable over classes, floor :math:`0\le\gamma<1/k`):
+
+.. math::
+
+    \min_{P}\ \Phi(P) = \frac1n\sum_{i=1}^n \ell(q_i, P_i)
+    \quad\text{s.t.}\quad P = Z\Theta,\ \ Z = [H, \mathbf 1],\ \ P\ge\gamma,\ \ P\mathbf 1 = \mathbf 1,
+
+a convex program over a polytope in prediction space (:class:`~w2s_theory.heads.LinearHead`).
+
+Method: a log-barrier interior-point method (Boyd & Vandenberghe 2004, §11.3). With an orthonormal basis
+:math:`U` of the column space of :math:`Z` (columns first rescaled by powers of two, which is exact) and an
+orthonormal basis :math:`V` of :math:`\mathbf 1^\perp\subset\mathbb R^k`, every prediction with unit row sums
+is :math:`P = \mathbf 1\mathbf 1^\top/k + U D V^\top`, and the centring problems
+
+.. math:: \min_D\ t\,\Phi(P) - \textstyle\sum_{e}\log(P_e - \gamma)
+
+are solved by damped Newton steps (the Hessian is :math:`\sum_y V_{ya}V_{yb}\,U^\top\mathrm{diag}(w_y)U` with
+:math:`w = t\ell''/n + (P-\gamma)^{-2}`), with :math:`t` raised geometrically once a student is centred.
+
+Certificate (weak LP duality for the Frank–Wolfe gap, Jaggi 2013): for convex :math:`\Phi` and any point
+:math:`\hat P`, :math:`\Phi(\hat P) - \Phi^\star \le \langle G, \hat P\rangle - \min_{S}\langle G, S\rangle`
+with :math:`G = \nabla\Phi(\hat P)` and :math:`S` over the feasible set. For multipliers :math:`Y\ge0`,
+:math:`\nu\in\mathbb R^n` and the residual :math:`R = G - Y - \nu\mathbf 1^\top`, every feasible :math:`S`
+has :math:`\langle G, S\rangle \ge \gamma\sum Y + \sum\nu - \sqrt n\,\|\Pi R\|_F` (:math:`\Pi` the orthogonal
+projector onto the class's column space; :math:`\|S\|_F\le\sqrt n` since its rows lie in the simplex), so
+
+.. math:: \mathrm{gap} = \langle R, \hat P\rangle + \langle Y, \hat P - \gamma\rangle
+    + \langle \nu, \hat P\mathbf 1 - \mathbf 1\rangle + \sqrt n\,\|\Pi R\|_F
+
+bounds :math:`\Phi(\hat P) - \Phi^\star`. The multipliers are the barrier's own, :math:`Y = 1/(t(\hat P -
+\gamma))`, and :math:`\nu = U a` with :math:`a` the class mean of :math:`U^\top(G - Y)` (the projection that
+removes all of :math:`R`'s column-space part except the centring residual). :math:`\|\Pi R\|_F` is bounded
+without trusting :math:`U`: with a matrix :math:`M` whose columns span the class exactly and a proven lower bound
+:math:`\sigma` on its smallest singular value, :math:`\|\Pi R\|_F\le\|M^\top R\|_F/\sigma`; the bound on
+:math:`\sigma` comes from the eigenvalues of :math:`M^\top M` minus a bound on their rounding (Weyl), and
+:math:`M^\top R` carries its own rounding bound. Every term is increased by a bound on the rounding of its
+evaluation (Higham, *Accuracy and Stability*, §3.1), so the certificate bounds the exact gap of ``probs``.
+
+Which column space: :math:`M` is the column-rescaled :math:`Z` with exactly duplicated and constant columns
+removed (both leave the span unchanged), and the certificate is for the problem as stated. Where that
+:math:`M` is numerically rank-deficient (its smallest singular value is not provably positive — e.g. features
+on the simplex, whose row sums equal the bias column up to rounding, or near-collinear features), the span of
+:math:`Z` contains directions that exist only through the rounding of the features. Then :math:`M = U_r`, the
+singular vectors with :math:`\sigma > \tau\sigma_{\max}` (:math:`\tau = \max(n, m+1)\,\varepsilon`, numpy's
+rank rule, the same class as the cvxpy reference), and the certificate is proven for that numerical column
+space; ``info["numerical_span"]`` marks those students.
+
+Reverse losses with teacher zeros pin predictions to 0 (a face of the polytope, found by linear programs);
+those students are sent to the exact reference (:func:`.reference.fit_reference`), and with
+:math:`\gamma > 0` they are infeasible (objective and gap :math:`+\infty`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..divergences import Loss, get_loss
+from ..heads import LinearHead
+from .result import FitResult
+
+__all__ = ["fit_linear_batched", "bench_linear"]
+
+_ARMIJO = 1e-4
+_MAX_BACKTRACK = 50
+#: The barrier parameter grows by this factor each time a student is centred.
+_T_GROWTH = 20.0
+#: A student counts as centred once half its squared Newton decrement is below this.
+_CENTRED = 1e-3
+#: Fraction of the step to the floor that a Newton step may take.
+_TO_BOUNDARY = 0.99
+#: Below this half squared Newton decrement a full step is taken without the Armijo test.
+_QUADRATIC = 0.05
+
+
+def _gamma_n(count, dtype=torch.float64) -> float:
+    """Higham's :math:`\\gamma_c = cu/(1-cu)`: the relative error bound of a sum or product of ``c`` terms."""
+    u = torch.finfo(dtype).eps / 2
+    return count * u / (1 - count * u)
+
+
+def _simplex_complement_basis(k: int, dtype, device) -> torch.Tensor:
+    """Orthonormal basis ``(k, k-1)`` of the vectors with zero sum (Helmert's columns)."""
+    V = torch.zeros((k, k - 1), dtype=dtype, device=device)
+    for a in range(k - 1):
+        norm = math.sqrt((a + 1) * (a + 2))
+        V[: a + 1, a] = 1.0 / norm
+        V[a + 1, a] = -(a + 1) / norm
+    return V
+
+
+def _scaled_design(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Z = [X, 1]`` with each column multiplied by a power of two (exact) so that its max-abs lies in
+    ``[1/2, 1)``; returns ``(Zs, exponent)`` with ``Z = Zs * 2**exponent`` column-wise."""
+    B, n, m = X.shape
+    Z = torch.cat([X, torch.ones((B, n, 1), dtype=X.dtype, device=X.device)], dim=2)
+    col_max = Z.abs().amax(dim=1)
+    _, exponent = torch.frexp(torch.where(col_max > 0, col_max, torch.ones_like(col_max)))
+    return torch.ldexp(Z, -exponent[:, None, :].to(Z.dtype)), exponent
+
+
+def _smallest_singular_value_lower_bound(M: torch.Tensor) -> torch.Tensor:
+    r"""A proven lower bound on :math:`\sigma_{\min}(M)` for each ``(n, c)`` matrix of the batch (0 where none).
+
+    :math:`\lambda_{\min}(M^\top M) \ge \hat\lambda_{\min}(\widehat{M^\top M}) - \|E_{\text{gram}}\|_F
+    - \|E_{\text{eig}}\|`, with :math:`|E_{\text{gram}}|\le\gamma_n |M|^\top|M|` (the Gram product's rounding)
+    and the symmetric eigensolver's backward error bounded by :math:`8c\,\varepsilon\|\widehat{M^\top M}\|_F`
+    (Golub & Van Loan, §8.3; a generous constant). Weyl's inequality turns both into eigenvalue shifts.
+    """
+    n, c = M.shape[-2], M.shape[-1]
+    gram = M.transpose(-1, -2) @ M
+    absM = M.abs()
+    gram_error = _gamma_n(n + 2) * (absM.transpose(-1, -2) @ absM).flatten(-2).norm(dim=-1)
+    eig = torch.linalg.eigvalsh(gram)[..., 0]
+    eig_error = 8 * c * torch.finfo(M.dtype).eps * gram.flatten(-2).norm(dim=-1)
+    lower = eig - gram_error * (1 + _gamma_n(c * c + 2)) - eig_error
+    return torch.where(lower > 0, lower.clamp_min(0).sqrt() * (1 - 4 * torch.finfo(M.dtype).eps),
+                       torch.zeros_like(lower))
+
+
+def _exact_span_matrix(Zs_b: torch.Tensor) -> torch.Tensor:
+    """Columns of one student's rescaled design with the same span: constant columns (multiples of the bias
+    column), zero columns and exact duplicates (up to sign) removed."""
+    n = Zs_b.shape[0]
+    keep = []
+    seen: list[torch.Tensor] = []
+    last = Zs_b.shape[1] - 1
+    for j in range(Zs_b.shape[1]):
+        col = Zs_b[:, j]
+        if j != last and (bool((col == col[0]).all()) or n == 1):
+            continue  # constant (or a single sample): a multiple of the bias column, or zero
+        nz = col[col != 0]
+        if nz.numel() == 0:
+            continue
+        col = col if nz[0] > 0 else -col
+        if any(torch.equal(col, other) for other in seen):
+            continue
+        seen.append(col)
+        keep.append(j)
+    return Zs_b[:, keep]
+
+
+class _Certifier:
+    """Per student: the matrix ``M`` that spans the class, a lower bound on its smallest singular value, and
+    whether that span is the exact one (``True``) or the numerical one (singular vectors above the rank rule)."""
+
+    def __init__(self, Zs: torch.Tensor, U: torch.Tensor, keep: torch.Tensor):
+        B, n, c = Zs.shape
+        full_rank = keep.all(dim=1)
+        sigma = torch.zeros(B, dtype=Zs.dtype, device=Zs.device)
+        if full_rank.any():
+            sigma[full_rank] = _smallest_singular_value_lower_bound(Zs[full_rank])
+        self.exact = full_rank & (sigma > 0)
+        self.M = [Zs[b] if self.exact[b] else None for b in range(B)]
+        for b in (~self.exact).nonzero()[:, 0].tolist():
+            Md = _exact_span_matrix(Zs[b])
+            s = _smallest_singular_value_lower_bound(Md[None])[0] if Md.shape[1] <= n else Md.new_zeros(())
+            if s > 0 and Md.shape[1] == int(keep[b].sum()):
+                self.M[b], sigma[b], self.exact[b] = Md, s, True
+            else:
+                Ur = U[b][:, keep[b]]
+                self.M[b] = Ur
+                sigma[b] = _smallest_singular_value_lower_bound(Ur[None])[0]
+        self.sigma = sigma
+        # Uniform width for batched products: pad with zero columns (they change neither M^T R nor the bound).
+        width = max(M.shape[1] for M in self.M)
+        self.Mpad = torch.zeros((B, n, width), dtype=Zs.dtype, device=Zs.device)
+        for b, M in enumerate(self.M):
+            self.Mpad[b, :, : M.shape[1]] = M
+
+    def projected_residual_bound(self, R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        r"""Upper bound on :math:`\|\Pi R\|_F \le (\|\mathrm{fl}(M^\top R)\|_F + \gamma_n\||M|^\top|R|\|_F)/\sigma`."""
+        M = self.Mpad[rows]
+        n = M.shape[1]
+        MR = M.transpose(1, 2) @ R
+        err = _gamma_n(n + 2) * (M.abs().transpose(1, 2) @ R.abs())
+        num = (MR.flatten(1).norm(dim=1) + err.flatten(1).norm(dim=1)) * (1 + _gamma_n(2 * MR[0].numel() + 4))
+        sigma = self.sigma[rows]
+        return torch.where(sigma > 0, num / sigma.clamp_min(1e-300), torch.full_like(num, float("inf")))
+
+
+def _derivative_error(teacher, probs, dphi, n):
+    r"""Entrywise bound on the rounding of :math:`G = \ell'(q, \hat P)/n` at the (exactly given) ``probs``:
+    each derivative :math:`-q/p`, :math:`\log p - \log q + 1`, :math:`-\log q`, :math:`2(p - q)` is a few
+    correctly rounded operations on its inputs, so :math:`|\hat G - G| \le \gamma_8(|\ell'| + |\log p| +
+    |\log q| + 2)/n` (the logs enter only where they are finite)."""
+    finite = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))  # noqa: E731
+    mag = finite(dphi) + finite(torch.log(probs.clamp_min(0))) + finite(torch.log(teacher)) + 2
+    return _gamma_n(8) * mag / n
+
+
+def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, dP):
+    """The dual Frank–Wolfe bound at ``probs`` (see the module docstring), with every rounding allowance.
+
+    ``dP`` is the barrier's Newton step at ``probs``; the multipliers are the primal–dual estimate
+    :math:`Y = (1 - \Delta P/(P-\gamma))/(t(P-\gamma))` (clipped at 0), whose residual is second order in the
+    step even along stiff (nearly active) directions, where :math:`1/(t(P-\gamma))` alone is not.
+    """
+    dphi = loss.grad_student(teacher, probs)
+    G = dphi / n
+    slack = probs - gamma
+    Y = torch.where(slack > 0, (1.0 - dP / slack).clamp_min(0) / (t[:, None, None] * slack), torch.zeros_like(slack))
+    a = (U.transpose(1, 2) @ (G - Y)).mean(dim=2)  # (b, r)
+    nu = (U @ a[..., None])[..., 0]  # (b, n)
+    R = G - Y - nu[..., None]
+    # Rounding: G_eff = Y + nu 1^T + R differs from the computed G by E (the derivative's own error plus the
+    # subtraction's); moving G to G_eff changes <G, P> - min_S <G, S> by at most 2 sum_i max_y |E_iy|.
+    E = _derivative_error(teacher, probs, dphi, n) + _gamma_n(3) * (G.abs() + Y.abs() + nu.abs()[..., None])
+    rowsum_minus_one = probs.sum(dim=2) - 1
+    nk = probs.shape[1] * probs.shape[2]
+    terms = ((R * probs).sum(dim=(1, 2)), (Y * slack).sum(dim=(1, 2)), (nu * rowsum_minus_one).sum(dim=1))
+    magnitudes = ((R * probs).abs().sum(dim=(1, 2)), (Y * slack).abs().sum(dim=(1, 2)),
+                  (nu.abs() * (rowsum_minus_one.abs() + _gamma_n(probs.shape[2] + 1) * (probs.abs().sum(2) + 1)))
+                  .sum(dim=1))
+    # <Y, P - gamma>: the computed slack has relative error <= u; its sum gamma_nk.
+    value = terms[0] + terms[1] + terms[2]
+    rounding = _gamma_n(nk + 4) * (magnitudes[0] + magnitudes[1]) + magnitudes[2] + _gamma_n(2) * magnitudes[1]
+    residual = math.sqrt(n) * cert.projected_residual_bound(R, rows)
+    edge = 2 * E.amax(dim=2).sum(dim=1) * (1 + rowsum_minus_one.abs().amax(dim=1) + 1e-15)
+    gap = (value + rounding + residual + edge) * (1 + _gamma_n(8))
+    gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap.clamp_min(0))
+    return gap, G
+
+
+class _Barrier:
+    """The centring problem's pieces for a working set of students (all tensors batched on axis 0)."""
+
+    def __init__(self, U, V, Q, gamma, loss, k):
+        self.U, self.V, self.Q, self.gamma, self.loss, self.k = U, V, Q, gamma, loss, k
+        self.n = U.shape[1]
+
+    def probs(self, D):
+        return 1.0 / self.k + self.U @ (D @ self.V.T)
+
+    def value(self, P, t):
+        """``t Phi(P) - sum log(P - gamma)`` per student (``inf`` outside the domain)."""
+        slack = P - self.gamma
+        phi = self.loss.per_sample(self.Q, P).mean(dim=1)
+        barrier = -torch.log(slack.clamp_min(0)).sum(dim=(1, 2))
+        out = t * phi + barrier
+        return torch.where((slack > 0).all(dim=2).all(dim=1) & torch.isfinite(out), out,
+                           torch.full_like(out, float("inf")))
+
+    def newton(self, P, t, keep):
+        """Newton direction ``(b, r, k-1)``, the gradient and half the squared decrement."""
+        b, n, k = P.shape
+        r = self.U.shape[2]
+        slack = P - self.gamma
+        gP = t[:, None, None] * self.loss.grad_student(self.Q, P) / n - 1.0 / slack
+        w = t[:, None, None] * self.loss.curvature_student(self.Q, P) / n + slack.pow(-2)
+        if self.loss.pins_student_to_teacher_support:  # no zeros reach here; keep the formula honest
+            w = torch.where(self.Q > 0, w, slack.pow(-2))
+        grad = (self.U.transpose(1, 2) @ gP) @ self.V  # (b, r, k-1)
+        if k == 2:
+            # V = (1, -1)/sqrt 2: the Hessian is U^T diag((w_0 + w_1)/2) U.
+            Y = self.U * ((w[..., 0] + w[..., 1]) / 2).sqrt()[..., None]
+            H = Y.transpose(1, 2) @ Y
+        else:
+            blocks = []
+            for y in range(k):
+                Y = self.U * w[..., y].sqrt()[..., None]
+                blocks.append(Y.transpose(1, 2) @ Y)
+            Hy = torch.stack(blocks, dim=1)  # (b, k, r, r)
+            H = torch.einsum("ya,yc,byij->biajc", self.V, self.V, Hy).reshape(b, r * (k - 1), r * (k - 1))
+        g = grad.reshape(b, -1)
+        free = keep[:, :, None].expand(b, r, k - 1).reshape(b, -1)
+        step = _solve_spd(H, -g, free)
+        decrement = -(g * step).sum(dim=1) / 2
+        step = step.reshape(b, r, k - 1)
+        return step, decrement, self.U @ (step @ self.V.T)
+
+
+def _solve_spd(H, rhs, free):
+    """Solve ``H d = rhs`` on ``free`` coordinates (``d = 0`` elsewhere) with a Jacobi-scaled Cholesky; a
+    relative ridge is added only where the factorisation fails."""
+    f = free.to(H.dtype)
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    s = torch.where(free & (diag > 0), diag, torch.ones_like(diag)).rsqrt()
+    Hs = H * (s * f)[:, :, None] * (s * f)[:, None, :]
+    hd = torch.diagonal(Hs, dim1=1, dim2=2)
+    hd.copy_(torch.where(free & (diag > 0), hd, torch.ones_like(hd)))
+    rs = rhs * s * f
+    d = rs.clone()
+    todo = torch.arange(H.shape[0], device=H.device)
+    for ridge in (0.0, 1e-14, 1e-10, 1e-6, 1e-2):
+        M = Hs[todo]
+        if ridge:
+            M = M + ridge * torch.eye(M.shape[1], dtype=M.dtype, device=M.device)
+        L, info = torch.linalg.cholesky_ex(M)
+        ok = info == 0
+        if ok.any():
+            d[todo[ok]] = torch.cholesky_solve(rs[todo[ok]][..., None], L[ok])[..., 0]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            break
+    return d * s * f
+
+
+def _to_parameters(D, Vh, S, keep, exponent, V, k):
+    """``(W, b)`` with ``[X, 1] [W^T; b^T] = 1 1^T / k + U D V^T`` (``U = Zs Vh^T S^{-1}`` on kept directions)."""
+    inv = torch.where(keep, 1.0 / S, torch.zeros_like(S))
+    theta_s = Vh.transpose(1, 2) @ ((inv[..., None] * D) @ V.T)  # (B, m+1, k) on the rescaled columns
+    # The bias column of Zs is 2**-e_bias; the constant 1/k needs theta = 2**e_bias / k on it.
+    theta_s[:, -1, :] += torch.ldexp(torch.full_like(theta_s[:, -1, :], 1.0 / k),
+                                      exponent[:, -1:].to(theta_s.dtype))
+    theta = torch.ldexp(theta_s, -exponent[:, :, None].to(theta_s.dtype))  # Z theta = Zs theta_s
+    return theta[:, :-1, :].transpose(1, 2).contiguous(), theta[:, -1, :].contiguous()
+
+
+def _predict_with_error(X, W, b):
+    """``probs = X W^T + b`` and an entrywise bound on its rounding, :math:`\\gamma_{m+1}(|X||W|^\\top + |b|)`."""
+    probs = LinearHead.predict(W, b, X)
+    err = _gamma_n(X.shape[-1] + 2) * (X.abs() @ W.abs().transpose(1, 2) + b.abs()[:, None, :])
+    return probs, err
+
+
+def fit_linear_batched(
+    features: torch.Tensor,
+    teacher: torch.Tensor,
+    loss: Loss,
+    *,
+    gamma: float = 0.0,
+    tol: float = 1e-10,
+    max_iter: int = 200,
+) -> FitResult:
+    r"""Fit ``B`` linear-head students at once and certify each (see the module docstring).
+
+    Args:
+        features: ``(B, n, m)`` (any real features; ``(n, m)`` is broadcast).
+        teacher: ``(B, n, k)`` rows in :math:`\Delta^k`.
+        loss: a :class:`~w2s_theory.divergences.Loss` convex in the student's probabilities.
+        gamma: the floor, ``0 <= gamma < 1/k``.
+        tol: stop a student once its certified gap is at most ``tol``.
+        max_iter: Newton steps per student at most.
+
+    Returns:
+        A :class:`FitResult` with ``params = {"W": (B, k, m), "b": (B, k)}``, ``probs = X W^T + b``, the
+        certified ``gap`` (``inf`` where infeasible or not provable, with the reason in ``info["reasons"]``).
+    """
+    if not loss.convex_in_probabilities:
+        raise ValueError(f"loss {loss.name!r} is not convex in the student's probabilities")
+    B, n, k = teacher.shape
+    if not 0 <= gamma < 1 / k:
+        raise ValueError(f"gamma = {gamma} for the linear head: the floor must satisfy 0 <= gamma < 1/k = {1 / k:.4g}")
+    X = features if features.ndim == 3 else features.expand(B, *features.shape)
+    m = X.shape[2]
+    dev, dtype = teacher.device, torch.float64
+    X, Q = X.to(dtype), teacher.to(dtype)
+
+    pinned = loss.pins_student_to_teacher_support & (Q == 0).flatten(1).any(dim=1)
+    face = pinned.nonzero()[:, 0]
+    inner = (~pinned).nonzero()[:, 0]
+    parts = {}
+    if inner.numel():
+        parts["inner"] = _fit_interior(X[inner], Q[inner], loss, gamma, tol, max_iter)
+    if face.numel():
+        parts["face"] = _fit_face(X[face], Q[face], loss, gamma)
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    order = torch.cat([inner, face])
+    joined = FitResult.concat([parts["inner"], parts["face"]])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(B, device=dev)
+    take = lambda x: x[inverse]  # noqa: E731
+    info = dict(parts["inner"].info)
+    for key in ("numerical_span", "reasons"):
+        v_in, v_face = parts["inner"].info[key], parts["face"].info[key]
+        info[key] = take(torch.cat([v_in, v_face])) if key == "numerical_span" else \
+            [(v_in + v_face)[int(i)] for i in inverse]
+    info["reference_students"] = face
+    return FitResult(
+        head="linear", loss=loss.name, params={name: take(v) for name, v in joined.params.items()},
+        probs=take(joined.probs), objective=take(joined.objective), gap=take(joined.gap),
+        certificate="frank_wolfe", grad_norm=take(joined.grad_norm), iterations=take(joined.iterations),
+        converged=take(joined.converged), method=parts["inner"].method, info=info,
+    )
+
+
+def _fit_face(X, Q, loss, gamma) -> FitResult:
+    """Reverse losses with teacher zeros: the feasible set is a face of the polytope (pinned zeros); the exact
+    reference finds it by linear programs. With ``gamma > 0`` no member has a finite loss."""
+    from .reference import fit_reference
+
+    B, n, k = Q.shape
+    results = []
+    for b in range(B):
+        if gamma > 0:
+            res = _infeasible(X.shape[2], n, k, loss, X.device)
+        else:
+            res = fit_reference(X[b].cpu().numpy(), Q[b].cpu().numpy(), loss.name, "linear", gamma=0.0)
+            res = FitResult(head="linear", loss=loss.name, params={n_: v.to(X.device) for n_, v in res.params.items()},
+                            probs=res.probs.to(X.device), objective=res.objective.to(X.device),
+                            gap=res.gap.to(X.device), certificate="frank_wolfe",
+                            grad_norm=res.grad_norm.to(X.device), iterations=res.iterations.to(X.device),
+                            converged=res.converged.to(X.device), method="log-barrier-newton",
+                            info={"numerical_span": torch.ones(1, dtype=torch.bool, device=X.device),
+                                  "reasons": ["teacher zeros under a reverse loss: solved on the face by the "
+                                              "cvxpy reference"]})
+        results.append(res)
+    out = FitResult.concat(results)
+    out.info = {"numerical_span": torch.cat([r.info["numerical_span"] for r in results]),
+                "reasons": [r.info["reasons"][0] for r in results]}
+    return out
+
+
+def _infeasible(m, n, k, loss, device) -> FitResult:
+    nan = lambda *shape: torch.full(shape, float("nan"), dtype=torch.float64, device=device)  # noqa: E731
+    inf = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
+    return FitResult(head="linear", loss=loss.name, params={"W": nan(1, k, m), "b": nan(1, k)}, probs=nan(1, n, k),
+                     objective=inf, gap=inf.clone(), certificate="frank_wolfe", grad_norm=nan(1),
+                     iterations=torch.zeros(1, dtype=torch.long, device=device),
+                     converged=torch.zeros(1, dtype=torch.bool, device=device), method="log-barrier-newton",
+                     info={"numerical_span": torch.zeros(1, dtype=torch.bool, device=device),
+                           "reasons": ["infeasible: teacher zeros pin predictions to 0 below the floor gamma > 0"]})
+
+
+def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
+    B, n, k = Q.shape
+    m = X.shape[2]
+    dev, dtype = Q.device, Q.dtype
+    Zs, exponent = _scaled_design(X)
+    U, S, Vh = torch.linalg.svd(Zs, full_matrices=False)
+    rank_tol = max(n, m + 1) * torch.finfo(dtype).eps * S[:, :1]
+    keep = S > rank_tol
+    U = U * keep[:, None, :]
+    cert = _Certifier(Zs, U, keep)
+    V = _simplex_complement_basis(k, dtype, dev)
+    nk = n * k
+
+    D = torch.zeros((B, m + 1, k - 1), dtype=dtype, device=dev)
+    t = torch.full((B,), 10.0 * nk, dtype=dtype, device=dev)  # N/t = 0.1 at the start
+    t_final = 4.0 * nk / tol  # the barrier's own term N/t is then a quarter of the target
+    iterations = torch.zeros(B, dtype=torch.long, device=dev)
+    gap = torch.full((B,), float("inf"), dtype=dtype, device=dev)
+    running = torch.ones(B, dtype=torch.bool, device=dev)
+    all_rows = torch.arange(B, device=dev)
+    for _ in range(max_iter):
+        ws = running.nonzero()[:, 0]
+        if ws.numel() == 0:
+            break
+        bar = _Barrier(U[ws], V, Q[ws], gamma, loss, k)
+        Dw, tw = D[ws], t[ws]
+        P = bar.probs(Dw)
+        step, decrement, dP = bar.newton(P, tw, keep[ws])
+        # Certificate at the current point (cheap next to the Hessian): stop as soon as it is met.
+        g_now, _ = _certificate(cert, ws, Q[ws], P, tw, gamma, bar.U, loss, n, dP)
+        gap[ws] = g_now
+        done = g_now <= tol
+        # Fraction to the boundary, then Armijo backtracking on t Phi - sum log(P - gamma). Once the decrement
+        # is small the full Newton step is taken (its quadratic region), because at large t the decrease
+        # drowns in the rounding of t Phi.
+        slack = P - gamma
+        ratio = torch.where(dP < 0, slack / (-dP), torch.full_like(dP, float("inf"))).flatten(1).amin(dim=1)
+        alpha = torch.clamp(_TO_BOUNDARY * ratio, max=1.0)
+        f0 = bar.value(P, tw)
+        slope = -2 * decrement
+        tolerance = 64 * torch.finfo(dtype).eps * (f0.abs() + (slack.log().abs()).sum(dim=(1, 2)) + 1)
+        pending = ~done
+        for _ in range(_MAX_BACKTRACK):
+            if not pending.any():
+                break
+            trial = Dw + alpha[:, None, None] * step
+            f1 = bar.value(bar.probs(trial), tw)
+            ok = pending & ((f1 <= f0 + _ARMIJO * alpha * slope + tolerance)
+                            | ((decrement < _QUADRATIC) & (alpha >= _TO_BOUNDARY) & torch.isfinite(f1)))
+            Dw = torch.where(ok[:, None, None], trial, Dw)
+            pending = pending & ~ok
+            alpha = torch.where(pending, alpha / 2, alpha)
+        stalled = pending  # no acceptable step: keep the point; its certificate stands
+        centred = (decrement <= _CENTRED) | stalled
+        tw = torch.where(centred & ~done, torch.clamp(tw * _T_GROWTH, max=t_final), tw)
+        D[ws], t[ws] = Dw, tw
+        iterations[ws] += (~done).long()
+        # A student stops when certified, or when it is centred at t_final and a step no longer helps.
+        finished = done | ((tw >= t_final) & (stalled | (decrement <= 1e-14)))
+        running[ws[finished]] = False
+    W, b = _to_parameters(D, Vh, S, keep, exponent, V, k)
+    probs, err = _predict_with_error(X, W, b)
+    reasons = [""] * B
+    # The returned head must satisfy the floor exactly despite rounding: pull it toward the uniform head
+    # (in the class, strictly above the floor) where it does not.
+    low = ((probs - err) < gamma).flatten(1).any(dim=1)
+    for lam in (1e-12, 1e-9, 1e-6, 1e-3):
+        if not low.any():
+            break
+        W = torch.where(low[:, None, None], (1 - lam) * W, W)
+        b = torch.where(low[:, None], (1 - lam) * b + lam / k, b)
+        probs, err = _predict_with_error(X, W, b)
+        low = ((probs - err) < gamma).flatten(1).any(dim=1)
+    bar = _Barrier(U, V, Q, gamma, loss, k)
+    _, _, dP = bar.newton(probs, t, keep)
+    final_gap, G = _certificate(cert, all_rows, Q, probs, t, gamma, U, loss, n, dP)
+    final_gap = torch.where(low, torch.full_like(final_gap, float("inf")), final_gap)
+    for i in low.nonzero()[:, 0].tolist():
+        reasons[i] = "uncertified: the head's outputs are within rounding of the floor gamma"
+    for i in (~torch.isfinite(final_gap) & ~low).nonzero()[:, 0].tolist():
+        reasons[i] = "uncertified: no lower bound on the feature matrix's smallest singular value"
+    objective = loss.per_sample(Q, probs).mean(dim=1)
+    Gc = G - G.mean(dim=2, keepdim=True)
+    grad_norm = (U.transpose(1, 2) @ Gc).flatten(1).norm(dim=1)
+    return FitResult(
+        head="linear", loss=loss.name, params={"W": W, "b": b}, probs=probs, objective=objective, gap=final_gap,
+        certificate="frank_wolfe", grad_norm=grad_norm, iterations=iterations, converged=final_gap <= tol,
+        method="log-barrier-newton",
+        info={"numerical_span": ~cert.exact, "reasons": reasons, "tol": tol, "gamma": gamma,
+              "max_row_sum_error": float((probs.sum(dim=2) - 1).abs().max()) if B else 0.0},
+    )
+
+
+def bench_linear(B: int = 1000, *, n: int = 2000, m: int = 16, k: int = 2, loss: str = "forward_kl",
+                 gamma: float = 0.0, cvxpy_students: int = 3, seed: int = 0, device: str = "cpu") -> dict:
+    """Time the batched linear-head solver on ``B`` random students against cvxpy on ``cvxpy_students`` of them.
+
+    Features are Gaussian ``(B, n, m)``, teachers Dirichlet(1). Returns seconds per student for both, the
+    ratio, the worst certified gap and the worst objective difference to cvxpy on the shared students.
+    """
+    from .reference import fit_reference
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(B, n, m))
+    Q = rng.dirichlet(np.ones(k), size=(B, n))
+    lo = get_loss(loss)
+    Xt, Qt = torch.as_tensor(X, device=device), torch.as_tensor(Q, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    res = fit_linear_batched(Xt, Qt, lo, gamma=gamma)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    batched = (time.perf_counter() - start) / B
+    ref_time, diffs = [], []
+    for b in range(min(cvxpy_students, B)):
+        start = time.perf_counter()
+        ref = fit_reference(X[b], Q[b], loss, "linear", gamma=gamma)
+        ref_time.append(time.perf_counter() - start)
+        diffs.append(abs(float(ref.objective[0]) - float(res.objective[b])))
+    cvxpy = float(np.mean(ref_time)) if ref_time else float("nan")
+    return {"B": B, "n": n, "m": m, "k": k, "loss": loss, "device": device,
+            "s_per_student": batched, "cvxpy_s_per_student": cvxpy, "ratio_vs_cvxpy": cvxpy / batched,
+            "worst_gap": float(res.gap.max()), "converged": int(res.converged.sum()),
+            "max_objective_difference_vs_cvxpy": max(diffs) if diffs else float("nan"),
+            "median_iterations": float(res.iterations.double().median())}
