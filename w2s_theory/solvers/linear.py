@@ -70,13 +70,15 @@ __all__ = ["fit_linear_batched", "bench_linear"]
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 50
 #: The barrier parameter grows by this factor each time a student is centred.
-_T_GROWTH = 20.0
+_T_GROWTH = 100.0
 #: A student counts as centred once half its squared Newton decrement is below this.
 _CENTRED = 1e-3
 #: Fraction of the step to the floor that a Newton step may take.
 _TO_BOUNDARY = 0.99
 #: Below this half squared Newton decrement a full step is taken without the Armijo test.
 _QUADRATIC = 0.05
+#: CPU sub-batch size, in bytes of the orthonormal basis U.
+_SUB_BATCH_BYTES = 2**26
 
 
 def _gamma_n(count, dtype=torch.float64) -> float:
@@ -170,17 +172,23 @@ class _Certifier:
         self.sigma = sigma
         # Uniform width for batched products: pad with zero columns (they change neither M^T R nor the bound).
         width = max(M.shape[1] for M in self.M)
-        self.Mpad = torch.zeros((B, n, width), dtype=Zs.dtype, device=Zs.device)
-        for b, M in enumerate(self.M):
-            self.Mpad[b, :, : M.shape[1]] = M
+        if bool(self.exact.all()) and all(M.shape[1] == width for M in self.M):
+            self.Mpad = Zs
+        else:
+            self.Mpad = torch.zeros((B, n, width), dtype=Zs.dtype, device=Zs.device)
+            for b, M in enumerate(self.M):
+                self.Mpad[b, :, : M.shape[1]] = M
+        self.M_norm = self.Mpad.flatten(1).norm(dim=1) * (1 + _gamma_n(n * width + 2))
 
     def projected_residual_bound(self, R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         r"""Upper bound on :math:`\|\Pi R\|_F \le (\|\mathrm{fl}(M^\top R)\|_F + \gamma_n\||M|^\top|R|\|_F)/\sigma`."""
-        M = self.Mpad[rows]
+        full = rows.numel() == self.Mpad.shape[0] and bool((rows == torch.arange(rows.numel(), device=rows.device)).all())
+        M = self.Mpad if full else self.Mpad[rows]
         n = M.shape[1]
         MR = M.transpose(1, 2) @ R
-        err = _gamma_n(n + 2) * (M.abs().transpose(1, 2) @ R.abs())
-        num = (MR.flatten(1).norm(dim=1) + err.flatten(1).norm(dim=1)) * (1 + _gamma_n(2 * MR[0].numel() + 4))
+        # ||(|M|^T |R|)||_F <= ||M||_F ||R||_F (Cauchy-Schwarz entrywise): no pass over |M|.
+        err = _gamma_n(n + 2) * self.M_norm[rows] * R.flatten(1).norm(dim=1)
+        num = (MR.flatten(1).norm(dim=1) + err) * (1 + _gamma_n(2 * MR[0].numel() + 4))
         sigma = self.sigma[rows]
         return torch.where(sigma > 0, num / sigma.clamp_min(1e-300), torch.full_like(num, float("inf")))
 
@@ -234,6 +242,8 @@ class _Barrier:
     def __init__(self, U, V, Q, gamma, loss, k):
         self.U, self.V, self.Q, self.gamma, self.loss, self.k = U, V, Q, gamma, loss, k
         self.n = U.shape[1]
+        self._buffer = None
+        self.logQ = torch.log(Q) if loss.name in ("reverse_kl", "reverse_ce") else None
 
     def probs(self, D):
         return 1.0 / self.k + self.U @ (D @ self.V.T)
@@ -247,24 +257,45 @@ class _Barrier:
         return torch.where((slack > 0).all(dim=2).all(dim=1) & torch.isfinite(out), out,
                            torch.full_like(out, float("inf")))
 
+    def derivatives(self, P, t):
+        r"""Gradient ``t l'/n - 1/(P - gamma)`` and diagonal curvature ``t l''/n + (P - gamma)^{-2}`` of the
+        centring objective in ``P``, written out per loss with few passes over ``(b, n, k)`` (they dominate
+        the cost). Iterates are strictly above the floor, so ``P > 0`` and ``-q/p`` is 0 where ``q = 0``."""
+        c = (t / self.n)[:, None, None]
+        inv_s = (P - self.gamma).reciprocal_() if self.gamma else P.reciprocal()
+        name = self.loss.name
+        if name in ("forward_kl", "forward_ce"):
+            ratio = self.Q / P
+            gP = torch.addcmul(-inv_s, ratio, c, value=-1.0)
+            w = ratio.div_(P).mul_(c).addcmul_(inv_s, inv_s)
+        elif name == "reverse_kl":
+            gP = (torch.log(P).sub_(self.logQ).add_(1)).mul_(c).sub_(inv_s)
+            w = P.reciprocal().mul_(c).addcmul_(inv_s, inv_s)
+        elif name == "reverse_ce":
+            gP = (-self.logQ * c).sub_(inv_s)
+            w = inv_s * inv_s
+        else:  # generic: the loss's own derivatives
+            gP = c * self.loss.grad_student(self.Q, P) - inv_s
+            w = (c * self.loss.curvature_student(self.Q, P)).addcmul_(inv_s, inv_s)
+        return gP, w
+
     def newton(self, P, t, keep):
         """Newton direction ``(b, r, k-1)``, the gradient and half the squared decrement."""
         b, n, k = P.shape
         r = self.U.shape[2]
-        slack = P - self.gamma
-        gP = t[:, None, None] * self.loss.grad_student(self.Q, P) / n - 1.0 / slack
-        w = t[:, None, None] * self.loss.curvature_student(self.Q, P) / n + slack.pow(-2)
-        if self.loss.pins_student_to_teacher_support:  # no zeros reach here; keep the formula honest
-            w = torch.where(self.Q > 0, w, slack.pow(-2))
+        gP, w = self.derivatives(P, t)
         grad = (self.U.transpose(1, 2) @ gP) @ self.V  # (b, r, k-1)
+        if self._buffer is None:  # sqrt(w) U, allocated once (fresh pages every iteration cost more than the product)
+            self._buffer = torch.empty_like(self.U)
+        Y = self._buffer
         if k == 2:
             # V = (1, -1)/sqrt 2: the Hessian is U^T diag((w_0 + w_1)/2) U.
-            Y = self.U * ((w[..., 0] + w[..., 1]) / 2).sqrt()[..., None]
+            torch.mul(self.U, w.sum(dim=2, keepdim=True).mul_(0.5).sqrt_(), out=Y)
             H = Y.transpose(1, 2) @ Y
         else:
             blocks = []
             for y in range(k):
-                Y = self.U * w[..., y].sqrt()[..., None]
+                torch.mul(self.U, w[..., y : y + 1].sqrt(), out=Y)
                 blocks.append(Y.transpose(1, 2) @ Y)
             Hy = torch.stack(blocks, dim=1)  # (b, k, r, r)
             H = torch.einsum("ya,yc,byij->biajc", self.V, self.V, Hy).reshape(b, r * (k - 1), r * (k - 1))
@@ -358,28 +389,37 @@ def fit_linear_batched(
     inner = (~pinned).nonzero()[:, 0]
     parts = {}
     if inner.numel():
-        parts["inner"] = _fit_interior(X[inner], Q[inner], loss, gamma, tol, max_iter)
+        # On CPU, sub-batches of about 64 MiB of basis: a student's arithmetic does not depend on its batch,
+        # and one huge batch pays for fresh memory pages every iteration.
+        size = inner.numel() if dev.type != "cpu" else max(1, _SUB_BATCH_BYTES // (8 * n * (m + 1)))
+        chunks = [inner[s : s + size] for s in range(0, inner.numel(), size)]
+        parts["inner"] = _concat([_fit_interior(X[c], Q[c], loss, gamma, tol, max_iter) for c in chunks])
     if face.numel():
         parts["face"] = _fit_face(X[face], Q[face], loss, gamma)
     if len(parts) == 1:
         return next(iter(parts.values()))
-    order = torch.cat([inner, face])
-    joined = FitResult.concat([parts["inner"], parts["face"]])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(B, device=dev)
+    joined = _concat([parts["inner"], parts["face"]])
+    inverse = torch.empty(B, dtype=torch.long, device=dev)
+    inverse[torch.cat([inner, face])] = torch.arange(B, device=dev)
     take = lambda x: x[inverse]  # noqa: E731
-    info = dict(parts["inner"].info)
-    for key in ("numerical_span", "reasons"):
-        v_in, v_face = parts["inner"].info[key], parts["face"].info[key]
-        info[key] = take(torch.cat([v_in, v_face])) if key == "numerical_span" else \
-            [(v_in + v_face)[int(i)] for i in inverse]
-    info["reference_students"] = face
+    info = dict(joined.info, numerical_span=take(joined.info["numerical_span"]),
+                reasons=[joined.info["reasons"][int(i)] for i in inverse], reference_students=face)
     return FitResult(
         head="linear", loss=loss.name, params={name: take(v) for name, v in joined.params.items()},
         probs=take(joined.probs), objective=take(joined.objective), gap=take(joined.gap),
         certificate="frank_wolfe", grad_norm=take(joined.grad_norm), iterations=take(joined.iterations),
         converged=take(joined.converged), method=parts["inner"].method, info=info,
     )
+
+
+def _concat(parts: list[FitResult]) -> FitResult:
+    """:meth:`FitResult.concat` that also joins the per-student entries of ``info``."""
+    if len(parts) == 1:
+        return parts[0]
+    out = FitResult.concat(parts)
+    out.info["numerical_span"] = torch.cat([p.info["numerical_span"] for p in parts])
+    out.info["reasons"] = [r for p in parts for r in p.info["reasons"]]
+    return out
 
 
 def _fit_face(X, Q, loss, gamma) -> FitResult:
@@ -403,10 +443,7 @@ def _fit_face(X, Q, loss, gamma) -> FitResult:
                                   "reasons": ["teacher zeros under a reverse loss: solved on the face by the "
                                               "cvxpy reference"]})
         results.append(res)
-    out = FitResult.concat(results)
-    out.info = {"numerical_span": torch.cat([r.info["numerical_span"] for r in results]),
-                "reasons": [r.info["reasons"][0] for r in results]}
-    return out
+    return _concat(results)
 
 
 def _infeasible(m, n, k, loss, device) -> FitResult:
@@ -437,49 +474,61 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     t = torch.full((B,), 10.0 * nk, dtype=dtype, device=dev)  # N/t = 0.1 at the start
     t_final = 4.0 * nk / tol  # the barrier's own term N/t is then a quarter of the target
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
-    gap = torch.full((B,), float("inf"), dtype=dtype, device=dev)
-    running = torch.ones(B, dtype=torch.bool, device=dev)
     all_rows = torch.arange(B, device=dev)
+    # Working set: students still iterating, plus finished ones until compaction (indexing copies U, so the
+    # set is compacted only once it has thinned out; finished students are carried along unchanged).
+    ws = all_rows
+    bar = _Barrier(U, V, Q, gamma, loss, k)
+    Dw, tw, keepw = D.clone(), t.clone(), keep
+    run = torch.ones(B, dtype=torch.bool, device=dev)
     for _ in range(max_iter):
-        ws = running.nonzero()[:, 0]
-        if ws.numel() == 0:
+        if not run.any():
             break
-        bar = _Barrier(U[ws], V, Q[ws], gamma, loss, k)
-        Dw, tw = D[ws], t[ws]
+        if run.sum() < 0.5 * run.numel():
+            D[ws], t[ws] = Dw, tw
+            sel = run.nonzero()[:, 0]
+            ws, Dw, tw, keepw, run = ws[sel], Dw[sel], tw[sel], keepw[sel], run[sel]
+            bar = _Barrier(U[ws], V, Q[ws], gamma, loss, k)
         P = bar.probs(Dw)
-        step, decrement, dP = bar.newton(P, tw, keep[ws])
-        # Certificate at the current point (cheap next to the Hessian): stop as soon as it is met.
-        g_now, _ = _certificate(cert, ws, Q[ws], P, tw, gamma, bar.U, loss, n, dP)
-        gap[ws] = g_now
-        done = g_now <= tol
+        step, decrement, dP = bar.newton(P, tw, keepw)
+        # Certificate at the current point, once it can be met: it is at least about N/t (the multipliers'
+        # complementarity), so before t reaches t_final it is not computed.
+        done = ~run
+        near = ((tw >= t_final) & run).nonzero()[:, 0]
+        if near.numel():
+            g_now, _ = _certificate(cert, ws[near], bar.Q[near], P[near], tw[near], gamma, bar.U[near], loss, n,
+                                    dP[near])
+            done[near] = g_now <= tol
         # Fraction to the boundary, then Armijo backtracking on t Phi - sum log(P - gamma). Once the decrement
         # is small the full Newton step is taken (its quadratic region), because at large t the decrease
         # drowns in the rounding of t Phi.
         slack = P - gamma
-        ratio = torch.where(dP < 0, slack / (-dP), torch.full_like(dP, float("inf"))).flatten(1).amin(dim=1)
-        alpha = torch.clamp(_TO_BOUNDARY * ratio, max=1.0)
-        f0 = bar.value(P, tw)
-        slope = -2 * decrement
-        tolerance = 64 * torch.finfo(dtype).eps * (f0.abs() + (slack.log().abs()).sum(dim=(1, 2)) + 1)
+        shrink = (dP / slack).flatten(1).amin(dim=1)  # the floor is reached at step -1/shrink when shrink < 0
+        alpha = torch.where(shrink < 0, _TO_BOUNDARY / (-shrink), torch.ones_like(shrink)).clamp(max=1.0)
         pending = ~done
+        quadratic = (decrement < _QUADRATIC) & (alpha >= 1)
+        Dw = torch.where((pending & quadratic)[:, None, None], Dw + step, Dw)
+        pending = pending & ~quadratic
+        if pending.any():
+            f0 = bar.value(P, tw)
+            slope = -2 * decrement
+            tolerance = 64 * torch.finfo(dtype).eps * (f0.abs() + (slack.log().abs()).sum(dim=(1, 2)) + 1)
         for _ in range(_MAX_BACKTRACK):
             if not pending.any():
                 break
             trial = Dw + alpha[:, None, None] * step
             f1 = bar.value(bar.probs(trial), tw)
-            ok = pending & ((f1 <= f0 + _ARMIJO * alpha * slope + tolerance)
-                            | ((decrement < _QUADRATIC) & (alpha >= _TO_BOUNDARY) & torch.isfinite(f1)))
+            ok = pending & (f1 <= f0 + _ARMIJO * alpha * slope + tolerance)
             Dw = torch.where(ok[:, None, None], trial, Dw)
             pending = pending & ~ok
             alpha = torch.where(pending, alpha / 2, alpha)
         stalled = pending  # no acceptable step: keep the point; its certificate stands
         centred = (decrement <= _CENTRED) | stalled
         tw = torch.where(centred & ~done, torch.clamp(tw * _T_GROWTH, max=t_final), tw)
-        D[ws], t[ws] = Dw, tw
-        iterations[ws] += (~done).long()
+        iterations[ws[~done]] += 1
         # A student stops when certified, or when it is centred at t_final and a step no longer helps.
-        finished = done | ((tw >= t_final) & (stalled | (decrement <= 1e-14)))
-        running[ws[finished]] = False
+        run = run & ~(done | ((tw >= t_final) & (stalled | (decrement <= 1e-14))))
+    D[ws], t[ws] = Dw, tw
     W, b = _to_parameters(D, Vh, S, keep, exponent, V, k)
     probs, err = _predict_with_error(X, W, b)
     reasons = [""] * B
