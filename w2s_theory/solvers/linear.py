@@ -249,13 +249,20 @@ class _Barrier:
         return 1.0 / self.k + self.U @ (D @ self.V.T)
 
     def value(self, P, t):
-        """``t Phi(P) - sum log(P - gamma)`` per student (``inf`` outside the domain)."""
+        """``t Phi(P) - sum log(P - gamma)`` per student, up to a constant (``inf`` outside the domain)."""
         slack = P - self.gamma
-        phi = self.loss.per_sample(self.Q, P).mean(dim=1)
-        barrier = -torch.log(slack.clamp_min(0)).sum(dim=(1, 2))
-        out = t * phi + barrier
-        return torch.where((slack > 0).all(dim=2).all(dim=1) & torch.isfinite(out), out,
-                           torch.full_like(out, float("inf")))
+        name = self.loss.name
+        if name in ("forward_kl", "forward_ce"):
+            phi = -(self.Q * torch.log(P)).sum(dim=(1, 2))  # the teacher's entropy is a constant
+        elif name == "reverse_kl":
+            phi = (P * (torch.log(P) - self.logQ)).sum(dim=(1, 2))
+        elif name == "reverse_ce":
+            phi = -(P * self.logQ).sum(dim=(1, 2))
+        else:
+            phi = self.loss.per_sample(self.Q, P).sum(dim=1)
+        out = t * phi / self.n - torch.log(slack).sum(dim=(1, 2))
+        feasible = (slack > 0).flatten(1).all(dim=1) & torch.isfinite(out)
+        return torch.where(feasible, out, torch.full_like(out, float("inf")))
 
     def derivatives(self, P, t):
         r"""Gradient ``t l'/n - 1/(P - gamma)`` and diagonal curvature ``t l''/n + (P - gamma)^{-2}`` of the
@@ -480,16 +487,18 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     ws = all_rows
     bar = _Barrier(U, V, Q, gamma, loss, k)
     Dw, tw, keepw = D.clone(), t.clone(), keep
+    P = bar.probs(Dw)
     run = torch.ones(B, dtype=torch.bool, device=dev)
+    best = torch.full((B,), float("inf"), dtype=dtype, device=dev)
+    stale = torch.zeros(B, dtype=torch.long, device=dev)
     for _ in range(max_iter):
         if not run.any():
             break
-        if run.sum() < 0.5 * run.numel():
+        if run.sum() < 0.25 * run.numel():
             D[ws], t[ws] = Dw, tw
             sel = run.nonzero()[:, 0]
-            ws, Dw, tw, keepw, run = ws[sel], Dw[sel], tw[sel], keepw[sel], run[sel]
+            ws, Dw, tw, keepw, run, P, best, stale = (x[sel] for x in (ws, Dw, tw, keepw, run, P, best, stale))
             bar = _Barrier(U[ws], V, Q[ws], gamma, loss, k)
-        P = bar.probs(Dw)
         step, decrement, dP = bar.newton(P, tw, keepw)
         # Certificate at the current point, once it can be met: it is at least about N/t (the multipliers'
         # complementarity), so before t reaches t_final it is not computed.
@@ -499,35 +508,37 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
             g_now, _ = _certificate(cert, ws[near], bar.Q[near], P[near], tw[near], gamma, bar.U[near], loss, n,
                                     dP[near])
             done[near] = g_now <= tol
+            # At t_final a student whose certificate stopped improving is finished (rounding-limited).
+            improved = g_now < 0.5 * best[near]
+            best[near] = torch.minimum(best[near], g_now)
+            stale[near] = torch.where(improved, torch.zeros_like(stale[near]), stale[near] + 1)
         # Fraction to the boundary, then Armijo backtracking on t Phi - sum log(P - gamma). Once the decrement
         # is small the full Newton step is taken (its quadratic region), because at large t the decrease
-        # drowns in the rounding of t Phi.
+        # drowns in the rounding of t Phi; the certificate, not the descent, decides when to stop.
         slack = P - gamma
         shrink = (dP / slack).flatten(1).amin(dim=1)  # the floor is reached at step -1/shrink when shrink < 0
         alpha = torch.where(shrink < 0, _TO_BOUNDARY / (-shrink), torch.ones_like(shrink)).clamp(max=1.0)
-        pending = ~done
-        quadratic = (decrement < _QUADRATIC) & (alpha >= 1)
-        Dw = torch.where((pending & quadratic)[:, None, None], Dw + step, Dw)
-        pending = pending & ~quadratic
+        alpha = torch.where(done | ((decrement < _QUADRATIC) & (alpha >= 1)), alpha, -alpha)  # < 0: to test
+        pending = alpha < 0
+        alpha = alpha.abs()
         if pending.any():
             f0 = bar.value(P, tw)
             slope = -2 * decrement
-            tolerance = 64 * torch.finfo(dtype).eps * (f0.abs() + (slack.log().abs()).sum(dim=(1, 2)) + 1)
+            tolerance = 64 * torch.finfo(dtype).eps * (f0.abs() + 1)
         for _ in range(_MAX_BACKTRACK):
             if not pending.any():
                 break
-            trial = Dw + alpha[:, None, None] * step
-            f1 = bar.value(bar.probs(trial), tw)
-            ok = pending & (f1 <= f0 + _ARMIJO * alpha * slope + tolerance)
-            Dw = torch.where(ok[:, None, None], trial, Dw)
+            f1 = bar.value(P + alpha[:, None, None] * dP, tw)
+            ok = f1 <= f0 + _ARMIJO * alpha * slope + tolerance
             pending = pending & ~ok
             alpha = torch.where(pending, alpha / 2, alpha)
-        stalled = pending  # no acceptable step: keep the point; its certificate stands
-        centred = (decrement <= _CENTRED) | stalled
+        alpha = torch.where(done | pending, torch.zeros_like(alpha), alpha)  # pending: no acceptable step
+        Dw = Dw + alpha[:, None, None] * step
+        P = P + alpha[:, None, None] * dP
+        centred = decrement <= _CENTRED
         tw = torch.where(centred & ~done, torch.clamp(tw * _T_GROWTH, max=t_final), tw)
         iterations[ws[~done]] += 1
-        # A student stops when certified, or when it is centred at t_final and a step no longer helps.
-        run = run & ~(done | ((tw >= t_final) & (stalled | (decrement <= 1e-14))))
+        run = run & ~done & ~(stale >= 4) & ~(pending & (tw >= t_final))
     D[ws], t[ws] = Dw, tw
     W, b = _to_parameters(D, Vh, S, keep, exponent, V, k)
     probs, err = _predict_with_error(X, W, b)
