@@ -70,9 +70,9 @@ __all__ = ["fit_linear_batched", "bench_linear"]
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 50
 #: The barrier parameter grows by this factor each time a student is centred.
-_T_GROWTH = 100.0
+_T_GROWTH = 1000.0
 #: A student counts as centred once half its squared Newton decrement is below this.
-_CENTRED = 1e-3
+_CENTRED = 0.05
 #: Fraction of the step to the floor that a Newton step may take.
 _TO_BOUNDARY = 0.99
 #: Below this half squared Newton decrement a full step is taken without the Armijo test.
