@@ -77,6 +77,8 @@ _CENTRED = 0.05
 _TO_BOUNDARY = 0.99
 #: Below this half squared Newton decrement a full step is taken without the Armijo test.
 _QUADRATIC = 0.05
+#: Largest rounding bound on the returned head's predictions for which it is certified.
+_REPRODUCIBLE = 1e-13
 #: CPU sub-batch size, in bytes of the orthonormal basis U.
 _SUB_BATCH_BYTES = 2**26
 
@@ -168,7 +170,7 @@ class _Certifier:
             else:
                 Ur = U[b][:, keep[b]]
                 self.M[b] = Ur
-                sigma[b] = _smallest_singular_value_lower_bound(Ur[None])[0]
+                sigma[b] = _smallest_singular_value_lower_bound(Ur[None])[0] if Ur.shape[1] else 0.0
         self.sigma = sigma
         # Uniform width for batched products: pad with zero columns (they change neither M^T R nor the bound).
         width = max(M.shape[1] for M in self.M)
@@ -204,7 +206,7 @@ def _derivative_error(teacher, probs, dphi, n):
 
 
 def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, dP):
-    """The dual Frank–Wolfe bound at ``probs`` (see the module docstring), with every rounding allowance.
+    r"""The dual Frank–Wolfe bound at ``probs`` (see the module docstring), with every rounding allowance.
 
     ``dP`` is the barrier's Newton step at ``probs``; the multipliers are the primal–dual estimate
     :math:`Y = (1 - \Delta P/(P-\gamma))/(t(P-\gamma))` (clipped at 0), whose residual is second order in the
@@ -246,7 +248,7 @@ class _Barrier:
         self.logQ = torch.log(Q) if loss.name in ("reverse_kl", "reverse_ce") else None
 
     def probs(self, D):
-        return 1.0 / self.k + self.U @ (D @ self.V.T)
+        return 1.0 / self.k + self.U @ _times(D, self.V.T)
 
     def value(self, P, t):
         """``t Phi(P) - sum log(P - gamma)`` per student, up to a constant (``inf`` outside the domain)."""
@@ -291,7 +293,7 @@ class _Barrier:
         b, n, k = P.shape
         r = self.U.shape[2]
         gP, w = self.derivatives(P, t)
-        grad = (self.U.transpose(1, 2) @ gP) @ self.V  # (b, r, k-1)
+        grad = _times(self.U.transpose(1, 2) @ gP, self.V)  # (b, r, k-1)
         if self._buffer is None:  # sqrt(w) U, allocated once (fresh pages every iteration cost more than the product)
             self._buffer = torch.empty_like(self.U)
         Y = self._buffer
@@ -305,13 +307,21 @@ class _Barrier:
                 torch.mul(self.U, w[..., y : y + 1].sqrt(), out=Y)
                 blocks.append(Y.transpose(1, 2) @ Y)
             Hy = torch.stack(blocks, dim=1)  # (b, k, r, r)
-            H = torch.einsum("ya,yc,byij->biajc", self.V, self.V, Hy).reshape(b, r * (k - 1), r * (k - 1))
+            H = sum(Hy[:, y, :, None, :, None] * (self.V[y, :, None] * self.V[y, None, :])[None, None, :, None, :]
+                    for y in range(k)).reshape(b, r * (k - 1), r * (k - 1))
         g = grad.reshape(b, -1)
         free = keep[:, :, None].expand(b, r, k - 1).reshape(b, -1)
         step = _solve_spd(H, -g, free)
         decrement = -(g * step).sum(dim=1) / 2
         step = step.reshape(b, r, k - 1)
-        return step, decrement, self.U @ (step @ self.V.T)
+        return step, decrement, self.U @ _times(step, self.V.T)
+
+
+def _times(A, M):
+    """``A @ M`` for a small matrix ``M`` ``(p, q)`` as explicit sums of products: the result for one student
+    is then the same whatever the batch (a broadcast matmul folds the batch into one GEMM, whose blocking,
+    and so its last bits, depend on the batch size)."""
+    return sum(A[..., j, None] * M[j] for j in range(M.shape[0]))
 
 
 def _solve_spd(H, rhs, free):
@@ -343,7 +353,7 @@ def _solve_spd(H, rhs, free):
 def _to_parameters(D, Vh, S, keep, exponent, V, k):
     """``(W, b)`` with ``[X, 1] [W^T; b^T] = 1 1^T / k + U D V^T`` (``U = Zs Vh^T S^{-1}`` on kept directions)."""
     inv = torch.where(keep, 1.0 / S, torch.zeros_like(S))
-    theta_s = Vh.transpose(1, 2) @ ((inv[..., None] * D) @ V.T)  # (B, m+1, k) on the rescaled columns
+    theta_s = Vh.transpose(1, 2) @ _times(inv[..., None] * D, V.T)  # (B, m+1, k) on the rescaled columns
     # The bias column of Zs is 2**-e_bias; the constant 1/k needs theta = 2**e_bias / k on it.
     theta_s[:, -1, :] += torch.ldexp(torch.full_like(theta_s[:, -1, :], 1.0 / k),
                                       exponent[:, -1:].to(theta_s.dtype))
@@ -477,7 +487,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     V = _simplex_complement_basis(k, dtype, dev)
     nk = n * k
 
-    D = torch.zeros((B, m + 1, k - 1), dtype=dtype, device=dev)
+    D = torch.zeros((B, U.shape[2], k - 1), dtype=dtype, device=dev)  # U has min(n, m + 1) columns
     t = torch.full((B,), 10.0 * nk, dtype=dtype, device=dev)  # N/t = 0.1 at the start
     t_final = 4.0 * nk / tol  # the barrier's own term N/t is then a quarter of the target
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
@@ -556,10 +566,22 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     bar = _Barrier(U, V, Q, gamma, loss, k)
     _, _, dP = bar.newton(probs, t, keep)
     final_gap, G = _certificate(cert, all_rows, Q, probs, t, gamma, U, loss, n, dP)
-    final_gap = torch.where(low, torch.full_like(final_gap, float("inf")), final_gap)
+    # The head's exact predictions Z theta differ from probs by at most err: the gap is widened so that it
+    # bounds the exact head's suboptimality too (first order plus the curvature on [P - err, P + err], where
+    # these losses' curvature is largest at the lower end), and a head whose predictions are reproducible
+    # only to more than _REPRODUCIBLE (huge coefficients on near-collinear features) is not certified.
+    lower_end = (probs - err).clamp_min(torch.finfo(dtype).tiny)
+    with torch.no_grad():
+        curvature = loss.curvature_student(Q, lower_end) / n
+    final_gap = final_gap + ((G.abs() * err).sum(dim=(1, 2)) + 0.5 * (curvature * err * err).sum(dim=(1, 2))) * 2
+    unreproducible = err.flatten(1).amax(dim=1) > _REPRODUCIBLE
+    final_gap = torch.where(low | unreproducible, torch.full_like(final_gap, float("inf")), final_gap)
+    for i in (unreproducible & ~low).nonzero()[:, 0].tolist():
+        reasons[i] = (f"uncertified: the head's predictions are reproducible only to +-{float(err[i].max()):.1e} "
+                      "(near-collinear features need huge coefficients)")
     for i in low.nonzero()[:, 0].tolist():
         reasons[i] = "uncertified: the head's outputs are within rounding of the floor gamma"
-    for i in (~torch.isfinite(final_gap) & ~low).nonzero()[:, 0].tolist():
+    for i in (~torch.isfinite(final_gap) & ~low & ~unreproducible).nonzero()[:, 0].tolist():
         reasons[i] = "uncertified: no lower bound on the feature matrix's smallest singular value"
     objective = loss.per_sample(Q, probs).mean(dim=1)
     Gc = G - G.mean(dim=2, keepdim=True)
