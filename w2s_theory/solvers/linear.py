@@ -69,6 +69,8 @@ __all__ = ["fit_linear_batched", "bench_linear"]
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 50
+#: The barrier parameter starts at about this times the number of floor constraints.
+_T_START = 100.0
 #: The barrier parameter grows by this factor each time a student is centred.
 _T_GROWTH = 1000.0
 #: A student counts as centred once half its squared Newton decrement is below this.
@@ -79,6 +81,9 @@ _TO_BOUNDARY = 0.99
 _QUADRATIC = 0.05
 #: Largest rounding bound on the returned head's predictions for which it is certified.
 _REPRODUCIBLE = 1e-13
+#: dtype of the Hessian products on CPU (the dominant cost). The gradient, the iterates and the certificate stay
+#: in float64; only the Newton direction is approximate.
+_HESSIAN_DTYPE = torch.float64
 #: CPU sub-batch size, in bytes of the orthonormal basis U.
 _SUB_BATCH_BYTES = 2**26
 
@@ -252,6 +257,7 @@ class _Barrier:
         self.U, self.V, self.Q, self.gamma, self.loss, self.k = U, V, Q, gamma, loss, k
         self.n = U.shape[1]
         self._buffer = None
+        self.hessian_dtype = _HESSIAN_DTYPE if U.device.type == "cpu" else U.dtype
         self.logQ = torch.log(Q) if loss.name in ("reverse_kl", "reverse_ce") else None
 
     def probs(self, D):
@@ -302,17 +308,18 @@ class _Barrier:
         gP, w = self.derivatives(P, t)
         grad = _times(self.U.transpose(1, 2) @ gP, self.V)  # (b, r, k-1)
         if self._buffer is None:  # sqrt(w) U, allocated once (fresh pages every iteration cost more than the product)
-            self._buffer = torch.empty_like(self.U)
-        Y = self._buffer
+            self._U_h = self.U.to(self.hessian_dtype)
+            self._buffer = torch.empty_like(self._U_h)
+        Y, Uh = self._buffer, self._U_h
         if k == 2:
             # V = (1, -1)/sqrt 2: the Hessian is U^T diag((w_0 + w_1)/2) U.
-            torch.mul(self.U, w.sum(dim=2, keepdim=True).mul_(0.5).sqrt_(), out=Y)
-            H = Y.transpose(1, 2) @ Y
+            torch.mul(Uh, w.sum(dim=2, keepdim=True).mul_(0.5).sqrt_().to(Y.dtype), out=Y)
+            H = (Y.transpose(1, 2) @ Y).to(P.dtype)
         else:
             blocks = []
             for y in range(k):
-                torch.mul(self.U, w[..., y : y + 1].sqrt(), out=Y)
-                blocks.append(Y.transpose(1, 2) @ Y)
+                torch.mul(Uh, w[..., y : y + 1].sqrt().to(Y.dtype), out=Y)
+                blocks.append((Y.transpose(1, 2) @ Y).to(P.dtype))
             Hy = torch.stack(blocks, dim=1)  # (b, k, r, r)
             H = sum(Hy[:, y, :, None, :, None] * (self.V[y, :, None] * self.V[y, None, :])[None, None, :, None, :]
                     for y in range(k)).reshape(b, r * (k - 1), r * (k - 1))
@@ -500,8 +507,10 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     nk = n * k
 
     D = torch.zeros((B, U.shape[2], k - 1), dtype=dtype, device=dev)  # U has min(n, m + 1) columns
-    t = torch.full((B,), 10.0 * nk, dtype=dtype, device=dev)  # N/t = 0.1 at the start
     t_final = 4.0 * nk / tol  # the barrier's own term N/t is then a quarter of the target
+    # Start near N/t = 0.1 (objectives are O(1)), on the geometric ladder that ends exactly at t_final.
+    stages = math.ceil(math.log(t_final / (_T_START * nk)) / math.log(_T_GROWTH))
+    t = torch.full((B,), t_final / _T_GROWTH ** max(stages, 0), dtype=dtype, device=dev)
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
     all_rows = torch.arange(B, device=dev)
     # Working set: students still iterating, plus finished ones until compaction (indexing copies U, so the
