@@ -393,8 +393,8 @@ def test_reference_batch_equals_one_student_at_a_time_with_shared_features():
     for b in range(3):
         single = fit_reference(features, teachers[b], "reverse_kl")
         assert batch.objective[b].item() == single.objective.item()
-    # The dispatcher sends the linear head (and backend="cvxpy") here.
-    via_fit = fit(features, teachers, loss="reverse_kl", head="linear")
+    # The dispatcher sends backend="cvxpy" here.
+    via_fit = fit(features, teachers, loss="reverse_kl", head="linear", backend="cvxpy")
     assert via_fit.method == "cvxpy-CLARABEL" and via_fit.objective.shape == (3,)
     assert (via_fit.objective <= batch.objective + via_fit.gap + ROUNDING).all()
     via_backend = fit(features, teachers, loss="reverse_kl", head="mixture", backend="cvxpy")

@@ -10,7 +10,7 @@ mixture    projected Newton (:mod:`.mixture`)              Frank–Wolfe gap
 softmax    Newton (:mod:`.softmax`)                        self-concordance bound (forward losses);
                                                            none for reverse losses (non-convex)
 squared    normal equations / trust region (:mod:`.squared`)  exact quadratic gap / Frank–Wolfe gap
-linear     cvxpy reference per student (:mod:`.reference`) Frank–Wolfe gap (LP oracle)
+linear     log-barrier Newton (:mod:`.linear`)             Frank–Wolfe gap (weak LP duality)
 =========  =============================================  ==========================================
 
 ``backend="cvxpy"`` sends every convex pair to the exact reference instead (one student at a time).
@@ -116,10 +116,14 @@ def fit(
 
 
 def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bias) -> FitResult:
-    if backend == "cvxpy" or head == "linear":
+    if backend == "cvxpy":
         from .reference import fit_reference_batch
 
         return fit_reference_batch(X, Q, loss_obj.name, head, gamma=gamma, radius=radius, bias=bias)
+    if head == "linear":
+        from .linear import fit_linear_batched
+
+        return fit_linear_batched(X, Q, loss_obj, gamma=gamma, tol=tol, max_iter=max_iter)
     if head == "mixture":
         from .mixture import fit_mixture_batched
 
