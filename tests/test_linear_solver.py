@@ -16,6 +16,7 @@ from scipy.optimize import brentq
 
 from tests.strategies import distributions, interior_distributions
 from w2s_theory.divergences import get_loss
+from w2s_theory.heads import LinearHead
 from w2s_theory.solvers import fit
 from w2s_theory.solvers.linear import fit_linear_batched
 from w2s_theory.solvers.reference import fit_reference
@@ -293,3 +294,19 @@ def test_linear_solver_runs_on_cuda_like_on_cpu():
                              get_loss("forward_kl"))
     assert (gpu.gap <= TARGET).all()
     assert ((gpu.objective.cpu() - cpu.objective).abs() <= torch.maximum(gpu.gap.cpu(), cpu.gap) + ROUNDING).all()
+
+
+def test_simplex_rows_beside_the_bias_are_uncertified_and_their_affine_coordinates_certified():
+    """Simplex rows sum to the bias column only up to rounding: the stated problem's span holds a rounding
+    direction that no certificate covers, so the student is uncertified with a reason; dropping the last
+    coordinate states the same class as a well-posed problem, which is certified."""
+    rng = np.random.default_rng(7)
+    features = rng.dirichlet(np.full(6, 0.5), size=200)
+    teacher = rng.dirichlet(np.ones(2), size=200)
+    raw = _batched(features, teacher, "forward_kl", 0.0)
+    assert bool(raw.info["numerical_span"][0]) and np.isnan(raw.gap.item()) and not raw.converged.item()
+    assert "rank-deficient" in raw.info["reasons"][0]
+    reduced = _batched(LinearHead.affine_coordinates(features), teacher, "forward_kl", 0.0)
+    assert not reduced.info["numerical_span"][0] and reduced.gap.item() <= TARGET
+    ref = fit_reference(features, teacher, "forward_kl", "linear")
+    assert abs(reduced.objective.item() - ref.objective.item()) <= reduced.gap.item() + ref.gap.item() + ROUNDING

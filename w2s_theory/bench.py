@@ -68,7 +68,7 @@ import torch
 
 from ._backend import resolve_device
 from .divergences import get_loss
-from .heads import MixtureHead
+from .heads import LinearHead, MixtureHead
 
 __all__ = ["workload", "bench_cvxpy", "bench_adam", "bench_batched", "bench_head", "bench_sparse",
            "mixture_multiply_adds", "peak_gflops", "run_bench", "HEADS", "HEAD_WORKLOADS", "SPARSE_WORKLOADS"]
@@ -490,6 +490,8 @@ def bench_head(head: str, *, sizes, device: torch.device, baseline_students: int
     largest = max(sizes)
     features, teacher = workload(max(largest, baseline_students), n=n, m=m, seed=seed,
                                  representation=spec["representation"])
+    if head == "linear":  # the same class, stated without the rounding direction of simplex rows + bias
+        features = LinearHead.affine_coordinates(features)
     out = {"loss": spec["loss"], "n": n, "m": m, "k": K, "features": spec["representation"],
            "batched_available": available, "method": method, "sizes": []}
     if head == "linear" and not available:

@@ -42,7 +42,7 @@ from scipy.special import expit, log_expit
 from ._backend import to_numpy
 from .bregman import NEGATIVE_ENTROPY, rounding_bound, verdict
 from .divergences import as_categorical, kl
-from .heads import SoftmaxHead, SquaredHead
+from .heads import LinearHead, SoftmaxHead, SquaredHead
 from .instances import MixtureProblem, random_mixture_problem, random_simplex_rows
 from .solvers import fit
 from .theorems import (
@@ -423,7 +423,8 @@ def _row_mixture(loss, head="mixture"):
     def run(rng, quick):
         results = []
         for problem in _mixture_problems(rng, quick, head_linear=head == "linear", forward=loss == "forward_kl"):
-            st = fit(problem.features, problem.teacher, loss=loss, head=head)
+            features = LinearHead.affine_coordinates(problem.features) if head == "linear" else problem.features
+            st = fit(features, problem.teacher, loss=loss, head=head)
             check = theorem2_reverse_kl if loss == "reverse_kl" else forward_kl_pythagorean
             gap = to_numpy(st.gap)
             results.append(check(problem.truth, problem.teacher, to_numpy(st.probs), gap))

@@ -124,6 +124,17 @@ class LinearHead:
     def predict(W, b, features):
         return features @ _swap_last(W) + b[..., None, :]
 
+    @staticmethod
+    def affine_coordinates(features):
+        r"""Simplex features without their last coordinate: :math:`h' = (h_1,\dots,h_{m-1})`.
+
+        For rows with :math:`\mathbf 1^\top h = 1` the class :math:`\{W h + b\}` equals :math:`\{W' h' + b'\}`
+        (:math:`h_m = 1 - \mathbf 1^\top h'`), but in floating point the row sums of :math:`h` equal the bias
+        column only up to rounding, so the stated problem on :math:`h` has a numerically rank-deficient span that
+        no certificate can cover. On :math:`h'` the same class is a well-posed problem. A single feature
+        (:math:`m = 1`, the constant class) is kept: a constant column is exactly the bias direction."""
+        return features if features.shape[-1] <= 1 else features[..., :-1]
+
 
 @dataclass(frozen=True)
 class SoftmaxHead:

@@ -35,7 +35,7 @@ import torch
 
 from ._backend import to_numpy
 from .divergences import kl
-from .heads import MixtureHead, SoftmaxHead
+from .heads import LinearHead, MixtureHead, SoftmaxHead
 from .profile import phase
 from .solvers import fit
 from .synthetic import WorldConfig, flip_labels, make_world, rng_for
@@ -133,14 +133,22 @@ def predict(head: str, params: dict, features):
     raise ValueError(f"predict: head {head!r} has no probability outputs")
 
 
+def head_inputs(head: str, features):
+    """The features a head is fitted and evaluated on: the linear head reads simplex features without their last
+    coordinate (the same class, stated as a well-posed problem: :meth:`LinearHead.affine_coordinates`)."""
+    return LinearHead.affine_coordinates(features) if head == "linear" else features
+
+
 def prepare_world(spec: RunSpec, device="cpu") -> WorldData:
     """Sample the splits, fit the weak head on the truth (split A) and the strong ceiling (split B)."""
     world = make_world(spec.world, spec.seed)
     a, b, c = world.sample(spec.n_weak, "A"), world.sample(spec.n_train, "B"), world.sample(spec.n_test, "C")
     with phase("solver: weak teachers and ceilings"):
-        weak = fit(a.weak_features, a.truth, loss=spec.weak_loss, head=spec.weak_head, device=device)
-    teacher_train = to_numpy(predict(spec.weak_head, weak.params, torch.as_tensor(b.weak_features)))[0]
-    teacher_test = to_numpy(predict(spec.weak_head, weak.params, torch.as_tensor(c.weak_features)))[0]
+        weak = fit(head_inputs(spec.weak_head, a.weak_features), a.truth, loss=spec.weak_loss, head=spec.weak_head,
+                   device=device)
+    weak_on = lambda sample: torch.as_tensor(head_inputs(spec.weak_head, sample.weak_features))  # noqa: E731
+    teacher_train = to_numpy(predict(spec.weak_head, weak.params, weak_on(b)))[0]
+    teacher_test = to_numpy(predict(spec.weak_head, weak.params, weak_on(c)))[0]
     with phase("solver: weak teachers and ceilings"):
         ceiling = fit(b.strong_features, b.truth, loss="forward_kl", head="mixture", device=device)
     ceiling_test = to_numpy(predict("mixture", ceiling.params, torch.as_tensor(c.strong_features)))[0]
@@ -192,8 +200,8 @@ def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) ->
     for (head, loss, *_), members in groups.items():
         data = [worlds[specs[i].world_key()] for i in members]
         teachers = np.stack([_noisy_teacher(specs[i], d.teacher_train) for i, d in zip(members, data)])
-        train_features = np.stack([d.strong_train for d in data])
-        test_features = np.stack([d.strong_test for d in data])
+        train_features = head_inputs(head, np.stack([d.strong_train for d in data]))
+        test_features = head_inputs(head, np.stack([d.strong_test for d in data]))
         truth_train = np.stack([d.truth_train for d in data])
         with phase("solver: students"):
             result = fit(train_features, teachers, loss=loss, head=head, device=device)

@@ -53,7 +53,11 @@ on the simplex, whose row sums equal the bias column up to rounding, or near-col
 :math:`Z` contains directions that exist only through the rounding of the features. Then :math:`M = U_r`, the
 singular vectors with :math:`\sigma > \tau\sigma_{\max}` (:math:`\tau = \max(n, m+1)\,\varepsilon`, numpy's
 rank rule, the same class as the cvxpy reference), and the certificate is proven for that numerical column
-space; ``info["numerical_span"]`` marks those students.
+space. That is not a proof for the problem as stated (its span also holds the rounding directions), so those
+students are reported **uncertified** (gap NaN, reason in ``info["reasons"]``; ``info["numerical_span"]``
+marks them); the bound proven for the numerical span is not returned as a certificate. For features on the
+simplex, :func:`w2s_theory.heads.LinearHead.affine_coordinates` (drop the last coordinate: the same class in
+exact arithmetic) states a well-posed problem instead.
 
 Reverse losses with teacher zeros pin predictions to 0 (a face of the polytope, found by linear programs);
 those students are sent to the exact reference (:func:`.reference.fit_reference`), and with
@@ -613,6 +617,15 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         reasons[i] = "uncertified: the head's outputs are within rounding of the floor gamma"
     for i in (~torch.isfinite(final_gap) & ~low & ~unreproducible).nonzero()[:, 0].tolist():
         reasons[i] = "uncertified: no lower bound on the feature matrix's smallest singular value"
+    # A bound proven for the numerical column space is not a bound for the problem as stated, whose span also
+    # holds the directions that exist only through rounding (they can lower the optimum with huge
+    # coefficients): such students are reported uncertified. Simplex features state a well-posed problem
+    # without their last coordinate (:func:`w2s_theory.heads.LinearHead.affine_coordinates`).
+    numerical = ~cert.exact & torch.isfinite(final_gap)
+    final_gap = torch.where(numerical, torch.full_like(final_gap, float("nan")), final_gap)
+    for i in numerical.nonzero()[:, 0].tolist():
+        reasons[i] = ("uncertified: the features' span is numerically rank-deficient (e.g. simplex rows beside the "
+                      "bias); drop a redundant column, e.g. LinearHead.affine_coordinates(features)")
     objective = loss.per_sample(Q, probs).mean(dim=1)
     Gc = G - G.mean(dim=2, keepdim=True)
     grad_norm = (U.transpose(1, 2) @ Gc).flatten(1).norm(dim=1)
