@@ -25,6 +25,7 @@ def register(sub) -> None:
 def handle(args) -> int:
     from .._backend import resolve_device
     from ..config import load_study
+    from ..io import check_output_paths
     from ..store import ResultsStore
     from ..sweep import run_sweep
     from ..validation import InputError
@@ -42,7 +43,8 @@ def handle(args) -> int:
             import ray  # noqa: F401
         except ImportError:
             raise InputError("--backend ray needs Ray: install the ray extra: pip install 'w2s-theory[ray]'") from None
-    with ResultsStore(args.store) as store:
+    check_output_paths({"--store": args.store}, {"CONFIG": args.config})
+    with ResultsStore(args.store) as store:  # an existing file must be a results store: anything else is refused
         run_sweep(study.specs, store, study.name, device=args.device, backend=args.backend,
                   progress=not args.quiet, chunk_size=args.chunk_size)
     return 0
