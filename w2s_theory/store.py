@@ -131,6 +131,12 @@ class ResultsStore:
                     raise InputError(f"{self.path} is an SQLite database but not a w2s-theory results store (no "
                                      "meta table); it was left as it is: give a store or a new file name")
                 row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                # The b-trees are intact (one pass over the file; a damaged page is caught before a write).
+                problems = [r[0] for r in db.execute("PRAGMA quick_check(1)")]
+                if problems != ["ok"]:
+                    detail = " ".join(" ".join(problems).replace("*** in database main ***", "").split())[:120]
+                    raise InputError(f"{self.path} is damaged (SQLite quick_check: {detail}); it was left "
+                                     "as it is: restore it from a copy or give a new file name")
             finally:
                 db.close()
         except sqlite3.DatabaseError as exc:
