@@ -123,6 +123,9 @@ class ResultsStore:
             raise InputError(f"{self.path} is not a w2s-theory results store (not an SQLite database); "
                              "it was left as it is: give a store or a new file name")
         uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not wal.exists() or wal.stat().st_size == 0:
+            uri += "&immutable=1"  # the file is the whole database: read it without creating -shm/-wal files
         try:
             db = sqlite3.connect(uri, uri=True, timeout=60)
             try:

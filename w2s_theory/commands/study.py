@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from ..byo import ByoSettings, format_report, load_demo, run_byo
+    from ..byo import ByoSettings, check_inputs, format_report, load_demo, run_byo
     from ..io import check_output_paths, load_array, save_json
     from ..validation import InputError, check_device
 
@@ -62,6 +62,7 @@ def handle(args) -> int:
         labels = load_array(args.labels, "--labels")
     settings = ByoSettings(seed=args.seed, repeats=args.repeats, l2=args.l2, noise=args.noise,
                            losses=tuple(s.strip() for s in args.losses.split(",") if s.strip()), device=args.device)
+    check_inputs(weak, strong, labels, args.classes)  # shapes, labels and sizes, before any work
     report = run_byo(weak, strong, labels, settings, classes=args.classes,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     if args.json:  # written before anything is printed: a closed stdout cannot lose it
