@@ -46,7 +46,7 @@ def load_array(path: str | os.PathLike, name: str) -> np.ndarray:
         if fmt == "table":
             data = _load_table(p, name, suffix)
         elif fmt == "torch":
-            data = _pick(_load_torch(p), p, key, name)
+            data = _pick(_load_torch(p, name), p, key, name)
         else:
             data = np.load(p, allow_pickle=False)
             if isinstance(data, np.lib.npyio.NpzFile):
@@ -111,7 +111,7 @@ def _pick(arrays, p: Path, key: str | None, name: str):
                      f"{p}:NAME")
 
 
-def _load_torch(p: Path):
+def _load_torch(p: Path, name: str):
     import torch
 
     obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -123,7 +123,7 @@ def _load_torch(p: Path):
             return value.detach().to(torch.float64 if value.is_floating_point() else value.dtype).numpy()
         if isinstance(value, np.ndarray):
             return value
-        raise InputError(f"{where}: expected tensors, found a {type(value).__name__}")
+        raise InputError(f"{name}: {where} holds a {type(value).__name__}, expected tensors")
 
     if isinstance(obj, dict):
         return {str(k): to_array(v, f"{p}[{k!r}]") for k, v in obj.items()}
