@@ -81,6 +81,18 @@ def _corrupt(files, how):
     return path
 
 
+def _copy(path, name):
+    copy = path.with_name(name)
+    copy.write_bytes(path.read_bytes())
+    return copy
+
+
+def _link(path, name):
+    link = path.with_name(name)
+    os.link(path, link)
+    return link
+
+
 def _fit(files, *extra, features="F", teacher="Q"):
     return ["fit", "--features", str(files[features]), "--teacher", str(files[teacher]), "--loss", "reverse_kl",
             "--head", "softmax", "--out", str(files["tmp"] / "o.npz"), *extra]
@@ -148,6 +160,10 @@ CASES = [
     # item 6: an output over an input or the store
     ("export --out is the store", lambda f: ["export", "--store", str(f["store"]), "--out", str(f["store"])],
      "same file as --store"),
+    ("export --out is the store, named .csv", lambda f: ["export", "--store", str(_copy(f["store"], "r.csv")),
+                                                         "--out", str(f["tmp"] / "r.csv")], "same file as --store"),
+    ("export --out is a hard link to the store",
+     lambda f: ["export", "--store", str(f["store"]), "--out", str(_link(f["store"], "link.csv"))], "same file"),
     ("fit --out is the features", lambda f: _fit(f)[:-2] + ["--out", str(f["F"])], "same file as --features"),
     ("fit --json is the teacher", lambda f: _fit(f, "--json", str(f["Q"])), "same file as --teacher"),
     ("fit --json is --out", lambda f: _fit(f, "--json", str(f["tmp"] / "o.npz")), "same file"),
