@@ -154,3 +154,90 @@ def test_missing_arrays_and_bad_settings_are_input_errors(arrays, capsys):
         ByoSettings(losses=("squared",))
     with pytest.raises(InputError, match="at least"):
         check_inputs(np.ones((4, 2)), np.ones((4, 3)), [0, 1, 0, 1])
+
+
+def _save(fmt, path, array, name):
+    """``array`` saved as ``fmt``; returns the path to give the CLI."""
+    import pandas as pd
+    import torch
+
+    if fmt == "npy":
+        np.save(path.with_suffix(".npy"), array)
+        return path.with_suffix(".npy")
+    if fmt == "npz":  # several named arrays: the one named after the argument is picked
+        np.savez(path.with_suffix(".npz"), **{name: array, "other": np.zeros(3)})
+        return path.with_suffix(".npz")
+    if fmt == "pt":
+        torch.save(torch.as_tensor(array), path.with_suffix(".pt"))
+        return path.with_suffix(".pt")
+    table = array.reshape(len(array), -1)
+    frame = pd.DataFrame(table, columns=[f"c{i}" for i in range(table.shape[1])])
+    if fmt == "parquet":
+        frame.to_parquet(path.with_suffix(".parquet"))
+        return path.with_suffix(".parquet")
+    frame.to_csv(path.with_suffix(".csv"), index=False)
+    return path.with_suffix(".csv")
+
+
+def test_the_same_embeddings_as_npy_pt_npz_parquet_and_csv_give_identical_study_reports(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    weak, strong, labels = embeddings(n=60)
+    reports = {}
+    for fmt in ("npy", "npz", "pt", "parquet", "csv"):
+        paths = [_save(fmt, tmp_path / f"{name}_{fmt}", a, name)
+                 for name, a in (("weak_features", weak), ("strong_features", strong), ("labels", labels))]
+        out = tmp_path / f"{fmt}.json"
+        code, _, err = run_cli(["study", "--weak-features", str(paths[0]), "--strong-features", str(paths[1]),
+                                "--labels", str(paths[2]), "--repeats", "1", "--losses", "reverse_kl,forward_kl",
+                                "--json", str(out)], capsys)
+        assert code == 0, err
+        reports[fmt] = json.loads(out.read_text())
+    for fmt, report in reports.items():
+        assert report == reports["npy"], fmt
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("non-numeric csv column", "column 'name' of"),
+    ("npz without the argument's name", "holds 2 arrays (a, b); pick one as"),
+    ("npz key that is not there", "has no array named 'zz'"),
+    ("pt with a non-tensor", "holds a str, expected tensors"),
+    ("corrupt parquet", "cannot read"),
+    ("complex pt tensor", "complex values"),
+])
+def test_bad_files_of_every_format_give_the_same_one_line_errors(tmp_path, capsys, case, fragment):
+    import torch
+
+    weak, strong, labels = embeddings(n=30)
+    np.save(tmp_path / "S.npy", strong)
+    np.save(tmp_path / "y.npy", labels)
+    bad = tmp_path / "W.npz"
+    if case == "non-numeric csv column":
+        bad = tmp_path / "W.csv"
+        bad.write_text("name,x\nalpha,1\nbeta,2\n")
+    elif case.startswith("npz"):
+        np.savez(bad, a=weak, b=weak)
+        if "key" in case:
+            bad = f"{bad}:zz"
+    elif case == "pt with a non-tensor":
+        bad = tmp_path / "W.pt"
+        torch.save({"x": "text"}, bad)
+    elif case == "corrupt parquet":
+        bad = tmp_path / "W.parquet"
+        bad.write_bytes(b"PAR1 not really")
+    else:
+        bad = tmp_path / "W.pt"
+        torch.save(torch.ones(30, 2, dtype=torch.complex64), bad)
+    code, _, err = run_cli(["study", "--weak-features", str(bad), "--strong-features", str(tmp_path / "S.npy"),
+                            "--labels", str(tmp_path / "y.npy"), "--repeats", "1"], capsys)
+    assert code == 2
+    assert fragment in err and "--weak-features" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_npz_array_is_picked_by_file_colon_name(tmp_path):
+    from w2s_theory.io import load_array
+
+    np.savez(tmp_path / "e.npz", weak=np.ones((4, 2)), strong=np.zeros((4, 3)))
+    assert load_array(f"{tmp_path / 'e.npz'}:strong", "--strong-features").shape == (4, 3)
+    assert load_array(tmp_path / "e.npz", "--strong-features").shape == (4, 3)  # named after the argument
+    np.savetxt(tmp_path / "h.csv", np.arange(6.0).reshape(3, 2), delimiter=",")  # no header row
+    assert load_array(tmp_path / "h.csv", "--labels").tolist() == [[0, 1], [2, 3], [4, 5]]

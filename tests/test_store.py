@@ -12,6 +12,7 @@ from w2s_theory.pipeline import RunSpec, run_specs
 from w2s_theory.store import ResultsStore
 from w2s_theory.sweep import run_sweep
 from w2s_theory.synthetic import WorldConfig
+from w2s_theory.validation import InputError
 
 TINY = dict(n_weak=60, n_train=60, n_test=60, world=WorldConfig(strong_dim=8, weak_dim=3))
 
@@ -164,3 +165,44 @@ def test_export_errors_are_one_line_and_leave_the_output_alone(store, tmp_path, 
     assert words in err and "\n" not in err
     assert out.read_text() == "keep me"
     assert not (tmp_path / "none.db").exists()
+
+
+def _schema_1_store(path):
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, study TEXT NOT NULL, spec TEXT NOT NULL, metrics TEXT NOT NULL,
+                           finished_at REAL NOT NULL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        INSERT INTO runs VALUES ('x', 'old', '{}', '{"run_id": "x", "gain_test": 0.25}', 0.0);
+    """)
+    db.commit()
+    db.close()
+
+
+def test_a_store_opened_read_only_is_read_without_writing_even_an_old_schema(tmp_path):
+    path = tmp_path / "old.db"
+    _schema_1_store(path)
+    before = path.read_bytes()
+    with ResultsStore(path, read_only=True) as store:
+        assert store.rows("old") == [{"study": "old", "run_id": "x", "gain_test": 0.25}]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            store.write("new", fake_rows(["y"]), fake_specs(["y"]))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["old.db"]
+
+
+@pytest.mark.parametrize("content", ["sqlite", "csv", "empty-named-sqlite"])
+def test_only_a_results_store_is_opened_for_writing_anything_else_is_left_byte_identical(tmp_path, content):
+    path = tmp_path / "data.db"
+    if content == "csv":
+        path.write_text("a,b\n1,2\n")
+    else:
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE meta (key TEXT, value TEXT)" if content == "empty-named-sqlite" else "CREATE TABLE t (x)")
+        db.commit()
+        db.close()
+    before = path.read_bytes()
+    for read_only in (False, True):
+        with pytest.raises(InputError, match="not a w2s-theory results store|damaged or not a results store"):
+            ResultsStore(path, read_only=read_only)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["data.db"]

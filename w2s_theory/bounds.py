@@ -57,6 +57,7 @@ __all__ = [
     "range_bound",
     "derive_constants",
     "parse_constant",
+    "MAX_EXPONENT",
     "sqrt_bound",
     "sharp_limit_instance",
     "exact_ratio",
@@ -235,11 +236,110 @@ _ALLOWED_NAMES = {
 }
 
 
+#: Limits that keep evaluating a candidate constant fast (``"9^9^9^9"`` would otherwise run for ever): the
+#: longest expression and the largest ``|exponent|`` of any power; besides, every intermediate value must be
+#: a finite double (so an exact integer never exceeds about 1e308).
+MAX_EXPRESSION_LENGTH = 500
+MAX_EXPONENT = 1000
+
+#: Functions of a candidate constant: name -> (sympy function, float function, number of arguments).
+_FUNCTIONS = {
+    "log": (sp.log, None, (1, 2)), "ln": (sp.log, None, (1,)), "sqrt": (sp.sqrt, math.sqrt, (1,)),
+    "exp": (sp.exp, math.exp, (1,)), "abs": (sp.Abs, abs, (1,)), "Abs": (sp.Abs, abs, (1,)),
+    "min": (sp.Min, min, None), "Min": (sp.Min, min, None), "max": (sp.Max, max, None), "Max": (sp.Max, max, None),
+}
+_CONSTANTS = {"e": (sp.E, math.e), "E": (sp.E, math.e), "pi": (sp.pi, math.pi)}
+
+
+def _float_log(*args) -> float:
+    if len(args) == 1:
+        return math.log(args[0])
+    return math.log(args[0]) / math.log(args[1])
+
+
+def _walk(node, expr: str, gamma: float | None):
+    """``(sympy value, float value)`` of an expression tree (:mod:`ast`), checked node by node: only the
+    allowed operations, every ``|exponent|`` at most :data:`MAX_EXPONENT`, every float finite. The float is
+    ``None`` where it depends on ``gamma`` and ``gamma`` is ``None`` (then only gamma-free parts are
+    checked); sympy values are built only after their float passed, so nothing huge is ever computed."""
+    import ast
+
+    def fail(why: str):
+        raise ValueError(f"constant: {why} in {expr!r}")
+
+    def number(x):
+        if x is None:
+            return None
+        if isinstance(x, complex) or not math.isfinite(x):
+            fail("a value that is not a finite real number (too large, or complex)")
+        return float(x)
+
+    def guard(f, *args):
+        if any(a is None for a in args):
+            return None
+        try:
+            return number(f(*args))
+        except (OverflowError, ZeroDivisionError, ValueError, TypeError) as exc:
+            if isinstance(exc, ValueError) and str(exc).startswith("constant:"):
+                raise
+            fail(f"a value that cannot be evaluated ({type(exc).__name__}: {exc})")
+
+    if isinstance(node, ast.Expression):
+        return _walk(node.body, expr, gamma)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        value = node.value
+        if isinstance(value, int) and value.bit_length() > 1024:
+            fail("a number that is too large")
+        return (sp.Integer(value) if isinstance(value, int) else sp.Float(repr(value))), number(float(value))
+    if isinstance(node, ast.Name):
+        if node.id in ("gamma", "g"):
+            return GAMMA, gamma
+        if node.id in _CONSTANTS:
+            return _CONSTANTS[node.id]
+        fail(f"name {node.id!r} used as a value")
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        s_val, f_val = _walk(node.operand, expr, gamma)
+        return (s_val, f_val) if isinstance(node.op, ast.UAdd) else (-s_val, None if f_val is None else -f_val)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
+        (ls, lf), (rs, rf) = _walk(node.left, expr, gamma), _walk(node.right, expr, gamma)
+        if isinstance(node.op, ast.Pow):
+            if rf is not None and abs(rf) > MAX_EXPONENT:
+                fail(f"an exponent of size {abs(rf):.3g} (at most {MAX_EXPONENT} is allowed)")
+            value = guard(lambda a, b: a ** b, lf, rf)
+            return sp.Pow(ls, rs), value
+        op = {ast.Add: (lambda a, b: a + b), ast.Sub: (lambda a, b: a - b), ast.Mult: (lambda a, b: a * b),
+              ast.Div: (lambda a, b: a / b)}[type(node.op)]
+        return op(ls, rs), guard(op, lf, rf)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS \
+            and not node.keywords:
+        function, float_function, arity = _FUNCTIONS[node.func.id]
+        if float_function is None:
+            float_function = _float_log
+        if (arity is not None and len(node.args) not in arity) or not node.args:
+            fail(f"{node.func.id}() with {len(node.args)} arguments")
+        parts = [_walk(a, expr, gamma) for a in node.args]
+        return function(*(p[0] for p in parts)), guard(float_function, *(p[1] for p in parts))
+    fail(f"{type(node).__name__} is not allowed (only numbers, gamma, + - * / ^ and "
+         "log, sqrt, exp, abs, min, max)")
+
+
+def _tree(text: str):
+    import ast
+
+    try:
+        return ast.parse(text.replace("^", "**"), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"constant: cannot parse {text!r} ({type(exc).__name__})") from None
+
+
 def parse_constant(expr) -> sp.Expr:
     r"""A candidate constant as a sympy expression in :data:`GAMMA`: a number, a sympy expression, or a string
     such as ``"sqrt(2)*log(1/gamma)"`` (``^`` means power). Only numbers, ``+ - * / ^ ( ) ,`` and the names
-    ``gamma log ln sqrt exp e pi abs min max`` are accepted (the string is never evaluated as Python beyond
-    that), anything else is a ``ValueError`` naming what is wrong."""
+    ``gamma log ln sqrt exp e pi abs min max`` are accepted (the string is read as a syntax tree and never
+    evaluated as Python); anything else is a ``ValueError`` naming what is wrong. So that evaluation is always
+    fast, an expression has at most :data:`MAX_EXPRESSION_LENGTH` characters, every exponent is at most
+    :data:`MAX_EXPONENT` in size, and every gamma-free part is a finite double (``"9^9^9^9"`` is refused at
+    once)."""
     if isinstance(expr, sp.Expr):
         parsed = expr
     elif isinstance(expr, (int, float)) and not isinstance(expr, bool):
@@ -248,6 +348,8 @@ def parse_constant(expr) -> sp.Expr:
         text = expr.strip()
         if not text:
             raise ValueError("constant: empty expression; give a number or an expression in gamma")
+        if len(text) > MAX_EXPRESSION_LENGTH:
+            raise ValueError(f"constant: expression of {len(text)} characters; at most {MAX_EXPRESSION_LENGTH}")
         bad = re.findall(r"[^0-9A-Za-z_.+\-*/^(), \t]", text)
         if bad:
             raise ValueError(f"constant: character {bad[0]!r} is not allowed in {expr!r}")
@@ -256,14 +358,12 @@ def parse_constant(expr) -> sp.Expr:
         if unknown:
             raise ValueError(f"constant: unknown name {unknown[0]!r} in {expr!r}; use gamma and "
                              "log, sqrt, exp, e, pi, abs, min, max")
-        from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
-
+        if "**" in text:
+            raise ValueError(f"constant: write powers as ^ in {expr!r}")
         try:
-            parsed = parse_expr(text, local_dict=dict(_ALLOWED_NAMES), global_dict={"__builtins__": {}, **{
-                k: getattr(sp, k) for k in ("Integer", "Float", "Rational", "Symbol")}},
-                transformations=standard_transformations + (convert_xor,))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
-            raise ValueError(f"constant: cannot parse {expr!r} ({type(exc).__name__})") from None
+            parsed, _ = _walk(_tree(text), text, None)
+        except RecursionError:
+            raise ValueError(f"constant: {expr!r} is nested too deeply") from None
     else:
         raise ValueError(f"constant: expected a number, a string or a sympy expression, got {type(expr).__name__}")
     if not isinstance(parsed, sp.Expr):
@@ -275,6 +375,9 @@ def parse_constant(expr) -> sp.Expr:
 
 
 def _constant_value(parsed: sp.Expr, gamma: float, digits: int = 30) -> sp.Float:
+    if parsed.free_symbols:
+        # Every power and intermediate value at this gamma within the limits of parse_constant, before sympy.
+        _walk(_tree(str(parsed)), str(parsed), float(gamma))
     value = sp.N(parsed.subs(GAMMA, sp.Float(gamma, digits)), digits)
     if not value.is_real or not value.is_finite or not value > 0:
         raise ValueError(f"constant: {parsed} evaluates to {value} at gamma = {gamma}; it must be a finite "

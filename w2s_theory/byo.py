@@ -57,6 +57,11 @@ __all__ = ["ByoSettings", "check_inputs", "fit_softmax_ridge", "run_byo", "forma
 #: The smallest split: fewer rows than this in A, B or C cannot fit or evaluate anything meaningful.
 MIN_SPLIT_ROWS = 2
 
+#: Size limits checked before anything is allocated: the number of classes, and the entries of the largest
+#: arrays the pipeline holds (n x k probabilities, (m + 1) x k head weights; 1e8 float64 = 0.8 GB each).
+MAX_CLASSES = 100_000
+MAX_ENTRIES = 100_000_000
+
 
 @dataclass(frozen=True)
 class ByoSettings:
@@ -129,6 +134,10 @@ def check_inputs(weak_features, strong_features, labels, classes: int | None = N
             i = int(np.argmax(y >= k))
             raise InputError(f"--labels: label {int(y[i])} at row {i} is out of range for --classes {k} "
                              f"(labels must be in 0..{k - 1})")
+    if k > MAX_CLASSES or max(n, weak.shape[1] + 1, strong.shape[1] + 1) * k > MAX_ENTRIES:
+        source = "--classes" if classes is not None else f"--labels (largest label {k - 1})"
+        raise InputError(f"{source}: {k} classes is too many for {n} samples and {max(weak.shape[1], strong.shape[1])}"
+                         f" features (at most {MAX_CLASSES} classes and {MAX_ENTRIES:.0e} entries per array)")
     if np.unique(y).size < 2:
         raise InputError(f"--labels: all {n} labels are {int(y[0])}; at least two classes are needed")
     if n < 3 * MIN_SPLIT_ROWS:

@@ -10,6 +10,11 @@ a check aggregates the verdicts of its instances (:func:`w2s_theory.bregman.verd
 
 A check expecting ``holds`` is met when its verdict is ``holds``; one expecting ``counterexample`` is met
 when its verdict is ``violated`` (a certified counterexample was found).
+
+Each check says where its statement comes from (``provenance``): ``paper`` when the checked inequality is the
+source's own form, ``reconstructed`` when the form or the constant was reconstructed or derived in this
+project (the source states it differently, or not at all). A check that does not say is classified from its
+``source`` text (:func:`provenance_of`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,17 @@ import numpy as np
 
 from .theorems import TheoremResult
 
-__all__ = ["PaperCheck", "CheckOutcome", "outcome_from_results", "discover", "run_check", "EXPECTATIONS"]
+__all__ = ["PaperCheck", "CheckOutcome", "outcome_from_results", "discover", "run_check", "EXPECTATIONS",
+           "PROVENANCES", "provenance_of"]
 
 EXPECTATIONS = ("holds", "counterexample")
+
+#: Where a check's statement comes from (see the module docstring).
+PROVENANCES = ("paper", "reconstructed")
+
+#: Words in a ``source`` that mark a statement as reconstructed rather than quoted from the paper.
+_RECONSTRUCTED_MARKERS = ("theory.md", "docs/", "derived", "here", "form per", "reconstruct", "numerical",
+                          "measured")
 
 
 @dataclass
@@ -46,10 +59,23 @@ class PaperCheck:
     expected: str
     run: Callable[[bool, int], CheckOutcome]
     statement: str = ""
+    provenance: str = ""  # "paper" or "reconstructed"; "" = classified from the source (provenance_of)
 
     def __post_init__(self):
         if self.expected not in EXPECTATIONS:
             raise ValueError(f"check {self.name}: expected must be one of {EXPECTATIONS}, not {self.expected!r}")
+        if self.provenance not in ("", *PROVENANCES):
+            raise ValueError(f"check {self.name}: provenance must be one of {PROVENANCES}, not {self.provenance!r}")
+
+
+def provenance_of(check: PaperCheck) -> str:
+    """The check's ``provenance`` when it declares one; otherwise ``reconstructed`` when its ``source`` names
+    the project's own derivation (the theory notes, "derived here", "form per ...", a numerical finding) and
+    ``paper`` when it cites a paper only."""
+    if check.provenance:
+        return check.provenance
+    source = check.source.lower()
+    return "reconstructed" if any(marker in source for marker in _RECONSTRUCTED_MARKERS) else "paper"
 
 
 def outcome_from_results(results: Sequence[TheoremResult], **details) -> CheckOutcome:
@@ -109,6 +135,7 @@ def run_check(check: PaperCheck, *, quick: bool, seed: int = 0) -> dict:
         "claim": check.claim,
         "source": check.source,
         "expected": check.expected,
+        "provenance": provenance_of(check),
         "verdict": outcome.verdict,
         "met": bool(met and error is None),
         "worst_slack": outcome.worst_slack,

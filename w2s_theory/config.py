@@ -58,6 +58,11 @@ PIPELINE_HEADS = ("mixture", "linear", "softmax")
 #: A guard against a typo that multiplies the grid by orders of magnitude (it would only exhaust memory).
 MAX_GRID = 1_000_000
 
+#: Largest arrays one run may allocate (entries; 5e8 float64 = 4 GB): samples x widest layer (features,
+#: hidden width or classes) and widest layer squared. Checked here so that a typo such as
+#: ``strong_dim = 10000000000`` is a one-line error, not an out-of-memory crash half-way through a sweep.
+MAX_RUN_ENTRIES = 500_000_000
+
 TABLES = ("study", "world", "run")
 STUDY_KEYS = ("name", "description", "seeds")
 WORLD_KEYS = tuple(f.name for f in fields(WorldConfig))
@@ -156,6 +161,7 @@ def parse_study(data: dict, source: str = "<dict>") -> Study:
         for combo in itertools.product(*(run_axes[k] for k in run_keys)):
             values = dict(zip(run_keys, combo))
             _check_head_loss(source, values)
+            _check_size(source, world, values, world_axes, run_axes)
             for seed in seeds:
                 try:
                     specs.append(RunSpec(world=world, seed=seed, **values))
@@ -295,6 +301,17 @@ def _check_head_loss(source: str, values: dict) -> None:
         if loss not in SOLVABLE[head]:
             _fail(source, f"[run] {loss_key}", f"loss {loss!r} is not available for {head_key} {head!r}; "
                   f"use one of: {', '.join(SOLVABLE[head])} (or split the grid into two configs)")
+
+
+def _check_size(source: str, world: WorldConfig, values: dict, world_axes: dict, run_axes: dict) -> None:
+    defaults = RunSpec()
+    samples = max(values.get(key, getattr(defaults, key)) for key in ("n_weak", "n_train", "n_test"))
+    widest = max(world.k, world.input_dim, world.strong_dim, world.weak_dim, world.width)
+    entries = max(samples * widest, widest * widest)
+    if entries > MAX_RUN_ENTRIES:
+        note = _combo_note({**world.as_dict(), **values}, {**world_axes, **run_axes})
+        _fail(source, "size", f"{samples} samples x {widest} (widest of k, input_dim, strong_dim, weak_dim, width) "
+              f"needs arrays of {entries:.3g} entries, more than {MAX_RUN_ENTRIES:.0e}; use smaller sizes{note}")
 
 
 def _combo_note(values: dict, axes: dict) -> str:

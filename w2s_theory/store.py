@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Iterable
 
@@ -69,36 +70,101 @@ def _dumps(d: dict, *, sort_keys: bool = True) -> str:
     return json.dumps(d, sort_keys=sort_keys, default=_json_default, allow_nan=True)
 
 
+#: The first 16 bytes of every SQLite database file.
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+#: Tables a store of each schema version has.
+_TABLES = {1: {"runs", "meta"}, 2: {"runs", "study_runs", "meta"}}
+
+
 class ResultsStore:
     """An SQLite file of result rows. Safe to open from one writer and any number of readers.
 
-    ``create=False`` refuses to create a missing file (for readers such as ``w2s-theory export``).
+    ``create=False`` refuses to create a missing file (for readers such as ``w2s-theory export``);
+    ``read_only=True`` opens the file read-only (SQLite ``mode=ro``): nothing is written to it, not even the
+    journal mode. An existing non-empty file is recognised as a results store (an SQLite database with a
+    ``meta`` table holding an integer ``schema_version`` and the tables of that version) before anything is
+    written; any other file — another SQLite database, a CSV, a damaged store — is an :class:`InputError`
+    and is left byte-identical.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = True):
+    def __init__(self, path: str | Path, *, create: bool = True, read_only: bool = False):
         self.path = Path(path)
-        if not create and not self.path.exists():
+        self.read_only = read_only
+        if (read_only or not create) and not self.path.exists():
             raise InputError(f"results store not found: {self.path}")
         if self.path.exists() and self.path.is_dir():
             raise InputError(f"results store {self.path} is a directory; give a file path such as results.db")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        version = self._recognise() if self.path.exists() and self.path.stat().st_size > 0 else None
         try:
+            if read_only:
+                if version is None:
+                    raise InputError(f"{self.path} is an empty file, not a results store")
+                uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, timeout=60)
+                if version == 1:  # schema 1 had no study_runs: every run belonged to the study that computed it
+                    self._db.executescript("CREATE TEMP TABLE study_runs AS "
+                                           "SELECT study, run_id FROM runs ORDER BY rowid")
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=60)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._open_schema()
         except sqlite3.DatabaseError as exc:
-            raise InputError(f"{self.path} is not a w2s-theory results store ({exc})") from None
+            raise InputError(f"{self.path} is not a readable w2s-theory results store ({exc})") from None
+
+    def _recognise(self) -> int:
+        """The schema version of the existing file at ``self.path``, read without writing anything; an
+        :class:`InputError` when the file is not a results store of a version this code reads."""
+        with open(self.path, "rb") as fh:
+            header = fh.read(len(_SQLITE_HEADER))
+        if header != _SQLITE_HEADER:
+            raise InputError(f"{self.path} is not a w2s-theory results store (not an SQLite database); "
+                             "it was left as it is: give a store or a new file name")
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not wal.exists() or wal.stat().st_size == 0:
+            uri += "&immutable=1"  # the file is the whole database: read it without creating -shm/-wal files
+        try:
+            db = sqlite3.connect(uri, uri=True, timeout=60)
+            try:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "meta" not in tables:
+                    raise InputError(f"{self.path} is an SQLite database but not a w2s-theory results store (no "
+                                     "meta table); it was left as it is: give a store or a new file name")
+                row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                # The b-trees are intact (one pass over the file; a damaged page is caught before a write).
+                problems = [r[0] for r in db.execute("PRAGMA quick_check(1)")]
+                if problems != ["ok"]:
+                    detail = " ".join(" ".join(problems).replace("*** in database main ***", "").split())[:120]
+                    raise InputError(f"{self.path} is damaged (SQLite quick_check: {detail}); it was left "
+                                     "as it is: restore it from a copy or give a new file name")
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"{self.path} is damaged or not a results store ({exc})") from None
+        try:
+            version = int(row[0]) if row else None
+        except (TypeError, ValueError):
+            version = None
+        if version is None:
+            value = "missing" if row is None else repr(row[0])
+            raise InputError(f"{self.path} is damaged or not a results store (schema_version {value})")
+        if version > SCHEMA_VERSION:
+            raise InputError(f"{self.path} was written by a newer w2s-theory (store schema {version}, this "
+                             f"version reads up to {SCHEMA_VERSION}); upgrade w2s-theory")
+        missing = sorted(_TABLES.get(version, {"?"}) - tables)
+        if missing:
+            raise InputError(f"{self.path} is damaged or not a results store (schema {version} without "
+                             f"table {', '.join(missing)})")
+        return version
 
     def _open_schema(self) -> None:
         row = None
         if self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         version = int(row[0]) if row else None
-        if version is not None and version > SCHEMA_VERSION:
-            self._db.close()
-            raise InputError(f"{self.path} was written by a newer w2s-theory (store schema {version}, this "
-                             f"version reads up to {SCHEMA_VERSION}); upgrade w2s-theory")
         if version == SCHEMA_VERSION:
             return  # nothing to write: opening a store to read it never modifies it
         with self._db:  # create or upgrade in one transaction

@@ -18,8 +18,11 @@ r"""Run a study's grid of students, batched and memory-aware, into a results sto
    ``backend="ray"``, where chunks travel to Ray workers as plain spec dicts and rows come back.
 
 **Determinism.** A unit is fitted the same way whatever else is in its chunk, and chunk boundaries fall
-between units, so the rows do not depend on the chunking, the order, an interruption or the backend (up to
-rounding where the number of BLAS threads differs, e.g. single-threaded Ray workers). The one exception: a
+between units, and every chunk is solved with :data:`SOLVE_THREADS` threads (torch and BLAS, set around each
+chunk here and on Ray workers; the thread count changes the order of floating-point sums), so on one machine
+and device the rows do not depend on the chunking, the order, an interruption, the backend or the caller's
+thread settings: they are equal bit for bit. (Other CPUs or library builds may differ in the last bits.)
+The one exception: a
 unit too large for memory is split into pieces whose size depends on the free memory; its students then
 agree with an unsplit run to within their solver certificates, not bit for bit.
 """
@@ -30,8 +33,10 @@ import math
 import os
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
+
+import torch
 
 from ._backend import resolve_device
 from .pipeline import RunSpec, run_specs
@@ -316,7 +321,8 @@ class _LocalExecutor:
             keys = {spec.world_key() for spec in chunk}
             for key in [k for k in worlds if k not in keys]:
                 del worlds[key]  # keep only what this chunk shares with the last one
-            with phase("metrics and rows"):  # what run_specs spends outside its worlds and solvers
+            # what run_specs spends outside its worlds and solvers counts as metrics
+            with solve_threads(), phase("metrics and rows"):
                 rows = run_specs(chunk, device=self.device_name, worlds=worlds)
             yield chunk, rows
 
@@ -324,9 +330,33 @@ class _LocalExecutor:
         pass
 
 
+#: Threads of every chunk's solve (torch intra-op and BLAS). Fixed, so that a row does not depend on how the
+#: sweep is distributed: one thread is what a Ray worker (one CPU per task) has; parallelism comes from
+#: batching students and from running chunks on several workers.
+SOLVE_THREADS = 1
+
+
+@contextmanager
+def solve_threads(threads: int = SOLVE_THREADS):
+    """Run the block with ``threads`` torch and BLAS threads, restoring the previous settings after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # numpy's BLAS then keeps its own setting
+            yield
+        else:
+            with threadpool_limits(limits=threads):
+                yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _run_chunk(spec_dicts: list[dict], device: str) -> list[dict]:
     """A Ray task: fit one chunk on this worker's device and return its rows (the driver stores them)."""
-    return run_specs([RunSpec.from_dict(d) for d in spec_dicts], device=device)
+    with solve_threads():
+        return run_specs([RunSpec.from_dict(d) for d in spec_dicts], device=device)
 
 
 def _probe_free_memory(device: str) -> int:

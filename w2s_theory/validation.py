@@ -7,7 +7,8 @@ import torch
 
 from ._backend import to_numpy
 
-__all__ = ["InputError", "check_distributions", "check_finite", "check_batch_shapes", "SIMPLEX_ATOL"]
+__all__ = ["InputError", "check_distributions", "check_finite", "check_batch_shapes", "check_device",
+           "check_positive", "SIMPLEX_ATOL"]
 
 #: Rows that should be distributions may be off by this much (float32 exports, rounding); they are then
 #: renormalised exactly, so the math downstream sees rows that sum to 1.
@@ -74,7 +75,32 @@ def check_batch_shapes(features_name: str, features, teacher_name: str, teacher)
                          "they must describe the same samples")
     if len(fs) == 3 and fs[0] != ts[0]:
         raise InputError(f"{features_name} has batch size {fs[0]} but {teacher_name} has {ts[0]}")
-    if fs[-2] < 1 or fs[-1] < 1 or ts[-1] < 1:
-        raise InputError(f"empty input: {features_name} {fs}, {teacher_name} {ts}")
+    if fs[-2] < 1 or fs[-1] < 1 or ts[-1] < 1 or (len(ts) == 3 and ts[0] < 1):
+        raise InputError(f"empty input: {features_name} {fs}, {teacher_name} {ts}; every axis needs at least "
+                         "one entry (a batch of B = 0 students has nothing to fit)")
     B = ts[0] if len(ts) == 3 else 1
     return B, fs[-2], fs[-1], ts[-1]
+
+
+def check_device(device, name: str = "--device") -> torch.device:
+    """``cpu``, ``cuda[:i]`` or ``auto``/``None`` as a torch device; anything else, or CUDA asked for where
+    there is none, is an :class:`InputError` (checked before any work starts)."""
+    from ._backend import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        raise InputError(f"{name}: {str(exc).splitlines()[0]}") from None
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type"
+        raise InputError(f"{name}: unknown device {device!r}; use cpu, cuda or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{name}: {device!r} is not supported; use cpu, cuda or auto")
+    return dev
+
+
+def check_positive(name: str, value) -> float:
+    """A finite number > 0 (a tolerance, a penalty), else :class:`InputError`."""
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not ok or not np.isfinite(value) or value <= 0:
+        raise InputError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..bounds import DIRECTIONS, SIDES, audit_constant, parse_constant
-from ..io import save_json
+import signal
+import threading
+from contextlib import contextmanager
+
+from ..bounds import DIRECTIONS, SIDES, _constant_value, audit_constant, parse_constant
+from ..io import check_output_paths, save_json
 from ..validation import InputError
+
+#: Seconds allowed for parsing and evaluating the candidate constant (the search itself is bounded by --budget).
+EXPRESSION_SECONDS = 10
 
 
 def register(sub) -> None:
@@ -22,13 +29,14 @@ def register(sub) -> None:
     )
     p.add_argument("expression", metavar="EXPR",
                    help="the candidate constant: a number or an expression in gamma, e.g. \"sqrt(2)*log(1/gamma)\"")
-    p.add_argument("--gamma", type=float, required=True, help="probability floor of teacher and student, in (0, 1/2]")
+    p.add_argument("--gamma", type=float, required=True, help="probability floor of teacher and student, in (0, 0.5) (two classes need 2 gamma < 1 for "
+                        "the teacher and the student to differ)")
     p.add_argument("--direction", choices=DIRECTIONS, default="reverse",
                    help="d = E KL(F_sw||F_w) (reverse, default) or E KL(F_w||F_sw) (forward)")
     p.add_argument("--side", choices=SIDES, default="both",
                    help="both: |gain| (default); upper: -gain (student worse); lower: gain (student better)")
     p.add_argument("--budget", type=int, default=2000, help="instance evaluations (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search, >= 0 (default 0)")
     p.add_argument("--json", metavar="PATH", help="write the result (violated, worst_ratio, worst instance) as JSON")
     p.set_defaults(handler=handle)
 
@@ -37,17 +45,46 @@ def _fmt_rows(rows) -> str:
     return "[" + ", ".join("(" + ", ".join(f"{x:.6g}" for x in row) + ")" for row in np.asarray(rows)) + "]"
 
 
+@contextmanager
+def _time_limit(seconds: int, what: str):
+    """Raise :class:`InputError` if the block runs longer than ``seconds`` (main thread on POSIX; elsewhere
+    the limits of :func:`w2s_theory.bounds.parse_constant` alone bound the work)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise InputError(f"{what} took more than {seconds} s to evaluate; give a simpler expression")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def handle(args) -> int:
-    if not (0 < args.gamma <= 0.5):
-        raise InputError(f"--gamma: the probability floor must be in (0, 0.5], got {args.gamma}")
+    if not (0 < args.gamma < 0.5):
+        raise InputError(f"--gamma: the probability floor must be in (0, 0.5), got {args.gamma}")
     if args.budget < 10:
         raise InputError(f"--budget: at least 10 evaluations are needed, got {args.budget}")
+    if args.seed < 0:
+        raise InputError(f"--seed: must be >= 0, got {args.seed}")
+    check_output_paths({"--json": args.json})
     try:
-        parse_constant(args.expression)
-        result = audit_constant(args.expression, args.gamma, direction=args.direction, budget=args.budget,
-                                seed=args.seed, side=args.side)
+        with _time_limit(EXPRESSION_SECONDS, "EXPR"):
+            _constant_value(parse_constant(args.expression), args.gamma)
     except ValueError as exc:
+        if isinstance(exc, InputError):
+            raise
         raise InputError(f"EXPR: {exc}") from None
+    result = audit_constant(args.expression, args.gamma, direction=args.direction, budget=args.budget,
+                            seed=args.seed, side=args.side)
+    if args.json:  # written before anything is printed: a closed stdout cannot lose it
+        save_json(args.json, result.as_dict())
     print(f"candidate C(gamma) = {args.expression}  ->  C({args.gamma:g}) = {result.constant:.10g}")
     print(f"sharp constant sqrt(2(1-gamma)/gamma) = {result.sharp_constant:.10g}; "
           f"provable 1/(sqrt(2) gamma) = {result.provable_constant:.10g}")
@@ -65,6 +102,4 @@ def handle(args) -> int:
     verdict = "VIOLATED: a counterexample to the candidate constant" if result.violated else \
         "no violation found within the budget (this does not prove the constant valid)"
     print(verdict)
-    if args.json:
-        save_json(args.json, result.as_dict())
     return 1 if result.violated else 0

@@ -14,9 +14,13 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
+    from ..io import check_output_paths
     from ..store import ResultsStore
 
-    with ResultsStore(args.store, create=False) as store:
+    store_files = {"--store": args.store, "--store (its write-ahead log)": f"{args.store}-wal",
+                   "--store (its shared memory)": f"{args.store}-shm"}
+    check_output_paths({"--out": args.out}, store_files)
+    with ResultsStore(args.store, read_only=True) as store:  # only read: the store file is never written
         n = store.export(args.out, study=args.study)
     print(f"wrote {n} rows to {args.out}", file=sys.stderr)
     return 0

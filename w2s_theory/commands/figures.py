@@ -31,7 +31,21 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
+    import os
     import time
+
+    from ..io import check_output_paths
+    from ..validation import check_device
+
+    # Everything is checked before the first study runs: a bad device or output path changes nothing.
+    check_device(args.device)
+    check_output_paths({"--out": args.out}, {"--store": args.store, "--experiments": args.experiments},
+                       folder=True)
+    check_output_paths({"--store": args.store}, {"--experiments": args.experiments})
+    if os.path.exists(args.store) and os.path.getsize(args.store) > 0:
+        from ..store import ResultsStore
+
+        ResultsStore(args.store, read_only=True).close()  # recognised as a results store before any run
 
     from ..figures import make_figures
 

@@ -7,14 +7,15 @@ import numpy as np
 from .._backend import to_numpy
 from ..divergences import LOSSES, get_loss, kl
 from ..heads import HEADS
-from ..io import format_table, load_array, save_json, save_npz
+from ..io import check_output_paths, format_table, load_array, save_json, save_npz
 from ..solvers import fit
-from ..validation import InputError, check_distributions
+from ..validation import InputError, check_device, check_distributions, check_positive
 
 
 def register(sub) -> None:
     p = sub.add_parser("fit", help="fit students on saved features and teacher probabilities")
-    p.add_argument("--features", required=True, metavar="F.npy", help="(n, m) or (B, n, m) features")
+    p.add_argument("--features", required=True, metavar="F.npy",
+                   help="(n, m) or (B, n, m) features: .npy, .npz, .pt, .parquet or .csv (FILE.npz:NAME picks an array)")
     p.add_argument("--teacher", required=True, metavar="Q.npy", help="(n, k) or (B, n, k) teacher probabilities")
     p.add_argument("--loss", required=True, help=f"one of: {' '.join(LOSSES)}")
     p.add_argument("--head", default="mixture", help=f"one of: {' '.join(HEADS)} (default mixture)")
@@ -54,6 +55,10 @@ def _student_report(result, teacher, truth, loss_name):
 
 
 def handle(args) -> int:
+    check_positive("--tol", args.tol)
+    check_device(args.device)
+    check_output_paths({"--out": args.out, "--json": args.json},
+                       {"--features": args.features, "--teacher": args.teacher, "--truth": args.truth})
     features = load_array(args.features, "--features")
     teacher = load_array(args.teacher, "--teacher")
     truth = None
@@ -76,13 +81,15 @@ def handle(args) -> int:
     if truth is not None:
         columns += [("student_error", "E KL(F*||F_sw)"), ("gain", "gain"), ("misfit", "misfit"),
                     ("accuracy", "accuracy")]
+    if args.json:
+        save_json(args.json, {"head": args.head, "loss": args.loss, "certificate": result.certificate,
+                              "method": result.method, "students": rows})
     shown = rows if len(rows) <= 20 else rows[:10] + rows[-10:]
     print(format_table(shown, columns))
     if len(rows) > 20:
         print(f"... ({len(rows)} students; all in {args.out})")
+    gaps = np.asarray(arrays["gap"], dtype=float)
+    worst = float(gaps.max()) if gaps.size else float("nan")  # nan when any student is uncertified
     print(f"\n{result.batch_size} student(s), {args.head} head, {args.loss}; certificate: {result.certificate}; "
-          f"worst gap {np.nanmax(arrays['gap']) if np.size(arrays['gap']) else float('nan'):.3g}; wrote {args.out}")
-    if args.json:
-        save_json(args.json, {"head": args.head, "loss": args.loss, "certificate": result.certificate,
-                              "method": result.method, "students": rows})
+          f"worst gap {worst:.3g}; wrote {args.out}")
     return 0

@@ -17,7 +17,8 @@ def register(sub) -> None:
         description="Weak head on split A (labels), teacher probabilities on split B, students under the four "
                     "losses on split B, evaluation on split C; prints the loss-comparison table and the guarantee "
                     "check. Row i of every array is sample i.")
-    p.add_argument("--weak-features", metavar="W.npy", help="(n, m_w) weak representation")
+    p.add_argument("--weak-features", metavar="W.npy", help="(n, m_w) weak representation: .npy, .npz, .pt, "
+                                                            ".parquet or .csv (FILE.npz:NAME picks an array)")
     p.add_argument("--strong-features", metavar="S.npy", help="(n, m_s) strong representation")
     p.add_argument("--labels", metavar="y.npy", help="(n,) integer class labels 0..k-1")
     p.add_argument("--demo", choices=DEMOS, help="instead of files: a dataset bundled with scikit-learn "
@@ -37,11 +38,16 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from ..byo import ByoSettings, format_report, load_demo, run_byo
-    from ..io import load_array, save_json
-    from ..validation import InputError
+    from ..byo import ByoSettings, check_inputs, format_report, load_demo, run_byo
+    from ..io import check_output_paths, load_array, save_json
+    from ..validation import InputError, check_device
 
     files = (args.weak_features, args.strong_features, args.labels)
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    check_device(args.device)
+    check_output_paths({"--json": args.json}, {"--weak-features": args.weak_features,
+                                               "--strong-features": args.strong_features, "--labels": args.labels})
     if args.demo:
         if any(files):
             raise InputError("give either --demo or the three arrays (--weak-features, --strong-features, --labels)")
@@ -54,12 +60,13 @@ def handle(args) -> int:
         weak = load_array(args.weak_features, "--weak-features")
         strong = load_array(args.strong_features, "--strong-features")
         labels = load_array(args.labels, "--labels")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
     settings = ByoSettings(seed=args.seed, repeats=args.repeats, l2=args.l2, noise=args.noise,
                            losses=tuple(s.strip() for s in args.losses.split(",") if s.strip()), device=args.device)
+    check_inputs(weak, strong, labels, args.classes)  # shapes, labels and sizes, before any work
     report = run_byo(weak, strong, labels, settings, classes=args.classes,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.json:  # written before anything is printed: a closed stdout cannot lose it
+        save_json(args.json, report)
     s = report["settings"]
     print(f"n = {s['n']} samples, k = {s['classes']} classes, weak {s['weak_dim']} / strong {s['strong_dim']} "
           f"features; splits A/B/C = {'/'.join(map(str, s['split_sizes']))}; {s['repeats']} random splits "
@@ -70,6 +77,4 @@ def handle(args) -> int:
           "                that contains the truth -- not the case for a softmax head on real labels (observed only)\n"
           "  sqrt-bound    |gain| <= sqrt(misfit) / (sqrt(2) gamma), gamma = smallest teacher/student probability\n"
           "                (Lemma 1, provable constant; always true)")
-    if args.json:
-        save_json(args.json, report)
     return 0

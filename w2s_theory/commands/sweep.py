@@ -30,6 +30,7 @@ def register(sub) -> None:
 def handle(args) -> int:
     from .._backend import resolve_device
     from ..config import load_study
+    from ..io import check_output_paths
     from ..profile import SWEEP_GROUPS, PhaseTimer
     from ..store import ResultsStore
     from ..sweep import run_sweep
@@ -50,7 +51,9 @@ def handle(args) -> int:
             import ray  # noqa: F401
         except ImportError:
             raise InputError("--backend ray needs Ray: install the ray extra: pip install 'w2s-theory[ray]'") from None
+    check_output_paths({"--store": args.store}, {"CONFIG": args.config})
     timer = PhaseTimer()
+    # An existing file must be a results store: anything else is refused.
     with timer if args.profile else nullcontext(), ResultsStore(args.store) as store:
         run_sweep(study.specs, store, study.name, device=args.device, backend=args.backend,
                   progress=not args.quiet, chunk_size=args.chunk_size)
