@@ -102,6 +102,7 @@ class PracticeResult:
     params: dict
     stop_step: np.ndarray  # (B,)
     val_loss: np.ndarray  # (B,) at the kept parameters; NaN without a validation split
+    weight_norm: np.ndarray | None = None  # (B,) of the kept parameters, in the coordinates trained
     curve_steps: list = field(default_factory=list)
     curve_test_accuracy: list = field(default_factory=list)  # each (B,)
     curve_weight_norm: list = field(default_factory=list)
@@ -356,6 +357,7 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
         result.stop_step = np.full(B, total, dtype=np.int64)
         if V is not None:
             result.val_loss = result.curve_val_loss[-1]
+    result.weight_norm = weight_norm(head, final).numpy().copy()
     result.params = _to_raw(head, final, mean, scale)
     result.seconds = time.perf_counter() - start
     return result
