@@ -410,6 +410,7 @@ def _flat_spec(spec: RunSpec) -> dict:
     """The spec as flat columns (``world_*`` for the world's fields) for tables and the store."""
     d = spec.as_dict()
     world = d.pop("world")
+    d["lr_grid"] = json.dumps(d["lr_grid"])  # a text column ("[]" = the shared lr), so tables round-trip
     return {**{f"world_{k}": v for k, v in world.items()}, **d}
 
 
