@@ -12,7 +12,7 @@ import sys
 from .validation import InputError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ["check", "fit", "sweep", "export", "figures", "study", "bench", "audit_constant"]
+COMMANDS = ["check", "fit", "sweep", "export", "figures", "study", "bench", "audit_constant", "phase"]
 
 
 def build_parser() -> argparse.ArgumentParser:

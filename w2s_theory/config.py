@@ -28,7 +28,8 @@ from a realizable to a misspecified world; set explicitly, a contradiction is an
 The practice trainer (:mod:`w2s_theory.practice`) is one more ``[run]`` axis: ``trainer = ["exact",
 "practice"]`` with its knobs (``optimizer``, ``lr``, ``lr_grid``, ``schedule``, ``warmup_steps``,
 ``batch_size``, ``epochs``, ``weight_decay``, ``init``, ``standardize``, ``early_stopping``, ``n_val``,
-``eval_every``); exact runs ignore those knobs, so crossing them with ``trainer`` lists each exact run once.
+``eval_every``); exact runs ignore those knobs, so crossing them with ``trainer`` lists each exact run once
+(likewise ``noise_kind`` at ``noise = 0``).
 ``lr_grid`` is itself a list (``lr_grid = [0.001, 0.01, 0.1]`` is one value: tune the learning rate per loss
 on the validation split); a list of lists sweeps it (``lr_grid = [[], [0.001, 0.01, 0.1]]``: shared vs
 tuned). The teacher's knobs ``teacher_temperature``, ``noise_kind`` and ``teacher_floor`` apply to every
@@ -173,6 +174,8 @@ def parse_study(data: dict, source: str = "<dict>") -> Study:
                 # The practice knobs mean nothing to the exact trainer: a grid that crosses trainer with them
                 # holds each exact run once.
                 values = {k: v for k, v in values.items() if k not in PRACTICE_ONLY}
+            if values.get("noise", 0.0) == 0:  # no noisy rows: the kind of noise does not matter
+                values.pop("noise_kind", None)
             for seed in seeds:
                 try:
                     spec = RunSpec(world=world, seed=seed, **values)
