@@ -510,7 +510,8 @@ def _variant(row) -> str:
 
 
 def _noise_setting(row) -> str:
-    return "clean" if row["noise"] == 0 else f"{row['noise_kind'].replace('_', ' ')} {row['noise']:g}"
+    names = {"flip": "flip", "confident_wrong": "conf. wrong", "uncertain": "uncertain"}
+    return "clean" if row["noise"] == 0 else f"{names[row['noise_kind']]} {row['noise']:.0%}"
 
 
 def summarise_phase_diagram(frame: pd.DataFrame) -> pd.DataFrame:

@@ -447,8 +447,9 @@ def plot_phase_diagram(table: pd.DataFrame, pairs: list, variants: list, x: str,
     cells with |mean| < 2 SE hatched (:func:`w2s_theory.phase.plot_phase`); one colour scale per row."""
     from .phase import plot_phase
 
-    fig, axes = plt.subplots(len(pairs), len(variants), figsize=(4.4 * len(variants), 3.3 * len(pairs) + 0.9),
+    fig, axes = plt.subplots(len(pairs), len(variants), figsize=(4.4 * len(variants), 3.5 * len(pairs) + 1.4),
                              squeeze=False)
+    fig.subplots_adjust(hspace=0.5, bottom=0.2)  # before the colour bars take their room
     for r, (a, b) in enumerate(pairs):
         rows = table[(table["loss_a"] == a) & (table["loss_b"] == b)]
         limit = max(0.01, float(np.nanmax(np.abs(rows["mean"])))) if len(rows) else 0.01
@@ -462,12 +463,12 @@ def plot_phase_diagram(table: pd.DataFrame, pairs: list, variants: list, x: str,
                 continue
             image = plot_phase(ax, cells, x, y, limit)
             ax.set_title(f"{LOSS_STYLE[a]['label']} − {LOSS_STYLE[b]['label']}: {variant}", fontsize=9)
-            ax.set_xlabel("teacher noise (30% of rows)" if r == len(pairs) - 1 else "", fontsize=8.5)
+            ax.set_xlabel("teacher noise" if r == len(pairs) - 1 else "", fontsize=8.5)
             ax.set_ylabel("teacher temperature T" if c == 0 else "", fontsize=8.5)
         if image is not None:
             fig.colorbar(image, ax=list(axes[r]), shrink=0.85, pad=0.02,
                          label="test accuracy difference")
-    _caption(fig, caption, y=-0.01, width=170)
+    _caption(fig, caption, y=0.06, width=170)
     return fig
 
 

@@ -10,7 +10,7 @@ student also reports its *objective gap* to the exact minimiser of the same loss
 axis, every step gathers each student's own mini-batch ``(B, batch, m)`` and updates all students with the
 same kernels. Each student has its own random stream (mini-batch order, random initialisation), so its
 numbers do not depend on which other students share its batch (tested bit for bit: alone vs inside a
-batch). Arithmetic is float64.
+batch). Arithmetic is float64 (``dtype=torch.float32`` is available for large batches).
 
 **Heads** (parameters, float64):
 
@@ -190,14 +190,14 @@ def _schedule(config: PracticeConfig, step: int, total: int) -> float:
 
 
 def _init_params(head: str, init: str, B: int, k: int, m: int, rngs, init_params: dict | None,
-                 mean: torch.Tensor | None, scale: torch.Tensor | None) -> dict:
+                 mean: torch.Tensor | None, scale: torch.Tensor | None, dtype=torch.float64) -> dict:
     if init == "ceiling":
         if init_params is None:
             raise InputError("init = 'ceiling' needs the ceiling's parameters")
         if head == "mixture":
-            return {"theta": torch.log(torch.as_tensor(init_params["A"], dtype=torch.float64).clamp_min(1e-12)).clone()}
-        W = torch.as_tensor(init_params["W"], dtype=torch.float64)
-        b = torch.as_tensor(init_params["b"], dtype=torch.float64)
+            return {"theta": torch.log(torch.as_tensor(init_params["A"], dtype=dtype).clamp_min(1e-12)).clone()}
+        W = torch.as_tensor(init_params["W"], dtype=dtype)
+        b = torch.as_tensor(init_params["b"], dtype=dtype)
         if mean is not None:  # the same function in standardised coordinates: W' = W sigma, b' = b + W mu
             b = b + (W * mean[:, None, :]).sum(-1)
             W = W * scale[:, None, :]
@@ -205,12 +205,12 @@ def _init_params(head: str, init: str, B: int, k: int, m: int, rngs, init_params
     if init == "random":
         # N(0, 1/m) entries, each student from its own stream.
         draws = np.stack([rng.standard_normal((k, m)) for rng in rngs]) / math.sqrt(m)
-        w = torch.as_tensor(draws, dtype=torch.float64)
+        w = torch.as_tensor(draws, dtype=dtype)
     else:
-        w = torch.zeros(B, k, m, dtype=torch.float64)
+        w = torch.zeros(B, k, m, dtype=dtype)
     if head == "mixture":
         return {"theta": w}
-    return {"W": w, "b": torch.zeros(B, k, dtype=torch.float64)}
+    return {"W": w, "b": torch.zeros(B, k, dtype=dtype)}
 
 
 def _to_raw(head: str, params: dict, mean, scale) -> dict:
@@ -224,7 +224,8 @@ def _to_raw(head: str, params: dict, mean, scale) -> dict:
 
 def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig, rngs: list,
           init: str = "zero", init_params: dict | None = None, standardize: bool = False,
-          val_features=None, val_targets=None, test_features=None, test_truth=None) -> PracticeResult:
+          val_features=None, val_targets=None, test_features=None, test_truth=None,
+          dtype=torch.float64) -> PracticeResult:
     r"""Train ``B`` students of one head with one loss, as one tensor program.
 
     Args:
@@ -240,12 +241,14 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
             labels (weak teacher probabilities with ``config.early_stopping = "weak"``, one-hot true labels
             with ``"true"``); required unless ``early_stopping = "none"``.
         test_features, test_truth: optional held-out split for the learning curves' test accuracy.
+        dtype: ``torch.float64`` (the default, used by the pipeline) or ``torch.float32`` (half the memory
+            traffic; for large batches where 1e-7 relative rounding is acceptable).
     """
     start = time.perf_counter()
     if head not in PRACTICE_HEADS:
         raise InputError(f"the practice trainer supports heads {', '.join(PRACTICE_HEADS)}, got {head!r}")
-    X = torch.as_tensor(features, dtype=torch.float64)
-    Q = torch.as_tensor(teacher, dtype=torch.float64)
+    X = torch.as_tensor(features, dtype=dtype)
+    Q = torch.as_tensor(teacher, dtype=dtype)
     B, n, m = X.shape
     k = Q.shape[-1]
     if len(rngs) != B:
@@ -253,7 +256,7 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
     if loss in REVERSE_LOSSES and bool((Q <= 0).any()):
         raise InputError(f"loss {loss!r}: the teacher has exact zeros, where a reverse loss is infinite; "
                          "set teacher_floor > 0 (e.g. 1e-6)")
-    lr_t = torch.as_tensor(lr, dtype=torch.float64).expand(B).clone()
+    lr_t = torch.as_tensor(lr, dtype=dtype).expand(B).clone()
     mean = scale = None
     if standardize:
         if head != "softmax":
@@ -262,17 +265,17 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
         scale = X.std(1, unbiased=False)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     def prep(F):
-        F = torch.as_tensor(F, dtype=torch.float64)
+        F = torch.as_tensor(F, dtype=dtype)
         return (F - mean[:, None, :]) / scale[:, None, :] if standardize else F
     Xs = prep(X)
     V = prep(val_features) if val_features is not None else None
-    VT = torch.as_tensor(val_targets, dtype=torch.float64) if val_targets is not None else None
+    VT = torch.as_tensor(val_targets, dtype=dtype) if val_targets is not None else None
     T = prep(test_features) if test_features is not None else None
-    TT = torch.as_tensor(test_truth, dtype=torch.float64) if test_truth is not None else None
+    TT = torch.as_tensor(test_truth, dtype=dtype) if test_truth is not None else None
     if config.early_stopping != "none" and V is None:
         raise InputError(f"early_stopping = {config.early_stopping!r} needs a validation split")
 
-    params = _init_params(head, init, B, k, m, rngs, init_params, mean, scale)
+    params = _init_params(head, init, B, k, m, rngs, init_params, mean, scale, dtype)
     for p in params.values():
         p.requires_grad_(True)
     moments = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
@@ -295,7 +298,7 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
 
     result = PracticeResult(head=head, params={}, stop_step=np.zeros(B, dtype=np.int64), val_loss=np.full(B, np.nan))
     best = {name: p.detach().clone() for name, p in params.items()}
-    best_val = torch.full((B,), math.inf, dtype=torch.float64)
+    best_val = torch.full((B,), math.inf, dtype=dtype)
     best_step = torch.zeros(B, dtype=torch.int64)
 
     def evaluate(step: int):
@@ -405,7 +408,7 @@ def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int =
 
 def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epochs: int = 2, batch_size: int = 32,
                    loss: str = "reverse_ce", head: str = "softmax", loop_students: int = 20,
-                   device: str = "cpu", seed: int = 0) -> dict:
+                   device: str = "cpu", seed: int = 0, dtype: str = "float64") -> dict:
     """Students/s of the practice trainer: ``B`` students trained in one batched call vs a per-student loop
     (the same :func:`train` arithmetic called with one student at a time, on ``loop_students`` of them; its
     rate extrapolates). Adam, lr 1e-2, constant schedule, no validation. Returns a dict with both rates,
@@ -414,6 +417,7 @@ def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epo
 
     if device != "cpu":
         raise InputError("bench_practice runs on the CPU (the practice trainer is CPU float64 here)")
+    torch_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
     gen = np.random.default_rng(seed)
     logits = gen.standard_normal((B, n, m)) * 2.0
     X = np.exp(logits - logits.max(-1, keepdims=True))
@@ -423,16 +427,18 @@ def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epo
     config = PracticeConfig(epochs=epochs, batch_size=batch_size, eval_every=0)
     rngs = [rng_for(seed, "bench-practice", j) for j in range(B)]
     t0 = time.perf_counter()
-    train(head, loss, X, Q, lr=1e-2, config=config, rngs=rngs)
+    X, Q = X.astype(dtype), Q.astype(dtype)
+    train(head, loss, X, Q, lr=1e-2, config=config, rngs=rngs, dtype=torch_dtype)
     batched = time.perf_counter() - t0
     loop_students = min(loop_students, B)
     t0 = time.perf_counter()
     for j in range(loop_students):
-        train(head, loss, X[j:j + 1], Q[j:j + 1], lr=1e-2, config=config, rngs=[rng_for(seed, "bench-practice", j)])
+        train(head, loss, X[j:j + 1], Q[j:j + 1], lr=1e-2, config=config, rngs=[rng_for(seed, "bench-practice", j)],
+              dtype=torch_dtype)
     loop = time.perf_counter() - t0
     batched_rate, loop_rate = B / batched, loop_students / loop
     return {"workload": {"B": B, "n": n, "m": m, "k": k, "epochs": epochs, "batch_size": batch_size,
                          "steps": config.steps(n), "head": head, "loss": loss, "optimizer": "adam",
-                         "loop_students": loop_students, "threads": torch.get_num_threads()},
+                         "loop_students": loop_students, "threads": torch.get_num_threads(), "dtype": dtype},
             "batched_seconds": batched, "batched_students_per_s": batched_rate,
             "loop_seconds": loop, "loop_students_per_s": loop_rate, "speedup": batched_rate / loop_rate}
