@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.test_sweep import hang_the_second_chunk, remove_the_hang, snapshot, stored_count
+from tests.test_sweep import remove_the_hang, snapshot, stored_count
 from w2s_theory.cli import main
 from w2s_theory.phase import paired_differences
 
@@ -54,9 +54,27 @@ def test_paired_differences_pair_runs_by_seed_and_report_the_standard_error():
     assert row["significant"]  # 0.2 >= 2 * 0.0577
 
 
+def hang_after(store_path, rows: int):
+    """As tests/test_sweep.py's hang_the_second_chunk, for chunks of ``rows`` runs: the sweep hangs inside
+    the transaction of its second chunk, after the first is committed, so the kill lands mid-transaction."""
+    from w2s_theory.store import ResultsStore
+    import sqlite3
+
+    ResultsStore(store_path).close()
+    db = sqlite3.connect(store_path)
+    db.executescript(f"""
+        CREATE TABLE pad (x INTEGER);
+        INSERT INTO pad WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000)
+            SELECT x FROM c;
+        CREATE TRIGGER hang AFTER INSERT ON study_runs WHEN (SELECT COUNT(*) FROM study_runs) > {rows}
+        BEGIN SELECT COUNT(*) FROM pad a, pad b, pad c, pad d; END;
+    """)
+    db.close()
+
+
 def phase_command(config, store, out):
     return [sys.executable, "-m", "w2s_theory.cli", "phase", str(config), "--store", str(store), "--axes",
-            "noise,teacher_temperature", "--compare", "reverse_ce:forward_kl", "--out", str(out), "--chunk-size", "6",
+            "noise,teacher_temperature", "--compare", "reverse_ce:forward_kl", "--out", str(out), "--chunk-size", "9",
             "--device", "cpu"]
 
 
@@ -66,7 +84,7 @@ def test_phase_killed_mid_way_resumes_without_duplicates_and_writes_the_csv_and_
     total = 3 * 3 * 2 * 10
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     store = tmp_path / "phase.db"
-    hang_the_second_chunk(store)
+    hang_after(store, 9)  # a chunk is one unit: the 9 cells of one seed and loss
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(phase_command(config, store, tmp_path / "out"), stdout=log, stderr=log, env=env)
         try:
@@ -79,7 +97,7 @@ def test_phase_killed_mid_way_resumes_without_duplicates_and_writes_the_csv_and_
             proc.wait()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
     at_kill = stored_count(store)
-    assert 0 < at_kill < total
+    assert at_kill == 9  # the first chunk committed, nothing of the second
     remove_the_hang(store)
     resumed = subprocess.run(phase_command(config, store, tmp_path / "out"), capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr

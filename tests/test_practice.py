@@ -194,3 +194,12 @@ def test_bad_practice_config_values_are_one_line_errors_that_leave_the_store_unt
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert store.read_bytes() == b""
+
+
+def test_bench_practice_reports_both_rates_on_a_tiny_workload():
+    from w2s_theory.practice import bench_practice
+
+    result = bench_practice(4, n=64, m=8, epochs=1, batch_size=16, loop_students=2)
+    assert result["workload"]["steps"] == 4 and result["workload"]["B"] == 4
+    assert result["batched_students_per_s"] > 0 and result["loop_students_per_s"] > 0
+    assert result["speedup"] == pytest.approx(result["batched_students_per_s"] / result["loop_students_per_s"])

@@ -53,8 +53,8 @@ QUICK = {
     "noise_robustness": dict(seeds=2, n=300),
     "loss_comparison": dict(seeds=1, n=300),
     "gain_vs_misfit_kl": dict(seeds=15, n=200),
-    "phase_diagram": dict(seeds=2, n=120),
-    "learning_curves": dict(seeds=2, n=150),
+    "phase_diagram": dict(seeds=2, n=80),
+    "learning_curves": dict(seeds=2, n=100),
 }
 
 #: The probability floor of the bound_tightness figure (the paper's example value, THEORY.md).
