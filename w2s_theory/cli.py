@@ -17,7 +17,7 @@ import sys
 from .validation import InputError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ["check", "fit", "sweep", "export", "figures", "study", "bench", "audit_constant"]
+COMMANDS = ["check", "fit", "sweep", "export", "figures", "study", "bench", "audit_constant", "phase"]
 
 #: Exit status of a command whose stdout was closed by the reader (the shell's 128 + SIGPIPE).
 EXIT_BROKEN_PIPE = 141

@@ -25,6 +25,16 @@ takes its default. Integers given for real-valued fields are stored as floats (`
 ``misspecification`` (realizable exactly when it is 0), so that ``misspecification = [0.0, 0.1]`` sweeps
 from a realizable to a misspecified world; set explicitly, a contradiction is an error.
 
+The practice trainer (:mod:`w2s_theory.practice`) is one more ``[run]`` axis: ``trainer = ["exact",
+"practice"]`` with its knobs (``optimizer``, ``lr``, ``lr_grid``, ``schedule``, ``warmup_steps``,
+``batch_size``, ``epochs``, ``weight_decay``, ``init``, ``standardize``, ``early_stopping``, ``n_val``,
+``eval_every``); exact runs ignore those knobs, so crossing them with ``trainer`` lists each exact run once
+(likewise ``noise_kind`` at ``noise = 0``).
+``lr_grid`` is itself a list (``lr_grid = [0.001, 0.01, 0.1]`` is one value: tune the learning rate per loss
+on the validation split); a list of lists sweeps it (``lr_grid = [[], [0.001, 0.01, 0.1]]``: shared vs
+tuned). The teacher's knobs ``teacher_temperature``, ``noise_kind`` and ``teacher_floor`` apply to every
+trainer.
+
 Everything is checked on load: a bad file is one :class:`~w2s_theory.validation.InputError` naming the file,
 the table and key, and the fix — before anything runs or any store is opened.
 """
@@ -39,9 +49,10 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .pipeline import CLASSIFICATION_LOSSES, RunSpec
+from .pipeline import CLASSIFICATION_LOSSES, PRACTICE_KNOBS, TRAINERS, RunSpec
+from .practice import EARLY_STOPPING, INITS, OPTIMIZERS, PRACTICE_HEADS, PRACTICE_LOSSES, SCHEDULES
 from .solvers import SOLVABLE
-from .synthetic import WorldConfig
+from .synthetic import NOISE_KINDS, WorldConfig
 from .validation import InputError
 
 if sys.version_info >= (3, 11):
@@ -67,6 +78,8 @@ TABLES = ("study", "world", "run")
 STUDY_KEYS = ("name", "description", "seeds")
 WORLD_KEYS = tuple(f.name for f in fields(WorldConfig))
 RUN_KEYS = tuple(f.name for f in fields(RunSpec) if f.name not in ("world", "seed"))
+#: [run] keys that only the practice trainer reads (dropped from exact runs, so they are not duplicated).
+PRACTICE_ONLY = (*PRACTICE_KNOBS, "lr")
 
 
 @dataclass
@@ -157,16 +170,26 @@ def parse_study(data: dict, source: str = "<dict>") -> Study:
 
     run_keys = [k for k in RUN_KEYS if k in run_axes]
     specs: list[RunSpec] = []
+    seen: set[str] = set()
     for world in worlds:
         for combo in itertools.product(*(run_axes[k] for k in run_keys)):
             values = dict(zip(run_keys, combo))
             _check_head_loss(source, values)
             _check_size(source, world, values, world_axes, run_axes)
+            if values.get("trainer", "exact") == "exact":
+                # The practice knobs mean nothing to the exact trainer: a grid that crosses trainer with them
+                # holds each exact run once.
+                values = {k: v for k, v in values.items() if k not in PRACTICE_ONLY}
+            if values.get("noise", 0.0) == 0:  # no noisy rows: the kind of noise does not matter
+                values.pop("noise_kind", None)
             for seed in seeds:
                 try:
-                    specs.append(RunSpec(world=world, seed=seed, **values))
+                    spec = RunSpec(world=world, seed=seed, **values)
                 except ValueError as exc:
                     _fail(source, "[run]", f"{_one_line(str(exc))}{_combo_note(values, run_axes)}")
+                if spec.run_id not in seen:
+                    seen.add(spec.run_id)
+                    specs.append(spec)
 
     axes = {f"world.{k}": list(v) for k, v in world_axes.items() if len(v) > 1}
     axes.update({f"run.{k}": list(v) for k, v in run_axes.items() if len(v) > 1})
@@ -239,6 +262,19 @@ def _parse_values(source: str, table: str, key: str, value, hint) -> list:
     """The values a field takes: a list sweeps, a scalar is one value; each is type-checked (and an integer
     given for a real field becomes a float, so that run ids do not depend on how a number was written)."""
     where = f"[{table}] {key}"
+    if hint is tuple:  # a list-valued field (lr_grid): a list of numbers is ONE value, a list of lists sweeps
+        if not isinstance(value, list):
+            _fail(source, where, f"expected a list of numbers such as [0.001, 0.01, 0.1], got {value!r}")
+        grids = value if value and all(isinstance(v, list) for v in value) else [value]
+        out = []
+        for grid in grids:
+            for v in grid:
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+                    _fail(source, where, f"expected learning rates > 0, got {v!r}")
+            _reject_duplicates(source, where, list(grid))
+            out.append(tuple(float(v) for v in grid))
+        _reject_duplicates(source, where, out)
+        return out
     values = value if isinstance(value, list) else [value]
     if not values:
         _fail(source, where, "empty list makes the grid empty; give at least one value (or remove the key)")
@@ -279,7 +315,7 @@ def _check_run_values(source: str, run_axes: dict) -> None:
             if v not in PIPELINE_HEADS:
                 _fail(source, f"[run] {key}",
                       f"unknown or unsupported head {v!r}; use one of: {', '.join(PIPELINE_HEADS)}")
-    valid_losses = (*CLASSIFICATION_LOSSES, "squared")
+    valid_losses = tuple(dict.fromkeys((*CLASSIFICATION_LOSSES, "squared", *PRACTICE_LOSSES)))
     for key in ("loss", "weak_loss"):
         for v in run_axes.get(key, []):
             if v not in valid_losses:
@@ -287,15 +323,45 @@ def _check_run_values(source: str, run_axes: dict) -> None:
     for v in run_axes.get("noise", []):
         if not 0 <= v <= 1:
             _fail(source, "[run] noise", f"{v!r} is not a label-noise rate; give a fraction in [0, 1]")
-    for key in ("n_weak", "n_train", "n_test"):
+    for key in ("n_weak", "n_train", "n_test", "n_val"):
         for v in run_axes.get(key, []):
             if v < 1:
                 _fail(source, f"[run] {key}", f"expected a sample size >= 1, got {v!r}")
+    for key, allowed in (("trainer", TRAINERS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
+                         ("early_stopping", EARLY_STOPPING), ("noise_kind", NOISE_KINDS)):
+        for v in run_axes.get(key, []):
+            if v not in allowed:
+                _fail(source, f"[run] {key}", f"unknown value {v!r}; use one of: {', '.join(allowed)}")
+    for key, what in (("lr", "a learning rate > 0"), ("teacher_temperature", "a temperature > 0")):
+        for v in run_axes.get(key, []):
+            if v <= 0:
+                _fail(source, f"[run] {key}", f"{v!r} is not {what}")
+    for v in run_axes.get("weight_decay", []):
+        if v < 0:
+            _fail(source, "[run] weight_decay", f"expected a weight decay >= 0, got {v!r}")
+    for v in run_axes.get("teacher_floor", []):
+        if not 0 <= v < 0.5:
+            _fail(source, "[run] teacher_floor", f"{v!r} is not a probability floor; give a value in [0, 1/k)")
+    for key, low in (("batch_size", 1), ("epochs", 1), ("warmup_steps", 0), ("eval_every", 0)):
+        for v in run_axes.get(key, []):
+            if v < low:
+                _fail(source, f"[run] {key}", f"expected an integer >= {low}, got {v!r}")
 
 
 def _check_head_loss(source: str, values: dict) -> None:
+    defaults = RunSpec()
+    if values.get("trainer", defaults.trainer) == "practice":
+        head, loss = values.get("head", defaults.head), values.get("loss", defaults.loss)
+        if head not in PRACTICE_HEADS:
+            _fail(source, "[run] head", f"head {head!r} is not available for trainer 'practice'; "
+                  f"use one of: {', '.join(PRACTICE_HEADS)}")
+        if loss not in PRACTICE_LOSSES:
+            _fail(source, "[run] loss", f"loss {loss!r} is not available for trainer 'practice'; "
+                  f"use one of: {', '.join(PRACTICE_LOSSES)}")
+        values = {**values, "loss": "forward_kl"}  # the weak head's pair is checked below
+    elif values.get("loss", defaults.loss) not in SOLVABLE["mixture"]:
+        _fail(source, "[run] loss", f"loss {values['loss']!r} needs trainer = 'practice' (it has no exact solver)")
     for head_key, loss_key in (("head", "loss"), ("weak_head", "weak_loss")):
-        defaults = RunSpec()
         head = values.get(head_key, getattr(defaults, head_key))
         loss = values.get(loss_key, getattr(defaults, loss_key))
         if loss not in SOLVABLE[head]:

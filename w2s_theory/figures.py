@@ -17,6 +17,9 @@ bound_tightness    random and near-extremal instances of Lemma 1's √-bound wit
 guarantee_table    :func:`w2s_theory.guarantees.guarantee_table`
 loss_comparison    sweep ``experiments/loss_comparison.toml`` (weak → strong pairs, four losses, PGR)
 demo_digits        the bring-your-own pipeline (:mod:`w2s_theory.byo`) on scikit-learn's digits
+phase_diagram      sweep ``experiments/phase_diagram.toml``: reverse − forward losses, paired, over teacher
+                   temperature × noise kind, for exact / shared-lr / tuned-lr practice students
+learning_curves    sweep ``experiments/learning_curves.toml``: practice training curves of four losses
 =================  ===================================================================================
 
 Sweep-driven and per-task results go through the results store: a sweep writes its rows with
@@ -42,7 +45,7 @@ __all__ = ["FIGURES", "EXPERIMENTS_DIR", "make_figures", "sweep_results", "mode_
            "charikar_results", "QUICK"]
 
 FIGURES = ("mode_seeking", "gain_vs_misfit", "noise_robustness", "bound_tightness", "guarantee_table",
-           "loss_comparison", "demo_digits")
+           "loss_comparison", "demo_digits", "phase_diagram", "learning_curves")
 
 #: Sweep configs of the sweep-driven figures (a fresh clone has them next to the package).
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -52,6 +55,8 @@ QUICK = {
     "noise_robustness": dict(seeds=2, n=300),
     "loss_comparison": dict(seeds=1, n=300),
     "gain_vs_misfit_kl": dict(seeds=15, n=200),
+    "phase_diagram": dict(seeds=2, n=80),
+    "learning_curves": dict(seeds=2, n=100),
 }
 
 #: The probability floor of the bound_tightness figure (the paper's example value, THEORY.md).
@@ -562,6 +567,121 @@ def demo_digits_figure(out: Path, quick: bool, device, say, **_) -> list[Path]:
     return paths
 
 
+PHASE_PAIRS = [("reverse_ce", "forward_kl"), ("reverse_kl", "forward_kl")]
+PHASE_VARIANTS = ["exact minimiser", "practice, shared lr", "practice, tuned lr"]
+
+
+def _variant(row) -> str:
+    if row["trainer"] == "exact":
+        return PHASE_VARIANTS[0]
+    return PHASE_VARIANTS[1] if row["lr_grid"] in ("[]", "", None) else PHASE_VARIANTS[2]
+
+
+def _noise_setting(row) -> str:
+    names = {"flip": "flip", "confident_wrong": "conf. wrong", "uncertain": "uncertain"}
+    return "clean" if row["noise"] == 0 else f"{names[row['noise_kind']]} {row['noise']:.0%}"
+
+
+def summarise_phase_diagram(frame: pd.DataFrame) -> pd.DataFrame:
+    """Paired differences (:func:`w2s_theory.phase.paired_differences`) of test accuracy for
+    :data:`PHASE_PAIRS` per (trainer variant, teacher temperature, noise setting)."""
+    from .phase import paired_differences
+
+    frame = frame.assign(variant=frame.apply(_variant, axis=1), setting=frame.apply(_noise_setting, axis=1))
+    return paired_differences(frame, PHASE_PAIRS, ["variant", "teacher_temperature", "setting"])
+
+
+def phase_diagram_markdown(table: pd.DataFrame, lr_picks: pd.DataFrame) -> str:
+    lines = ["Paired test-accuracy differences (percentage points, mean ± s.e. over seeds; **bold**: |mean| ≥ 2 s.e.).", ""]
+    settings = sorted(table["setting"].unique(), key=lambda s: (s != "clean", s))
+    for a, b in PHASE_PAIRS:
+        lines += [f"**{a} − {b}**", "", "| trainer | T | " + " | ".join(settings) + " |",
+                  "|---|---|" + "---|" * len(settings)]
+        rows = table[(table.loss_a == a) & (table.loss_b == b)]
+        for variant in PHASE_VARIANTS:
+            for temp in sorted(rows["teacher_temperature"].unique()):
+                cells = []
+                for setting in settings:
+                    c = rows[(rows.variant == variant) & (rows.teacher_temperature == temp) & (rows.setting == setting)]
+                    if c.empty:
+                        cells.append("")
+                        continue
+                    c = c.iloc[0]
+                    text = f"{100 * c['mean']:+.1f} ± {100 * c['se']:.1f}"
+                    cells.append(f"**{text}**" if c["significant"] else text)
+                lines.append(f"| {variant} | {temp:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if len(lr_picks):
+        lines += ["Learning rates picked per loss on the weak-labelled validation split (tuned lr; share of runs):", ""]
+        for loss, g in lr_picks.groupby("loss"):
+            share = g["lr_selected"].value_counts(normalize=True).sort_index()
+            lines.append(f"- {loss}: " + ", ".join(f"{lr:g}: {100 * p:.0f}%" for lr, p in share.items()))
+    return "\n".join(lines) + "\n"
+
+
+def phase_diagram_figure(out: Path, store: ResultsStore, quick: bool, device, progress, ledger, experiments,
+                         **_) -> list[Path]:
+    from . import plots
+
+    frame, _ = sweep_results("phase_diagram", store, quick=quick, device=device, progress=progress,
+                             ledger=ledger, experiments=experiments)
+    table = summarise_phase_diagram(frame)
+    spec = frame.iloc[0]
+    caption = (f"Softmax students on a weak teacher; synthetic world k = {spec['world_k']}, temperature "
+               f"{spec['world_temperature']:g}, truth_concentration {spec['world_truth_concentration']:g}, "
+               f"{spec['world_strong_dim']} strong / {spec['world_weak_dim']} weak features; "
+               f"{frame['seed'].nunique()} paired seeds, {spec['n_train']} transfer / {spec['n_test']} test samples. "
+               "Teacher: q ∝ q^(1/T), then 30% of rows flipped / made confidently wrong (0.95 on a wrong class) / "
+               f"uniform, floor {spec['teacher_floor']:g}. Practice: Adam, batch {spec['batch_size']}, "
+               f"{spec['epochs']} epochs, lr {spec['lr']:g} shared, or tuned per loss over "
+               "{0.001, 0.003, 0.01, 0.03, 0.1} on a weak-labelled validation split. Colour: significant cells "
+               "only (|mean| ≥ 2 s.e.); hatched: not significant. Text: percentage points ± s.e.")
+    fig = plots.plot_phase_diagram(table, PHASE_PAIRS, PHASE_VARIANTS, "setting", "teacher_temperature", caption)
+    paths = plots.save_figure(fig, out, "phase_diagram")
+    tuned = frame[(frame["trainer"] == "practice") & (frame["lr_grid"] != "[]")]
+    paths.append(_write_text(Path(out) / "phase_diagram.md", phase_diagram_markdown(table, tuned)))
+    return paths
+
+
+def summarise_learning_curves(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean ± s.e. over seeds of each practice student's curve per (loss, step); the exact students' mean
+    test accuracy per loss."""
+    import json
+
+    rows = []
+    for _, r in frame[frame["trainer"] == "practice"].iterrows():
+        c = json.loads(r["curve"])
+        for step, acc, norm in zip(c["step"], c["test_accuracy"], c["weight_norm"]):
+            rows.append({"loss": r["loss"], "seed": r["seed"], "step": step, "test_accuracy": acc, "weight_norm": norm})
+    long = pd.DataFrame(rows)
+    curves = []
+    for (loss, step), g in long.groupby(["loss", "step"]):
+        acc, norm = _mean_se(g["test_accuracy"]), _mean_se(g["weight_norm"])
+        curves.append({"loss": loss, "step": step, "test_accuracy_mean": acc[0], "test_accuracy_se": acc[1],
+                       "weight_norm_mean": norm[0], "weight_norm_se": norm[1]})
+    exact = (frame[frame["trainer"] == "exact"].groupby("loss")["student_test_accuracy"].mean()
+             .rename("accuracy").reset_index())
+    return pd.DataFrame(curves), exact
+
+
+def learning_curves_figure(out: Path, store: ResultsStore, quick: bool, device, progress, ledger, experiments,
+                           **_) -> list[Path]:
+    from . import plots
+
+    frame, _ = sweep_results("learning_curves", store, quick=quick, device=device, progress=progress,
+                             ledger=ledger, experiments=experiments)
+    curves, exact = summarise_learning_curves(frame)
+    spec = frame[frame["trainer"] == "practice"].iloc[0]
+    caption = (f"Practice training (Adam, lr {spec['lr']:g} shared, batch {spec['batch_size']}, {spec['epochs']} "
+               f"epochs, zero init) of a softmax head on {spec['n_train']} teacher-labelled samples; teacher "
+               f"temperature {spec['teacher_temperature']:g}, {spec['noise']:.0%} {spec['noise_kind']} noise; "
+               f"mean ± s.e. over {frame['seed'].nunique()} seeds; accuracy on {spec['n_test']} held-out samples "
+               "against the truth. Forward CE and forward KL have the same gradients (their curves coincide).")
+    fig = plots.plot_learning_curves(curves, exact, float(frame["weak_test_accuracy"].mean()), caption,
+                                     "Learning curves: what finite training does with each loss")
+    return plots.save_figure(fig, out, "learning_curves")
+
+
 _BUILDERS = {
     "mode_seeking": mode_seeking_figure,
     "gain_vs_misfit": gain_vs_misfit_figure,
@@ -570,6 +690,8 @@ _BUILDERS = {
     "guarantee_table": guarantee_table_figure,
     "loss_comparison": loss_comparison_figure,
     "demo_digits": demo_digits_figure,
+    "phase_diagram": phase_diagram_figure,
+    "learning_curves": learning_curves_figure,
 }
 
 

@@ -499,3 +499,71 @@ def plot_demo(report: dict, title: str, caption: str):
     _caption(fig, caption, -0.01)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# phase_diagram and learning_curves (the practice trainer)
+# --------------------------------------------------------------------------------------------------------
+
+
+def plot_phase_diagram(table: pd.DataFrame, pairs: list, variants: list, x: str, y: str, caption: str):
+    """Paired test-accuracy differences (one row of panels per loss pair, one column per trainer variant),
+    cells with |mean| < 2 SE hatched (:func:`w2s_theory.phase.plot_phase`); one colour scale per row."""
+    from .phase import plot_phase
+
+    fig, axes = plt.subplots(len(pairs), len(variants), figsize=(4.4 * len(variants), 3.5 * len(pairs) + 1.4),
+                             squeeze=False)
+    fig.subplots_adjust(hspace=0.5, bottom=0.2)  # before the colour bars take their room
+    for r, (a, b) in enumerate(pairs):
+        rows = table[(table["loss_a"] == a) & (table["loss_b"] == b)]
+        limit = max(0.01, float(np.nanmax(np.abs(rows["mean"])))) if len(rows) else 0.01
+        image = None
+        for c, variant in enumerate(variants):
+            ax = axes[r, c]
+            ax.grid(False)
+            cells = rows[rows["variant"] == variant]
+            if cells.empty:
+                ax.axis("off")
+                continue
+            image = plot_phase(ax, cells, x, y, limit)
+            ax.set_title(f"{LOSS_STYLE[a]['label']} − {LOSS_STYLE[b]['label']}: {variant}", fontsize=9)
+            ax.set_xlabel("teacher noise" if r == len(pairs) - 1 else "", fontsize=8.5)
+            ax.set_ylabel("teacher temperature T" if c == 0 else "", fontsize=8.5)
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[r]), shrink=0.85, pad=0.02,
+                         label="test accuracy difference")
+    _caption(fig, caption, y=0.06, width=170)
+    return fig
+
+
+def plot_learning_curves(curves: pd.DataFrame, exact: pd.DataFrame, weak_accuracy: float, caption: str,
+                         title: str):
+    """Test accuracy (left) and weight norm (right) against the training step, mean ± standard error over
+    seeds per loss; the exact minimisers' mean test accuracy as dashed lines, the weak teacher's as grey."""
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    for loss in LOSS_ORDER:
+        d = curves[curves["loss"] == loss]
+        if d.empty:
+            continue
+        st = LOSS_STYLE[loss]
+        for ax, metric in zip(axes, ("test_accuracy", "weight_norm")):
+            ax.plot(d["step"], d[f"{metric}_mean"], color=st["color"], linestyle=st["linestyle"],
+                    marker=st["marker"], markersize=3, markevery=max(1, len(d) // 8), linewidth=1.4,
+                    label=st["label"])
+            ax.fill_between(d["step"], d[f"{metric}_mean"] - d[f"{metric}_se"],
+                            d[f"{metric}_mean"] + d[f"{metric}_se"], color=st["color"], alpha=0.15, linewidth=0)
+        e = exact[exact["loss"] == loss]
+        if not e.empty:
+            axes[0].axhline(float(e["accuracy"].iloc[0]), color=st["color"], linestyle=":", linewidth=1.2)
+    axes[0].axhline(weak_accuracy, color="0.5", linewidth=1.2, label="weak teacher")
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("student test accuracy")
+    axes[0].set_title("test accuracy (dotted: exact minimiser of the same loss)")
+    axes[1].set_xlabel("training step")
+    axes[1].set_ylabel("weight norm ‖W‖_F")
+    axes[1].set_title("weight norm")
+    axes[0].legend(loc="lower right")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _caption(fig, caption, y=-0.01, width=150)
+    return fig

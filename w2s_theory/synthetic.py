@@ -77,13 +77,19 @@ __all__ = [
     "make_world",
     "corrupt_truth",
     "flip_labels",
+    "confident_wrong_labels",
+    "uncertain_labels",
+    "temper",
+    "floor_probs",
+    "NOISE_KINDS",
+    "CONFIDENT_WRONG",
     "rng_for",
     "SPLITS",
 ]
 
 #: The three splits of the flow in DESIGN.md: A (weak teacher trained on truth), B (transfer: students
 #: trained on teacher labels, in-sample theorem checks), C (held out).
-SPLITS = ("A", "B", "C")
+SPLITS = ("A", "B", "C", "V")  # V: a validation split for early stopping and learning-rate selection
 
 #: Size of the fixed reference batch that sets the standardisation of every logit; large enough that the
 #: statistics are stable, small enough that ``make_world`` stays in the millisecond range.
@@ -487,3 +493,76 @@ def flip_labels(probs: np.ndarray, rate: float, rng: np.random.Generator) -> tup
         redraw = (permutations == identity).all(axis=1)
     noisy_probs[rows] = np.take_along_axis(probs[rows], permutations, axis=1)
     return noisy_probs, flipped
+
+
+#: Teacher noise kinds (``RunSpec.noise_kind``) -> the function that corrupts a fraction of the rows.
+NOISE_KINDS = ("flip", "confident_wrong", "uncertain")
+
+#: Confidence that ``confident_wrong`` puts on the wrong class.
+CONFIDENT_WRONG = 0.95
+
+
+def _noisy_rows(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Exactly ``round(rate * n)`` rows chosen uniformly without replacement (as in :func:`flip_labels`)."""
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, size=int(round(rate * n)), replace=False)] = True
+    return mask
+
+
+def confident_wrong_labels(probs: np.ndarray, rate: float, rng: np.random.Generator,
+                           confidence: float = CONFIDENT_WRONG) -> tuple[np.ndarray, np.ndarray]:
+    r"""Confidently wrong teacher rows: a fraction ``rate`` of the rows (exactly ``round(rate * n)``) is
+    replaced by a distribution that puts ``confidence`` on one class other than the row's argmax (uniformly
+    among the other :math:`k-1`) and spreads the rest evenly, :math:`(1-c)/(k-1)` each. Returns
+    ``(noisy_probs, noisy_mask)``."""
+    probs = _check_probs_matrix("probs", probs)
+    _require_real("rate", rate, low=0.0, high=1.0, low_open=False)
+    _require_real("confidence", confidence, low=0.0, high=1.0, low_open=False)
+    n, k = probs.shape
+    mask = _noisy_rows(n, rate, rng)
+    rows = np.flatnonzero(mask)
+    top = probs[rows].argmax(axis=1)
+    wrong = (top + 1 + rng.integers(0, k - 1, size=rows.size)) % k  # uniform over the k - 1 other classes
+    noisy_probs = probs.copy()
+    noisy_probs[rows] = (1 - confidence) / (k - 1)
+    noisy_probs[rows, wrong] = confidence
+    return noisy_probs, mask
+
+
+def uncertain_labels(probs: np.ndarray, rate: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Uncertain teacher rows: a fraction ``rate`` of the rows (exactly ``round(rate * n)``) becomes the
+    uniform distribution :math:`1/k`. Returns ``(noisy_probs, noisy_mask)``."""
+    probs = _check_probs_matrix("probs", probs)
+    _require_real("rate", rate, low=0.0, high=1.0, low_open=False)
+    mask = _noisy_rows(probs.shape[0], rate, rng)
+    noisy_probs = probs.copy()
+    noisy_probs[mask] = 1.0 / probs.shape[1]
+    return noisy_probs, mask
+
+
+def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
+    r"""Teacher temperature: :math:`q_y \propto q_y^{1/T}`, i.e. the weak model's logits divided by :math:`T`
+    (:math:`T > 1` flattens: an under-confident teacher; :math:`T < 1` sharpens: an over-confident one).
+    Zeros stay zeros; ``temperature = 1`` returns ``probs`` itself."""
+    _require_real("temperature", temperature, low=0.0, low_open=True)
+    if temperature == 1:
+        return probs
+    probs = np.asarray(probs, dtype=float)
+    with np.errstate(divide="ignore"):
+        logits = np.where(probs > 0, np.log(probs), -np.inf) / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=-1, keepdims=True)
+
+
+def floor_probs(probs: np.ndarray, floor: float) -> np.ndarray:
+    r"""A probability floor: :math:`q'_y = \max(q_y, \gamma) / \sum_z \max(q_z, \gamma)`, so every class keeps
+    at least about :math:`\gamma` (exactly :math:`\ge \gamma/(1 + k\gamma)`); ``floor = 0`` returns ``probs``
+    itself. Needs :math:`0 \le \gamma < 1/k` (a larger floor would make every row uniform)."""
+    probs = np.asarray(probs, dtype=float)
+    k = probs.shape[-1]
+    _require_real("teacher_floor", floor, low=0.0, high=1.0 / k, low_open=False)
+    if floor == 0:
+        return probs
+    out = np.maximum(probs, floor)
+    return out / out.sum(axis=-1, keepdims=True)

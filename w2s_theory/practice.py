@@ -1,0 +1,444 @@
+r"""The practice trainer: students trained the way the paper trains them, not solved to optimality.
+
+Where :func:`w2s_theory.solvers.fit` returns the *certified minimiser* of a training loss, :func:`train`
+runs what a practitioner runs (Yao et al. 2025, Sec. 5; Burns et al. 2023): the same head, started from an
+initialisation, trained by mini-batch Adam or SGD for a few epochs with a learning-rate schedule, weight
+decay and early stopping on a validation split. Theory and practice then sit side by side: every practice
+student also reports its *objective gap* to the exact minimiser of the same loss on the same data.
+
+**One tensor program.** The ``B`` students of a call are trained together: parameters carry a leading batch
+axis, every step gathers each student's own mini-batch ``(B, batch, m)`` and updates all students with the
+same kernels. Each student has its own random stream (mini-batch order, random initialisation), so its
+numbers do not depend on which other students share its batch (tested bit for bit: alone vs inside a
+batch). Arithmetic is float64 (``dtype=torch.float32`` is available for large batches).
+
+**Heads** (parameters, float64):
+
+* ``mixture``: :math:`F(x) = A\,h(x)` with :math:`A = \mathrm{softmax}_{\text{classes}}(\Theta)`, column by
+  column, so :math:`A` stays column-stochastic without projections; the minimiser on the boundary of the
+  simplex is approached, not reached (``init = "zero"`` is the uniform head);
+* ``softmax``: :math:`F(x) = \mathrm{softmax}(W h(x) + b)`; ``standardize`` trains on
+  :math:`(h - \mu)/\sigma` (training-split moments per student), the same function class.
+
+**Losses** (per sample, teacher :math:`q`, student :math:`F`, mean over the mini-batch):
+``forward_kl`` :math:`\mathrm{KL}(q\|F)`, ``forward_ce`` :math:`-\sum_y q_y\log F_y`, ``reverse_kl``
+:math:`\mathrm{KL}(F\|q)`, ``reverse_ce`` :math:`-\sum_y F_y\log q_y`; ``hard_ce`` :math:`-\log
+F_{\arg\max q}` (hard labels from the teacher); ``aux_conf`` (Burns et al. 2023, "auxiliary confidence
+loss") :math:`(1-\alpha_t)\,\mathrm{CE}(q, F) + \alpha_t\,\mathrm{CE}(\hat t(F), F)` with :math:`\hat t(F)`
+the one-hot of the student's own (detached) prediction — the argmax, i.e. threshold 1/2 for k = 2 (Burns et
+al. use a batch-quantile threshold matching the weak labels' class balance; the argmax is our simplification)
+— and :math:`\alpha_t` warmed up linearly from 0 to :data:`AUX_ALPHA` = 0.75 over the first
+:data:`AUX_WARMUP` = 20% of the steps, as in their large-model setting.
+
+**Optimisers.** ``adam``: Adam (Kingma & Ba 2015; :math:`\beta = (0.9, 0.999)`, :math:`\epsilon = 10^{-8}`)
+with *decoupled* weight decay (AdamW, Loshchilov & Hutter 2019); ``sgd``: plain SGD with L2 weight decay.
+Decay acts on :math:`\Theta` / :math:`W`, never the bias. Learning rate at step :math:`t` of :math:`T`:
+:math:`\eta_t = \eta\cdot\min(1, (t+1)/t_w)\cdot s(t/T)` with :math:`s = 1` (``constant``), :math:`1 - t/T`
+(``linear``) or :math:`\tfrac12(1+\cos\pi t/T)` (``cosine``), :math:`t_w` = ``warmup_steps``.
+
+**Early stopping and evaluation.** Every ``eval_every`` steps (and at step 0 and the last step) the
+validation loss is measured — the training loss against the weak teacher on a weak-labelled validation
+split (``early_stopping = "weak"``), or the negative log-likelihood of ``n_val`` true labels drawn from the
+truth (``"true"``) — and each student keeps its parameters from the evaluation with the lowest validation
+loss (its ``stop_step``). Learning curves (test accuracy against the truth, weight norm, validation loss)
+are recorded at the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .validation import InputError
+
+__all__ = ["PracticeConfig", "PracticeResult", "train", "training_loss", "probabilities", "weight_norm",
+           "expected_calibration_error", "bench_practice", "PRACTICE_LOSSES", "OPTIMIZERS", "SCHEDULES",
+           "INITS", "EARLY_STOPPING", "AUX_ALPHA", "AUX_WARMUP", "PRACTICE_HEADS"]
+
+PRACTICE_LOSSES = ("forward_kl", "reverse_kl", "forward_ce", "reverse_ce", "hard_ce", "aux_conf")
+PRACTICE_HEADS = ("mixture", "softmax")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+INITS = ("zero", "random", "ceiling")
+EARLY_STOPPING = ("none", "weak", "true")
+REVERSE_LOSSES = ("reverse_kl", "reverse_ce")
+
+#: Burns et al. 2023: auxiliary-confidence weight and the fraction of training over which it is warmed up.
+AUX_ALPHA = 0.75
+AUX_WARMUP = 0.2
+
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class PracticeConfig:
+    """The optimisation knobs shared by one batch of students (the learning rate is per student)."""
+
+    optimizer: str = "adam"
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 32
+    epochs: int = 2
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    early_stopping: str = "none"
+
+    def steps(self, n: int) -> int:
+        return self.epochs * math.ceil(n / self.batch_size)
+
+
+@dataclass
+class PracticeResult:
+    """Trained students: ``params`` (``{"theta"}`` or ``{"W", "b"}``, leading axis B) in the coordinates of
+    the *raw* features (standardisation folded back in), the step each student's kept parameters come from,
+    and the learning curves (lists over evaluation steps, one value per student each)."""
+
+    head: str
+    params: dict
+    stop_step: np.ndarray  # (B,)
+    val_loss: np.ndarray  # (B,) at the kept parameters; NaN without a validation split
+    weight_norm: np.ndarray | None = None  # (B,) of the kept parameters, in the coordinates trained
+    curve_steps: list = field(default_factory=list)
+    curve_test_accuracy: list = field(default_factory=list)  # each (B,)
+    curve_weight_norm: list = field(default_factory=list)
+    curve_val_loss: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def curves(self, j: int) -> dict:
+        """Student ``j``'s learning curve as plain lists (stored as one JSON column)."""
+        return {"step": list(self.curve_steps),
+                "test_accuracy": [float(v[j]) for v in self.curve_test_accuracy],
+                "weight_norm": [float(v[j]) for v in self.curve_weight_norm],
+                "val_loss": [float(v[j]) for v in self.curve_val_loss]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Heads and losses
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _log_probs(head: str, params: dict, X: torch.Tensor) -> torch.Tensor:
+    """Log class probabilities ``(B, n, k)`` of the students on features ``X`` ``(B, n, m)``."""
+    if head == "mixture":
+        A = torch.softmax(params["theta"], dim=1)  # (B, k, m), columns in the simplex
+        return torch.log(torch.bmm(X, A.transpose(1, 2)))
+    logits = torch.bmm(X, params["W"].transpose(1, 2)) + params["b"][:, None, :]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def probabilities(head: str, params: dict, X) -> torch.Tensor:
+    """Class probabilities ``(B, n, k)`` of trained students (raw-feature parameters) on features ``X``."""
+    X = torch.as_tensor(X, dtype=torch.float64)
+    with torch.no_grad():
+        return torch.exp(_log_probs(head, params, X))
+
+
+def weight_norm(head: str, params: dict) -> torch.Tensor:
+    r"""Frobenius norm of each student's weights: :math:`\|\Theta\|_F` (mixture logits) or :math:`\|W\|_F`
+    (softmax, bias excluded). ``(B,)``."""
+    w = params["theta"] if head == "mixture" else params["W"]
+    return torch.linalg.vector_norm(w.detach().flatten(1), dim=1)
+
+
+def training_loss(loss: str, teacher: torch.Tensor, log_student: torch.Tensor, *, aux_alpha: float = 0.0):
+    """Per-sample loss ``(B, n)`` of the students (log-probabilities) against teacher probabilities
+    (see the module docstring for the formulas)."""
+    student = torch.exp(log_student)
+    if loss in ("forward_kl", "forward_ce"):
+        ce = -(teacher * log_student).sum(-1)
+        if loss == "forward_ce":
+            return ce
+        return ce + torch.special.xlogy(teacher, teacher).sum(-1)
+    if loss in REVERSE_LOSSES:
+        # 0 * log 0 terms: the teacher has no zeros here (checked by the caller), so log q is finite.
+        ce = -(student * torch.log(teacher)).sum(-1)
+        return ce if loss == "reverse_ce" else ce + (student * log_student).sum(-1)
+    if loss == "hard_ce":
+        return -log_student.gather(-1, teacher.argmax(-1, keepdim=True))[..., 0]
+    if loss == "aux_conf":
+        soft = -(teacher * log_student).sum(-1)
+        own = -log_student.gather(-1, log_student.detach().argmax(-1, keepdim=True))[..., 0]
+        return (1 - aux_alpha) * soft + aux_alpha * own
+    raise InputError(f"unknown practice loss {loss!r}; use one of: {', '.join(PRACTICE_LOSSES)}")
+
+
+def _expected_accuracy(truth: torch.Tensor, log_student: torch.Tensor) -> torch.Tensor:
+    """:math:`\\mathbb E_x F^*_{\\arg\\max F(x)}(x)` per student, ``(B,)``."""
+    return truth.gather(-1, log_student.argmax(-1, keepdim=True))[..., 0].mean(-1)
+
+
+def _schedule(config: PracticeConfig, step: int, total: int) -> float:
+    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    frac = step / total
+    if config.schedule == "constant":
+        decay = 1.0
+    elif config.schedule == "linear":
+        decay = 1.0 - frac
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * frac))
+    return warm * decay
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _init_params(head: str, init: str, B: int, k: int, m: int, rngs, init_params: dict | None,
+                 mean: torch.Tensor | None, scale: torch.Tensor | None, dtype=torch.float64) -> dict:
+    if init == "ceiling":
+        if init_params is None:
+            raise InputError("init = 'ceiling' needs the ceiling's parameters")
+        if head == "mixture":
+            return {"theta": torch.log(torch.as_tensor(init_params["A"], dtype=dtype).clamp_min(1e-12)).clone()}
+        W = torch.as_tensor(init_params["W"], dtype=dtype)
+        b = torch.as_tensor(init_params["b"], dtype=dtype)
+        if mean is not None:  # the same function in standardised coordinates: W' = W sigma, b' = b + W mu
+            b = b + (W * mean[:, None, :]).sum(-1)
+            W = W * scale[:, None, :]
+        return {"W": W.clone(), "b": b.clone()}
+    if init == "random":
+        # N(0, 1/m) entries, each student from its own stream.
+        draws = np.stack([rng.standard_normal((k, m)) for rng in rngs]) / math.sqrt(m)
+        w = torch.as_tensor(draws, dtype=dtype)
+    else:
+        w = torch.zeros(B, k, m, dtype=dtype)
+    if head == "mixture":
+        return {"theta": w}
+    return {"W": w, "b": torch.zeros(B, k, dtype=dtype)}
+
+
+def _to_raw(head: str, params: dict, mean, scale) -> dict:
+    """Fold standardisation back: logits of (h - mu)/sigma under (W, b) = logits of h under (W/sigma, b - W mu/sigma)."""
+    params = {name: p.detach().clone() for name, p in params.items()}
+    if head == "softmax" and mean is not None:
+        W = params["W"] / scale[:, None, :]
+        params = {"W": W, "b": params["b"] - (W * mean[:, None, :]).sum(-1)}
+    return params
+
+
+def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig, rngs: list,
+          init: str = "zero", init_params: dict | None = None, standardize: bool = False,
+          val_features=None, val_targets=None, test_features=None, test_truth=None,
+          dtype=torch.float64) -> PracticeResult:
+    r"""Train ``B`` students of one head with one loss, as one tensor program.
+
+    Args:
+        head: ``mixture`` or ``softmax``.
+        loss: one of :data:`PRACTICE_LOSSES`.
+        features: ``(B, n, m)`` training features (float64); teacher: ``(B, n, k)`` teacher probabilities.
+        lr: the learning rate, a float or one per student ``(B,)``.
+        config: the optimisation knobs (:class:`PracticeConfig`).
+        rngs: one ``numpy.random.Generator`` per student: its mini-batch order and random initialisation.
+        init: ``zero``, ``random`` or ``ceiling`` (then ``init_params`` = the ceiling head's parameters).
+        standardize: softmax head only: train on standardised features.
+        val_features, val_targets: ``(B, n_val, m)`` and ``(B, n_val, k)``: the validation split and its
+            labels (weak teacher probabilities with ``config.early_stopping = "weak"``, one-hot true labels
+            with ``"true"``); required unless ``early_stopping = "none"``.
+        test_features, test_truth: optional held-out split for the learning curves' test accuracy.
+        dtype: ``torch.float64`` (the default, used by the pipeline) or ``torch.float32`` (half the memory
+            traffic; for large batches where 1e-7 relative rounding is acceptable).
+    """
+    start = time.perf_counter()
+    if head not in PRACTICE_HEADS:
+        raise InputError(f"the practice trainer supports heads {', '.join(PRACTICE_HEADS)}, got {head!r}")
+    X = torch.as_tensor(features, dtype=dtype)
+    Q = torch.as_tensor(teacher, dtype=dtype)
+    B, n, m = X.shape
+    k = Q.shape[-1]
+    if len(rngs) != B:
+        raise ValueError(f"train: {B} students but {len(rngs)} random generators")
+    if loss in REVERSE_LOSSES and bool((Q <= 0).any()):
+        raise InputError(f"loss {loss!r}: the teacher has exact zeros, where a reverse loss is infinite; "
+                         "set teacher_floor > 0 (e.g. 1e-6)")
+    lr_t = torch.as_tensor(lr, dtype=dtype).expand(B).clone()
+    mean = scale = None
+    if standardize:
+        if head != "softmax":
+            raise InputError("standardize = true needs head = 'softmax' (mixture features must stay in the simplex)")
+        mean = X.mean(1)
+        scale = X.std(1, unbiased=False)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    def prep(F):
+        F = torch.as_tensor(F, dtype=dtype)
+        return (F - mean[:, None, :]) / scale[:, None, :] if standardize else F
+    Xs = prep(X)
+    V = prep(val_features) if val_features is not None else None
+    VT = torch.as_tensor(val_targets, dtype=dtype) if val_targets is not None else None
+    T = prep(test_features) if test_features is not None else None
+    TT = torch.as_tensor(test_truth, dtype=dtype) if test_truth is not None else None
+    if config.early_stopping != "none" and V is None:
+        raise InputError(f"early_stopping = {config.early_stopping!r} needs a validation split")
+
+    params = _init_params(head, init, B, k, m, rngs, init_params, mean, scale, dtype)
+    for p in params.values():
+        p.requires_grad_(True)
+    moments = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
+    decayed = "theta" if head == "mixture" else "W"
+
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    # Mini-batches are gathered from the flattened (B * n, ...) arrays with one index_select (several times
+    # faster than advanced indexing X[rows, idx] on CPU, and the same values).
+    offsets = (torch.arange(B) * n)[:, None]
+    X_flat, Q_flat = Xs.reshape(B * n, m), Q.reshape(B * n, k)
+
+    def val_loss(current) -> torch.Tensor:
+        with torch.no_grad():
+            logp = _log_probs(head, current, V)
+            if config.early_stopping == "true":
+                return -(VT * logp).sum(-1).mean(-1)
+            val_name = "forward_ce" if loss == "aux_conf" else loss
+            return training_loss(val_name, VT, logp).mean(-1)
+
+    result = PracticeResult(head=head, params={}, stop_step=np.zeros(B, dtype=np.int64), val_loss=np.full(B, np.nan))
+    best = {name: p.detach().clone() for name, p in params.items()}
+    best_val = torch.full((B,), math.inf, dtype=dtype)
+    best_step = torch.zeros(B, dtype=torch.int64)
+
+    def evaluate(step: int):
+        nonlocal best_val
+        result.curve_steps.append(step)
+        result.curve_weight_norm.append(weight_norm(head, params).numpy().copy())
+        if T is not None:
+            with torch.no_grad():
+                result.curve_test_accuracy.append(_expected_accuracy(TT, _log_probs(head, params, T)).numpy().copy())
+        if V is not None:
+            v = val_loss(params)
+            result.curve_val_loss.append(v.numpy().copy())
+            if config.early_stopping != "none":
+                better = v < best_val
+                best_val = torch.where(better, v, best_val)
+                best_step[better] = step
+                for name, p in params.items():
+                    best[name][better] = p.detach()[better]
+
+    evaluate(0)
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.as_tensor(np.stack([rng.permutation(n) for rng in rngs]))
+        for s in range(steps_per_epoch):
+            idx = (order[:, s * config.batch_size:(s + 1) * config.batch_size] + offsets).reshape(-1)
+            size = idx.numel() // B
+            alpha = AUX_ALPHA * min(1.0, step / max(1.0, AUX_WARMUP * total)) if loss == "aux_conf" else 0.0
+            logp = _log_probs(head, params, X_flat.index_select(0, idx).view(B, size, m))
+            objective = training_loss(loss, Q_flat.index_select(0, idx).view(B, size, k), logp,
+                                      aux_alpha=alpha).mean(-1).sum()
+            grads = torch.autograd.grad(objective, list(params.values()))
+            factor = _schedule(config, step, total)
+            with torch.no_grad():
+                for (name, p), g in zip(params.items(), grads):
+                    rate = (lr_t * factor).reshape(B, *([1] * (p.ndim - 1)))
+                    if config.optimizer == "sgd":
+                        if name == decayed and config.weight_decay:
+                            g = g + config.weight_decay * p
+                        p -= rate * g
+                    else:
+                        m1, m2 = moments[name]
+                        m1.mul_(_ADAM_BETAS[0]).add_(g, alpha=1 - _ADAM_BETAS[0])
+                        m2.mul_(_ADAM_BETAS[1]).addcmul_(g, g, value=1 - _ADAM_BETAS[1])
+                        c1 = 1 - _ADAM_BETAS[0] ** (step + 1)
+                        c2 = 1 - _ADAM_BETAS[1] ** (step + 1)
+                        if name == decayed and config.weight_decay:
+                            p -= rate * config.weight_decay * p
+                        p -= rate * (m1 / c1) / ((m2 / c2).sqrt() + _ADAM_EPS)
+            step += 1
+            if step == total or (config.eval_every > 0 and step % config.eval_every == 0):
+                evaluate(step)
+
+    if config.early_stopping != "none":
+        final = best
+        result.stop_step = best_step.numpy().copy()
+        result.val_loss = best_val.numpy().copy()
+    else:
+        final = {name: p.detach() for name, p in params.items()}
+        result.stop_step = np.full(B, total, dtype=np.int64)
+        if V is not None:
+            result.val_loss = result.curve_val_loss[-1]
+    result.weight_norm = weight_norm(head, final).numpy().copy()
+    result.params = _to_raw(head, final, mean, scale)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int = 10) -> tuple[float, float]:
+    r"""Expected calibration error with equal-mass bins (Guo et al. 2017; Nixon et al. 2019), and its standard
+    error.
+
+    Rows are sorted by confidence :math:`c_i = \max_y F_y(x_i)` and cut into ``bins`` bins of (nearly) equal
+    size; correctness is the *expected* correctness against labels drawn from the truth,
+    :math:`a_i = F^*_{\arg\max F(x_i)}(x_i)`, so no label noise enters.
+
+    .. math:: \mathrm{ECE} = \sum_b \frac{n_b}{n}\,\Big|\frac1{n_b}\sum_{i\in b} (c_i - a_i)\Big|,\qquad
+       \mathrm{SE} = \Big(\sum_b \frac{n_b^2}{n^2}\,\frac{s_b^2}{n_b}\Big)^{1/2}
+
+    with :math:`s_b` the standard deviation of :math:`c_i - a_i` in bin :math:`b` (delta method, ignoring
+    the kink of :math:`|\cdot|`).
+    """
+    probs = np.asarray(probs, dtype=float)
+    truth = np.asarray(truth, dtype=float)
+    confidence = probs.max(-1)
+    correct = np.take_along_axis(truth, probs.argmax(-1)[..., None], axis=-1)[..., 0]
+    n = confidence.shape[0]
+    order = np.argsort(confidence, kind="stable")
+    diff = (confidence - correct)[order]
+    ece, var = 0.0, 0.0
+    for part in np.array_split(diff, min(bins, n)):
+        w = part.size / n
+        ece += w * abs(part.mean())
+        if part.size > 1:
+            var += w * w * part.var(ddof=1) / part.size
+    return float(ece), float(math.sqrt(var))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epochs: int = 2, batch_size: int = 32,
+                   loss: str = "reverse_ce", head: str = "softmax", loop_students: int = 20,
+                   device: str = "cpu", seed: int = 0, dtype: str = "float64") -> dict:
+    """Students/s of the practice trainer: ``B`` students trained in one batched call vs a per-student loop
+    (the same :func:`train` arithmetic called with one student at a time, on ``loop_students`` of them; its
+    rate extrapolates). Adam, lr 1e-2, constant schedule, no validation. Returns a dict with both rates,
+    their ratio and the workload."""
+    from .synthetic import rng_for
+
+    if device != "cpu":
+        raise InputError("bench_practice runs on the CPU (the practice trainer is CPU float64 here)")
+    torch_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
+    gen = np.random.default_rng(seed)
+    logits = gen.standard_normal((B, n, m)) * 2.0
+    X = np.exp(logits - logits.max(-1, keepdims=True))
+    X /= X.sum(-1, keepdims=True)
+    q = gen.uniform(0.05, 0.95, size=(B, n, 1))
+    Q = np.concatenate([q, 1 - q], -1) if k == 2 else gen.dirichlet(np.ones(k), size=(B, n))
+    config = PracticeConfig(epochs=epochs, batch_size=batch_size, eval_every=0)
+    rngs = [rng_for(seed, "bench-practice", j) for j in range(B)]
+    t0 = time.perf_counter()
+    X, Q = X.astype(dtype), Q.astype(dtype)
+    train(head, loss, X, Q, lr=1e-2, config=config, rngs=rngs, dtype=torch_dtype)
+    batched = time.perf_counter() - t0
+    loop_students = min(loop_students, B)
+    t0 = time.perf_counter()
+    for j in range(loop_students):
+        train(head, loss, X[j:j + 1], Q[j:j + 1], lr=1e-2, config=config, rngs=[rng_for(seed, "bench-practice", j)],
+              dtype=torch_dtype)
+    loop = time.perf_counter() - t0
+    batched_rate, loop_rate = B / batched, loop_students / loop
+    return {"workload": {"B": B, "n": n, "m": m, "k": k, "epochs": epochs, "batch_size": batch_size,
+                         "steps": config.steps(n), "head": head, "loss": loss, "optimizer": "adam",
+                         "loop_students": loop_students, "threads": torch.get_num_threads(), "dtype": dtype},
+            "batched_seconds": batched, "batched_students_per_s": batched_rate,
+            "loop_seconds": loop, "loop_students_per_s": loop_rate, "speedup": batched_rate / loop_rate}
