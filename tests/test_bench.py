@@ -180,3 +180,16 @@ def test_bench_cli_runs_a_subset_of_heads(tmp_path, capsys):
     assert set(out["heads"]) == {"squared"} and out["batched"] is None and out["ratio_vs_cvxpy"] is None
     assert [r["B"] for r in out["heads"]["squared"]["sizes"]] == [1, 3]
     assert "mixture head" not in capsys.readouterr().out
+
+
+def test_bench_practice_times_the_batched_trainer_against_a_per_student_loop(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--heads", "squared", "--sizes", "1", "--repeats", "1", "--numpy-students", "1",
+                 "--n", "64", "--m", "3", "--peak-matrix", "128", "--practice", "3", "--practice-loop-students", "2",
+                 "--json", str(path)]) == 0
+    practice = json.loads(path.read_text())["practice"]
+    assert practice["workload"]["B"] == 3 and practice["workload"]["loop_students"] == 2
+    assert practice["batched_students_per_s"] == pytest.approx(3 / practice["batched_seconds"])
+    assert practice["loop_students_per_s"] == pytest.approx(2 / practice["loop_seconds"])
+    assert practice["speedup"] == pytest.approx(practice["batched_students_per_s"] / practice["loop_students_per_s"])
+    assert "practice trainer (softmax" in capsys.readouterr().out

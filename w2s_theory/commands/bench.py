@@ -17,7 +17,7 @@ from ..validation import InputError
 
 #: Integer options that must be >= 1 (option name, attribute).
 _POSITIVE = ("cvxpy_students", "adam_students", "adam_epochs", "repeats", "head_repeats", "n", "m", "linear_m",
-             "lbfgs_students", "numpy_students", "peak_matrix")
+             "lbfgs_students", "numpy_students", "peak_matrix", "practice", "practice_loop_students")
 
 
 def register(sub) -> None:
@@ -48,6 +48,11 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=2000, help="samples per student (default 2000)")
     p.add_argument("--m", type=int, default=64, help="features (default 64)")
     p.add_argument("--linear-m", type=int, default=16, help="features of the linear head's workload (default 16)")
+    p.add_argument("--practice", type=int, default=None, metavar="B",
+                   help="also time the practice trainer: B students (2 epochs, batch 32) in one batch against a "
+                        "per-student loop of the same arithmetic")
+    p.add_argument("--practice-loop-students", type=int, default=20,
+                   help="students of the per-student practice loop; its rate extrapolates (default 20)")
     p.add_argument("--peak-matrix", type=int, default=None, metavar="N",
                    help="size of the matmul that measures the peak FLOP rate (default 2048 on CPU, 8192 on CUDA)")
     p.set_defaults(handler=handle)
@@ -115,7 +120,8 @@ def handle(args) -> int:
                            tol=args.tol, n=args.n, m=args.m, heads=heads, sparse=not args.no_sparse,
                            linear_m=args.linear_m, lbfgs_students=args.lbfgs_students,
                            numpy_students=args.numpy_students, peak_matrix_size=args.peak_matrix,
-                           head_repeats=args.head_repeats,
+                           head_repeats=args.head_repeats, practice=args.practice,
+                           practice_loop_students=args.practice_loop_students,
                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     except MemoryError:
         raise InputError("ran out of memory; use smaller --sizes, --n or --m") from None
@@ -192,6 +198,11 @@ def report(result: dict) -> str:
             lines.append(f"{head} at B={h['B']}: {_times(h[key])} {name}")
     for name, w in (result.get("sparse") or {}).items():
         lines.append(f"mixture, {name} at B={w['B']}: {_times(w['ratio_vs_cvxpy'])} cvxpy")
+    if result.get("practice"):
+        p, w = result["practice"], result["practice"]["workload"]
+        lines.append(f"practice trainer ({w['head']}, {w['loss']}, {w['epochs']} epochs, batch {w['batch_size']}, "
+                     f"{w['dtype']}): {p['batched_students_per_s']:.1f} students/s at B={w['B']}, "
+                     f"{p['loop_students_per_s']:.2f} one at a time: {_times(p['speedup'])}")
     lines.append("all batched gaps certified <= tol: " + ("yes" if result["all_heads_certified_below_tol"] else "NO"))
     return "\n".join(lines)
 
