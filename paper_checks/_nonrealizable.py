@@ -5,7 +5,7 @@ realizable) and evaluates, on the same students,
 
 * the *corrected* inequality (a theorem for every ``eps``): every instance must hold;
 * the *plain* inequality with a certificate for the exact minimiser: at ``eps = 0`` it is the theorem (every
-  instance must hold); for ``eps > 0`` THEORY.md says it "does fail once F* leaves the class", so at least one
+  instance must hold); for ``eps > 0`` docs/theory.md says it "does fail once F* leaves the class", so at least one
   certified violation must appear, else the sweep did not exercise what it claims to and the check is
   ``inconclusive``.
 

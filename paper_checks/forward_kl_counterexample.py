@@ -1,4 +1,4 @@
-r"""The forward-KL analogue of Theorem 2 is false (THEORY.md guarantee table).
+r"""The forward-KL analogue of Theorem 2 is false (docs/theory.md, guarantee table).
 
 .. math::
 
@@ -6,7 +6,7 @@ r"""The forward-KL analogue of Theorem 2 is false (THEORY.md guarantee table).
     \quad\text{fails for}\quad F_{sw} = \arg\min_{F\in\mathcal F}\mathbb E\,\mathrm{KL}(F_w\|F).
 
 Search: the constant class (mixture head with m = 1, binary) on three points, where the forward projection
-is the arithmetic mean of the teacher (exact, certificate 0), seeded with THEORY.md's minimal example
+is the arithmetic mean of the teacher (exact, certificate 0), seeded with docs/theory.md's minimal example
 (F* = 0.0053, F_w = (0.761, 0.034, 0.016)); then random mixture-head instances fitted by the solver, whose
 violations are certified by the strong-convexity bound of :func:`w2s_theory.theorems.forward_kl_pythagorean`.
 Expected: a certified counterexample exists.
@@ -22,7 +22,7 @@ from w2s_theory.theorems import forward_kl_pythagorean
 
 
 def constant_class_instances(rng, count):
-    """Binary, three points: truth constant, teacher arbitrary; first row is THEORY.md's example."""
+    """Binary, three points: truth constant, teacher arbitrary; first row is docs/theory.md's example."""
     truth_p = np.concatenate([[0.0053], rng.uniform(0.001, 0.999, count - 1)])
     teacher_p = np.concatenate([[[0.761, 0.034, 0.016]], rng.uniform(0.001, 0.999, (count - 1, 3))])
     truth = as_categorical(np.repeat(truth_p[:, None], 3, axis=1))
@@ -46,7 +46,7 @@ def run(quick: bool, seed: int):
 CHECK = PaperCheck(
     name="forward_kl_counterexample",
     claim="forward KL, convex head: the Theorem-2 inequality can fail",
-    source="THEORY.md (constant-class counterexample)",
+    source="docs/theory.md (constant-class counterexample)",
     expected="counterexample",
     run=run,
     statement=__doc__,

@@ -1,4 +1,4 @@
-r"""The guarantee table of THEORY.md as one check (:func:`w2s_theory.guarantees.guarantee_table`): for every
+r"""The guarantee table of docs/theory.md as one check (:func:`w2s_theory.guarantees.guarantee_table`): for every
 (head, loss, error direction) the fraction of random instances on which the inequality holds, each instance
 certified, and the expected pattern checked against the computed counts.
 
@@ -15,7 +15,7 @@ softmax; reverse KL             Theorem-2 form                                  
 
 Verdict: ``holds`` if every row shows its expected pattern; ``violated`` if a row expected to hold (or to be
 an equality) has a certified violation; ``inconclusive`` otherwise (e.g. a "may fail" row without a certified
-failure). THEORY.md's own wording for the softmax reverse row, "fails by small amounts", is recorded per row
+failure). The team's first wording for the softmax reverse row, "fails by small amounts", is recorded per row
 (``theory_md_met``) and is contradicted by the data; see :mod:`w2s_theory.guarantees` and the check
 ``softmax_reverse_large_violation``. Default size: ``quick`` in :func:`guarantee_table`.
 """
@@ -49,8 +49,8 @@ def run(quick: bool, seed: int):
 
 CHECK = PaperCheck(
     name="guarantee_table",
-    claim="every row of THEORY.md's guarantee table shows its expected pattern on certified random instances",
-    source="THEORY.md guarantee table (Charikar et al. 2024 Thm 1; Yao et al. 2025 Thm 2; exponential families)",
+    claim="every row of the guarantee table of docs/theory.md shows its expected pattern on certified random instances",
+    source="docs/theory.md, guarantee table (Charikar et al. 2024 Thm 1; Yao et al. 2025 Thm 2; exponential families)",
     expected="holds",
     run=run,
     statement=__doc__,

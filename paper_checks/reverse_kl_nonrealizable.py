@@ -1,4 +1,4 @@
-r"""THEORY.md, non-realizable reverse bound: as :math:`F^*` leaves the convex class the plain Theorem-2
+r"""docs/theory.md, non-realizable reverse bound: as :math:`F^*` leaves the convex class the plain Theorem-2
 inequality fails, while the corrected one holds:
 
 .. math::
@@ -8,7 +8,7 @@ inequality fails, while the corrected one holds:
 
 for :math:`F_{sw}` the reverse-KL projection of :math:`F_w` onto the class and any :math:`G` in the class
 (:func:`w2s_theory.theorems.reverse_kl_nonrealizable`, the negative-entropy instance of
-:func:`w2s_theory.bregman.nonrealizable_projection_inequality`). The correction is THEORY.md's (derived there,
+:func:`w2s_theory.bregman.nonrealizable_projection_inequality`). The correction is docs/theory.md's (derived there,
 not taken from the paper).
 
 Sweep (mixture head): :math:`F^* = (1-\epsilon)A^*h + \epsilon U` with :math:`U` arbitrary rows, :math:`G = A^*h`,
@@ -95,7 +95,7 @@ def run(quick: bool, seed: int):
 CHECK = PaperCheck(
     name="reverse_kl_nonrealizable",
     claim="reverse KL, F* outside the class: Thm-2 form fails; + 2 Lambda E TV(F*, G) correction holds",
-    source="THEORY.md, 'Non-realizable reverse bound' (correction derived there)",
+    source="docs/theory.md, 'Non-realizable reverse bound' (correction derived there)",
     expected="holds",
     run=run,
     statement=__doc__,

@@ -1,4 +1,4 @@
-r"""The sharp constant of the :math:`\sqrt\cdot`-bound (THEORY.md): over all instances with probability floor
+r"""The sharp constant of the :math:`\sqrt\cdot`-bound (docs/theory.md): over all instances with probability floor
 :math:`\gamma` (any number of classes, either direction of :math:`d`, either sign of the gain),
 
 .. math::
@@ -50,7 +50,7 @@ def _result(name, statement, lhs, rhs, rounding):
     cert = np.zeros_like(slack)
     from w2s_theory.bregman import verdict
 
-    return TheoremResult(name, statement, "THEORY.md (sharp constant)", lhs, rhs, slack, cert,
+    return TheoremResult(name, statement, "docs/theory.md (sharp constant)", lhs, rhs, slack, cert,
                          np.asarray(rounding, float) * np.ones_like(slack), np.asarray(verdict(slack, cert, rounding)))
 
 
@@ -101,7 +101,7 @@ def run(quick: bool, seed: int):
 CHECK = PaperCheck(
     name="sharp_constant_attainment",
     claim="sup |gain|/sqrt(d) = sqrt(2(1-gamma)/gamma): never exceeded, approached as derived, reached by search",
-    source="THEORY.md (sharp constant, numerical); limit and slope derived with sympy here",
+    source="docs/theory.md (sharp constant, numerical); limit and slope derived with sympy here",
     expected="holds",
     run=run,
     statement=__doc__,

@@ -1,4 +1,4 @@
-r"""Forward KL onto a softmax head is an M-projection onto an exponential family (THEORY.md guarantee table):
+r"""Forward KL onto a softmax head is an M-projection onto an exponential family (docs/theory.md, guarantee table):
 
 .. math::
 
@@ -72,7 +72,7 @@ def run(quick: bool, seed: int):
 CHECK = PaperCheck(
     name="softmax_forward_identity",
     claim="softmax head, forward KL: E KL(F_sw||F*) = E KL(F_w||F*) - E KL(F_w||F_sw) (equality)",
-    source="THEORY.md guarantee table (M-projection onto an exponential family)",
+    source="docs/theory.md, guarantee table (M-projection onto an exponential family)",
     expected="holds",
     run=run,
     statement=__doc__,

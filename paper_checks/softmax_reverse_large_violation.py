@@ -1,4 +1,4 @@
-r"""Softmax head, reverse KL: THEORY.md's guarantee table says the Theorem-2 form "fails by small amounts". This
+r"""Softmax head, reverse KL: the team's first notes said the Theorem-2 form "fails by small amounts". This
 check tests the natural reading of "small" — that the violation never exceeds the misfit, i.e. the student
 is at least never worse than its teacher:
 
@@ -52,7 +52,7 @@ def run(quick: bool, seed: int):
 CHECK = PaperCheck(
     name="softmax_reverse_large_violation",
     claim="softmax + reverse KL: the student can be worse than its teacher (Thm-2 form fails by more than the misfit)",
-    source="THEORY.md guarantee table ('fails by small amounts' tested); one-parameter family, branch and bound",
+    source="docs/theory.md, guarantee table ('fails by small amounts' refuted); one-parameter family, branch and bound",
     expected="counterexample",
     run=run,
     statement=__doc__,

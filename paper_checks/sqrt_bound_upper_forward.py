@@ -1,11 +1,11 @@
-r"""The upper half of the :math:`\sqrt\cdot`-bound (Lemma 1 as stated in THEORY.md), forward misfit:
+r"""The upper half of the :math:`\sqrt\cdot`-bound (Lemma 1 as stated in docs/theory.md), forward misfit:
 
 .. math::
 
     L(F^*,F_{sw}) \le L(F^*,F_w) + C(\gamma)\sqrt{d}\qquad d = \mathbb E\,\mathrm{KL}(F_w\|F_{sw}),
 
 for teacher and student probabilities at least :math:`\gamma`, with the provable constant
-:math:`C(\gamma) = 1/(\sqrt2\,\gamma)` (THEORY.md; :func:`w2s_theory.bounds.provable_sqrt_constant`) and
+:math:`C(\gamma) = 1/(\sqrt2\,\gamma)` (docs/theory.md; :func:`w2s_theory.bounds.provable_sqrt_constant`) and
 :math:`L = \mathbb E\,\mathrm{KL}(F^*\|\cdot)` or :math:`\mathbb E\,\mathrm{CE}(F^*,\cdot)` (with :math:`d` in the same
 loss). The paper states this bound with an unknown constant :math:`C_1`; the constant checked here is the
 provable one, not the paper's.
@@ -29,7 +29,7 @@ def run(quick: bool, seed: int):
 CHECK = PaperCheck(
     name="sqrt_bound_upper_forward",
     claim="upper bound on the student's error: L(F*,F_sw) <= L(F*,F_w) + C sqrt(d), forward d, C = 1/(sqrt2 gamma)",
-    source="Yao et al. 2025, Lemma 1 (form per THEORY.md); constant 1/(sqrt(2) gamma) from THEORY.md (provable)",
+    source="Yao et al. 2025, Lemma 1 (form per docs/theory.md); constant 1/(sqrt(2) gamma) from docs/theory.md (provable)",
     expected="holds",
     run=run,
     statement=__doc__,

@@ -1,4 +1,4 @@
-"""The benchmark's JSON contract (DESIGN.md) on tiny workloads, its workloads and baselines, and its CLI
+"""The benchmark's JSON contract (docs/design.md) on tiny workloads, its workloads and baselines, and its CLI
 validation; speed itself is measured by `w2s-theory bench`, never asserted in a unit test."""
 
 import json

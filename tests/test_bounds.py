@@ -54,7 +54,7 @@ def test_sharp_constant_is_the_local_limit_in_both_directions_and_for_three_clas
 
 
 def test_theory_md_value_of_the_sharp_constant_at_one_in_a_thousand_is_sqrt_1998():
-    # THEORY.md quotes 44.67; the formula it states gives sqrt(1998) = 44.699.
+    # The team's first notes quoted 44.67; the formula gives sqrt(1998) = 44.699 (docs/theory.md).
     assert math.isclose(sharp_binary_constant(1e-3), math.sqrt(1998), rel_tol=1e-12)
     assert abs(sharp_binary_constant(1e-3) - 44.67) > 0.02
 

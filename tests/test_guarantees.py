@@ -1,4 +1,4 @@
-"""The guarantee table of THEORY.md: its contract, its expected patterns, and the certificates behind its rows
+"""The guarantee table of docs/theory.md: its contract, its expected patterns, and the certificates behind its rows
 (including the branch and bound that certifies the non-convex softmax reverse-KL fit)."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""`w2s-theory check`: every claim of THEORY.md is a discovered paper check that declares its statement, source,
+"""`w2s-theory check`: every claim of docs/theory.md is a discovered paper check that declares its statement, source,
 expectation and sizes, meets its expectation, and can fail when the mathematics it checks is broken."""
 
 import json

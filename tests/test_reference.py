@@ -43,7 +43,7 @@ def _mean_loss(loss, teacher, probs):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. Closed forms on the constant class (THEORY.md): m = 1, feature identically 1.
+# 1. Closed forms on the constant class (docs/theory.md): m = 1, feature identically 1.
 # ---------------------------------------------------------------------------------------------------------
 
 

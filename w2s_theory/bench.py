@@ -1,7 +1,7 @@
 r"""``w2s-theory bench``: throughput of the batched, certified solvers of every head against what a user would
 otherwise run, one student at a time, in the same process.
 
-Headline workload (DESIGN.md): ``B`` students, ``n = 2000`` samples, ``m = 64`` features, ``k = 2``, reverse
+Headline workload (docs/design.md): ``B`` students, ``n = 2000`` samples, ``m = 64`` features, ``k = 2``, reverse
 KL, mixture head, certified gap ``<= 1e-9``. Each student solves
 
 .. math:: \min_{A\ \text{column-stochastic}}\ \frac1n\sum_i \mathrm{KL}(A h_i\,\|\,q_i).
@@ -567,7 +567,7 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
               lbfgs_students: int = 3, numpy_students: int = 10, peak_matrix_size: int | None = None,
               head_repeats: int = 1, practice: int | None = None, practice_loop_students: int = 20,
               progress=print) -> dict:
-    """The whole benchmark; returns the JSON document of DESIGN.md (plus the shared-layout rows, the other
+    """The whole benchmark; returns the JSON document of docs/design.md (plus the shared-layout rows, the other
     heads, the sparse workloads and the FLOP rate). Keys of a head not in ``heads`` are ``None``.
 
     ``repeats`` timed runs (median) for the mixture head's dense rows, whose ratio is the headline;

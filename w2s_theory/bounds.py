@@ -1,7 +1,7 @@
-r"""The :math:`\sqrt{\cdot}`-bounds (Lemma 1 of THEORY.md): constants derived with sympy, the bounds as checks, and
+r"""The :math:`\sqrt{\cdot}`-bounds (Lemma 1 of docs/theory.md): constants derived with sympy, the bounds as checks, and
 an auditor for candidate constants.
 
-Statement (THEORY.md, "Lemma 1 and the tighter lower bound"): with :math:`L(A, B) = \mathbb E\,\mathrm{KL}(A\|B)`,
+Statement (docs/theory.md, "Lemma 1 and the tighter lower bound"): with :math:`L(A, B) = \mathbb E\,\mathrm{KL}(A\|B)`,
 :math:`d` the KL disagreement between teacher and student in either direction,
 
 .. math::
@@ -15,9 +15,9 @@ when every probability of :math:`F_w` and :math:`F_{sw}` is at least :math:`\gam
 such bounds with constants :math:`C_1, C_2` that are **not known here**; nothing in this module is the paper's
 constant. What is here:
 
-* :func:`provable_sqrt_constant` :math:`= 1/(\sqrt2\gamma)` (THEORY.md's provable version);
+* :func:`provable_sqrt_constant` :math:`= 1/(\sqrt2\gamma)` (docs/theory.md's provable version);
 * :func:`sharp_binary_constant` :math:`= \sqrt{2(1-\gamma)/\gamma}`, the supremum of the ratio over all
-  instances (THEORY.md, checked numerically and by :func:`audit_constant`; the local analysis in
+  instances (docs/theory.md, checked numerically and by :func:`audit_constant`; the local analysis in
   :func:`derive_constants` shows it does not depend on the number of classes);
 * :func:`hellinger_sqrt_constant` :math:`= 2/\sqrt\gamma`, a provable constant derived here through the
   Hellinger distance, tighter than :math:`1/(\sqrt2\gamma)` whenever :math:`\gamma < 1/8`;
@@ -72,8 +72,8 @@ GAMMA = sp.Symbol("gamma", positive=True)
 DIRECTIONS = ("reverse", "forward")
 SIDES = ("both", "upper", "lower")
 
-SOURCE_PROVABLE = "THEORY.md (provable version: Lipschitz log + Pinsker + Jensen)"
-SOURCE_SHARP = "THEORY.md (sharp constant, numerical); local limit derived in w2s_theory.bounds"
+SOURCE_PROVABLE = "docs/theory.md (provable version: Lipschitz log + Pinsker + Jensen)"
+SOURCE_SHARP = "docs/theory.md (sharp constant, numerical); local limit derived in w2s_theory.bounds"
 
 
 def _check_gamma(gamma) -> float:
@@ -87,7 +87,7 @@ def _check_gamma(gamma) -> float:
 def provable_sqrt_constant(gamma: float) -> float:
     r"""The provable constant :math:`C(\gamma) = 1/(\sqrt2\,\gamma)`, valid for both directions of :math:`d`.
 
-    Derivation (THEORY.md; reproduced symbolically by :func:`derive_constants`): for probabilities in
+    Derivation (docs/theory.md; reproduced symbolically by :func:`derive_constants`): for probabilities in
     :math:`[\gamma, 1]`, :math:`\log` is :math:`L`-Lipschitz with :math:`L = \max_{p\in[\gamma,1]} 1/p = 1/\gamma`, so
     :math:`|\sum_y F^*_y\log(a_y/b_y)| \le \max_y|\log a_y - \log b_y| \le \max_y|a_y - b_y|/\gamma \le
     \mathrm{TV}(a, b)/\gamma`. Pinsker, :math:`\mathrm{TV}(a,b) \le \sqrt{\mathrm{KL}/2}` (either direction, TV is
@@ -107,8 +107,8 @@ def sharp_binary_constant(gamma: float) -> float:
     :math:`\log(a_y/b_y)^2 = t^2/\gamma^2 + O(t^3)` and :math:`\mathrm{KL} = t^2/(2\gamma(1-\gamma)) + O(t^3)` in
     either direction, so the squared ratio tends to :math:`2(1-\gamma)/\gamma` as :math:`t\to0`, from below
     (the first-order coefficients are negative), for every number of classes. That nothing exceeds it is
-    THEORY.md's numerical finding, re-checked by :func:`audit_constant` and the paper check
-    ``sharp_constant_attainment``; the supremum is approached, never attained. (THEORY.md quotes 44.67 at
+    docs/theory.md's numerical finding, re-checked by :func:`audit_constant` and the paper check
+    ``sharp_constant_attainment``; the supremum is approached, never attained. (The team's first notes quoted 44.67 at
     :math:`\gamma = 10^{-3}`; the value is :math:`\sqrt{1998} = 44.699`.)
     """
     g = _check_gamma(gamma)
@@ -116,7 +116,7 @@ def sharp_binary_constant(gamma: float) -> float:
 
 
 def hellinger_sqrt_constant(gamma: float) -> float:
-    r"""A provable constant derived here (not THEORY.md's, not the paper's): :math:`C_H(\gamma) = 2/\sqrt\gamma`.
+    r"""A provable constant derived here (not docs/theory.md's, not the paper's): :math:`C_H(\gamma) = 2/\sqrt\gamma`.
 
     :math:`|\log a - \log b| = 2|\log\sqrt a - \log\sqrt b| \le 2|\sqrt a - \sqrt b|/\sqrt\gamma` (log is
     :math:`1/\sqrt\gamma`-Lipschitz on :math:`[\sqrt\gamma, 1]`), and
@@ -183,7 +183,7 @@ def derive_constants() -> dict:
     * ``log_constant_gap``: :math:`C^{*2} - 2\log^2(1/\gamma)`, positive on :math:`(0, 1/2]` because with
       :math:`u = 1/\gamma` it is :math:`2(u - 1 - \log^2u)`, zero at :math:`u = 1` and increasing
       (derivative :math:`1 - 2\log(u)/u \ge 1 - 2/e > 0`, since :math:`\log(u)/u` peaks at :math:`u = e`):
-      any constant of order :math:`\log(1/\gamma)` with factor :math:`\le\sqrt2` — e.g. the DESIGN.md example
+      any constant of order :math:`\log(1/\gamma)` with factor :math:`\le\sqrt2` — e.g. the docs/design.md example
       ``sqrt(2)*log(1/gamma)`` — is below :math:`C^*` for every :math:`\gamma` and cannot hold uniformly.
 
     The paper's own "tighter lower bound" relation (its :math:`C_2 \le C_1` for :math:`\gamma < 1/e`) could not be

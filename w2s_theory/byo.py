@@ -1,11 +1,11 @@
-r"""Bring your own representations: the weak-to-strong pipeline on user embeddings (DESIGN.md, ``study``).
+r"""Bring your own representations: the weak-to-strong pipeline on user embeddings (docs/design.md, ``study``).
 
 Input: a weak representation :math:`h_w` (``(n, m_w)``), a strong one :math:`h_s` (``(n, m_s)``) of the same
 ``n`` samples (embeddings saved from two models, row ``i`` = sample ``i``) and integer labels
 :math:`y\in\{0,\dots,k-1\}`. The truth :math:`F^*` is the one-hot label, so the error of a model
 :math:`L(F^*, F) = \mathbb E\,\mathrm{KL}(F^*\|F) = \mathbb E[-\log F_y]` is its cross-entropy on the labels.
 
-The flow (DESIGN.md), once per random split of the rows into thirds A / B / C (``repeats`` splits, seeded):
+The flow (docs/design.md), once per random split of the rows into thirds A / B / C (``repeats`` splits, seeded):
 
 1. **weak teacher**: a softmax head on :math:`h_w` fitted to the labels of split A by L2-regularised
    cross-entropy (:func:`fit_softmax_ridge`; the penalty keeps the teacher's probabilities away from 0 and 1,
@@ -24,7 +24,7 @@ The flow (DESIGN.md), once per random split of the rows into thirds A / B / C (`
 Each representation is standardised (columns to mean 0, standard deviation 1) with the statistics of the
 split its head is trained on (A for the weak one, B for the strong one).
 
-**The guarantee check** (per loss, on split B; THEORY.md):
+**The guarantee check** (per loss, on split B; docs/theory.md):
 
 * ``gain >= misfit`` (the Theorem-2 form). It is *guaranteed* only for the reverse KL with a head class
   that is convex in probability space and contains the truth; neither holds here (softmax head, real

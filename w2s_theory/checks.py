@@ -121,7 +121,7 @@ def discover(package: str = "paper_checks") -> list[PaperCheck]:
 
 
 def run_check(check: PaperCheck, *, quick: bool, seed: int = 0) -> dict:
-    """Run one check and return its row for the table and the JSON report (DESIGN.md contract)."""
+    """Run one check and return its row for the table and the JSON report (docs/design.md contract)."""
     start = time.perf_counter()
     try:
         outcome = check.run(quick, seed)

@@ -1,4 +1,4 @@
-r"""The guarantee table of THEORY.md, computed: for every (head, loss, error direction), the fraction of random
+r"""The guarantee table of docs/theory.md, computed: for every (head, loss, error direction), the fraction of random
 instances on which the inequality holds, each instance with its certificate.
 
 ==============================  ===========  =========================================  =====================
@@ -19,15 +19,16 @@ certainty, ``inconclusive`` otherwise. The expected pattern is checked against t
 violation and at least one instance that holds; ``fails by small amounts``: at least one certified violation
 and none in which the student is certified to be *worse than its teacher* (violation larger than the misfit).
 
-**Softmax, reverse KL.** THEORY.md says "fails by small amounts". The reverse-KL fit of a softmax head is
+**Softmax, reverse KL.** The team's first notes said "fails by small amounts" (docs/theory.md now records
+the finding below). The reverse-KL fit of a softmax head is
 non-convex, so no solver certificate exists; this row is computed on the one-parameter softmax family
 :math:`F_\theta(x) = \mathrm{softmax}(\theta\,(z(x), 0))`, :math:`|\theta|\le R` (binary, one real feature, no
 bias, bounded weight), whose *global* minimiser is certified by branch and bound
 (:func:`certified_softmax_reverse_1d`). On this family the Theorem-2 form fails, and not only by small
 amounts: there are certified instances in which the student is worse than its teacher (gain < 0). The column
-``theory_md`` keeps THEORY.md's wording and ``theory_md_met`` says whether the data agree with it; the
-expected pattern used by the check is "may fail". This is a finding about THEORY.md, reported rather than
-hidden.
+``theory_md`` keeps that original wording and ``theory_md_met`` says whether the data agree with it; the
+expected pattern used by the check is "may fail". The finding is reported in docs/theory.md ("Findings that
+differ from the sources").
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ def softmax_reverse_1d_result(z, truth_theta, teacher, solved: SoftmaxReverse1D,
     rnd = _rounding_1d(z, ts, w, solved.theta) + 1e-12 * (1 + np.abs(solved.objective))  # + pruning allowance
     return TheoremResult(
         f"softmax_reverse_1d_{quantity}", statement,
-        "THEORY.md guarantee table (softmax, reverse KL); one-parameter family certified by branch and bound",
+        "docs/theory.md, guarantee table (softmax, reverse KL); one-parameter family certified by branch and bound",
         lhs, rhs, value, cert, rnd, np.asarray(verdict(value, cert, rnd)), False,
         {"interval": interval, "misfit": solved.misfit, "theta": solved.theta, "decided": solved.decided,
          "gain_interval": solved.gain_interval, "slack_interval": solved.slack_interval},
@@ -390,7 +391,7 @@ def sharp_truth_problem(rng, *, batch: int, n: int, m: int, k: int, truth_concen
                         teacher_concentration: float = 0.3, teacher_floor: float = 1e-3) -> MixtureProblem:
     """Realizable mixture-head instances with *sharp* truths (columns of ``A*`` from Dirichlet(0.1), so
     ``F*`` is close to a vertex) and arbitrary teachers (Dirichlet(0.3) rows, floored at ``teacher_floor`` and
-    renormalised so that the forward certificate is finite): the regime of THEORY.md's forward-KL
+    renormalised so that the forward certificate is finite): the regime of docs/theory.md's forward-KL
     counterexample, where the forward-trained student is pulled away from a confident truth."""
     features = random_simplex_rows(rng, (n,), m, 0.5)
     head = np.swapaxes(rng.dirichlet(np.full(k, truth_concentration), size=(batch, m)), -1, -2)
@@ -475,16 +476,16 @@ ROWS: list[GuaranteeRow] = [
                  "the paper's Theorem 2", "Yao et al. 2025, Thm 2", "random_mixture_problem (cvxpy reference)",
                  _row_mixture("reverse_kl", "linear")),
     GuaranteeRow("mixture", "forward_kl", "KL(F*||F)", "E KL(F*||F_sw) <= E KL(F*||F_w) - E KL(F_w||F_sw)",
-                 "may fail", "FALSE in general", "THEORY.md guarantee table", "sharp_truth_problem",
+                 "may fail", "FALSE in general", "docs/theory.md, guarantee table", "sharp_truth_problem",
                  _row_mixture("forward_kl")),
     GuaranteeRow("linear", "forward_kl", "KL(F*||F)", "E KL(F*||F_sw) <= E KL(F*||F_w) - E KL(F_w||F_sw)",
-                 "may fail", "FALSE in general", "THEORY.md guarantee table",
+                 "may fail", "FALSE in general", "docs/theory.md, guarantee table",
                  "sharp_truth_problem (cvxpy reference)", _row_mixture("forward_kl", "linear")),
     GuaranteeRow("softmax", "forward_kl", "KL(F||F*)", "E KL(F_sw||F*) = E KL(F_w||F*) - E KL(F_w||F_sw)",
-                 "equality", "equality (M-projection)", "THEORY.md guarantee table",
+                 "equality", "equality (M-projection)", "docs/theory.md, guarantee table",
                  "Gaussian features, softmax truth, noisy/arbitrary teachers", _row_softmax_forward),
     GuaranteeRow("softmax", "reverse_kl", "KL(F*||F)", "E KL(F*||F_sw) <= E KL(F*||F_w) - E KL(F_sw||F_w)",
-                 "may fail", "fails by small amounts", "THEORY.md guarantee table",
+                 "may fail", "fails by small amounts", "docs/theory.md, guarantee table",
                  "one-parameter softmax family, |theta| <= 25, certified by branch and bound", _row_softmax_reverse),
 ]
 
@@ -503,10 +504,10 @@ def _relative_violation(result: TheoremResult) -> float:
 
 
 def guarantee_table(*, quick: bool = True, seed: int = 0):
-    """The guarantee table of THEORY.md as a ``pandas.DataFrame``, one row per (head, loss, error direction).
+    """The guarantee table of docs/theory.md as a ``pandas.DataFrame``, one row per (head, loss, error direction).
 
     Columns: ``head, loss, error_direction, inequality, expected, instances, holds, violated, inconclusive,
-    fraction_holds`` (the contract), then ``pattern_met`` (the counts show ``expected``), ``theory_md`` (THEORY.md's
+    fraction_holds`` (the contract), then ``pattern_met`` (the counts show ``expected``), ``theory_md`` (docs/theory.md's
     status) and ``theory_md_met``, ``large_violations`` (certified instances where the student is worse than its
     teacher, softmax reverse row), ``worst_slack``, ``worst_certificate``, ``worst_violation_over_misfit`` (NaN where the row does not
     record misfits),

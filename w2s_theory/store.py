@@ -1,4 +1,4 @@
-"""Results are data: an SQLite store of result rows, written as runs finish (DESIGN.md, principle 7).
+"""Results are data: an SQLite store of result rows, written as runs finish (docs/design.md, principle 7).
 
 Tables:
 

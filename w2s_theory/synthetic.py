@@ -1,7 +1,7 @@
 r"""Seeded synthetic weak-to-strong worlds: inputs, frozen representations, ground truth, label noise.
 
 A *world* fixes an input distribution :math:`P`, a frozen strong representation :math:`h_s`, a frozen weak
-representation :math:`h_w` and a ground truth :math:`F^\star` (THEORY.md, "Notation"). It only samples
+representation :math:`h_w` and a ground truth :math:`F^\star` (docs/theory.md, "Notation"). It only samples
 data; fitting heads is the solvers' job. Everything here is float64 numpy.
 
 Construction (all weights drawn once, at :func:`make_world`, from the world's seed):
@@ -87,7 +87,7 @@ __all__ = [
     "SPLITS",
 ]
 
-#: The three splits of the flow in DESIGN.md: A (weak teacher trained on truth), B (transfer: students
+#: The three splits of the flow in docs/design.md: A (weak teacher trained on truth), B (transfer: students
 #: trained on teacher labels, in-sample theorem checks), C (held out).
 SPLITS = ("A", "B", "C", "V")  # V: a validation split for early stopping and learning-rate selection
 

@@ -1,8 +1,8 @@
-r"""The inequalities of THEORY.md, each as a function that returns a :class:`TheoremResult`.
+r"""The inequalities of docs/theory.md, each as a function that returns a :class:`TheoremResult`.
 
 Every function takes the quantities of one or many instances (leading batch axis), evaluates both sides with
 :mod:`w2s_theory.divergences`, and attaches the certificate that makes the verdict honest: a slack is compared
-with what the solver *proved* about its student, never with a hand-picked tolerance (DESIGN.md, principle 1).
+with what the solver *proved* about its student, never with a hand-picked tolerance (docs/design.md, principle 1).
 
 Notation: :math:`F^*` truth, :math:`F_w` weak teacher, :math:`F_{sw}` strong student fitted on the teacher.
 
@@ -52,8 +52,8 @@ SOURCES = {
     "charikar2024": "Charikar, Pabbaraju, Shiragur 2024 (arXiv 2405.15116), Thm 1",
     "charikar2024_nonrealizable": "Charikar, Pabbaraju, Shiragur 2024 (arXiv 2405.15116), non-realizable "
                                   "theorem; explicit constant 2*sqrt(eps*misfit) derived here",
-    "theory_md_nonrealizable": "THEORY.md, 'Non-realizable reverse bound' (derived there, not the paper's)",
-    "theory_md": "THEORY.md guarantee table",
+    "theory_md_nonrealizable": "docs/theory.md, 'Non-realizable reverse bound' (derived there, not the paper's)",
+    "theory_md": "docs/theory.md, guarantee table",
 }
 
 
@@ -122,7 +122,7 @@ def theorem2_reverse_kl(truth, teacher, student, gap) -> TheoremResult:
 
 
 def forward_kl_pythagorean(truth, teacher, student, gap) -> TheoremResult:
-    r"""The forward-KL analogue of Theorem 2, which is FALSE in general (THEORY.md):
+    r"""The forward-KL analogue of Theorem 2, which is FALSE in general (docs/theory.md):
 
     .. math:: \mathbb E\,\mathrm{KL}(F^*\|F_{sw}) \le \mathbb E\,\mathrm{KL}(F^*\|F_w) - \mathbb E\,\mathrm{KL}(F_w\|F_{sw})
 
@@ -167,7 +167,7 @@ def forward_kl_pythagorean(truth, teacher, student, gap) -> TheoremResult:
 
 
 def softmax_forward_identity(truth_logits, teacher, student_logits, gradient_norm, parameter_distance) -> TheoremResult:
-    r"""Forward KL onto a softmax head is an M-projection onto an exponential family, so (THEORY.md)
+    r"""Forward KL onto a softmax head is an M-projection onto an exponential family, so (docs/theory.md)
 
     .. math:: \mathbb E\,\mathrm{KL}(F_{sw}\|F^*) = \mathbb E\,\mathrm{KL}(F_w\|F^*) - \mathbb E\,\mathrm{KL}(F_w\|F_{sw})
 
@@ -185,7 +185,7 @@ def softmax_forward_identity(truth_logits, teacher, student_logits, gradient_nor
                                   equality=True)
     return _from_projection(
         "softmax_forward_identity", "E KL(F_sw||F*) = E KL(F_w||F*) - E KL(F_w||F_sw)  (softmax head, forward KL)",
-        "THEORY.md guarantee table (M-projection onto an exponential family)", check)
+        "docs/theory.md, guarantee table (M-projection onto an exponential family)", check)
 
 
 def charikar_squared(truth_values, weak_values, student_values, certificate, *, equality: bool) -> TheoremResult:
@@ -226,7 +226,7 @@ def squared_affine_certificate(gap, reference_values, student_values) -> np.ndar
 
 
 def reverse_kl_nonrealizable(truth, teacher, student, gap, reference) -> TheoremResult:
-    r"""THEORY.md's non-realizable reverse bound: for :math:`F_{sw}` the reverse-KL projection of :math:`F_w` onto a
+    r"""docs/theory.md's non-realizable reverse bound: for :math:`F_{sw}` the reverse-KL projection of :math:`F_w` onto a
     convex class and *any* :math:`G` in the class,
 
     .. math:: \mathbb E\,\mathrm{KL}(F^*\|F_{sw}) \le \mathbb E\,\mathrm{KL}(F^*\|F_w) - \mathbb E\,\mathrm{KL}(F_{sw}\|F_w)
@@ -249,7 +249,7 @@ def reverse_kl_pythagorean_at_minimiser(truth, teacher, student, gap) -> Theorem
     r"""The plain Theorem-2 inequality :math:`\mathbb E\,\mathrm{KL}(F^*\|F_{sw}) \le \mathbb E\,\mathrm{KL}(F^*\|F_w)
     - \mathbb E\,\mathrm{KL}(F_{sw}\|F_w)` for a truth that need not lie in the class, with a certificate for the
     *exact* reverse-KL projection (:func:`w2s_theory.bregman.projection_inequality_at_minimiser`):
-    ``violated`` certifies that the inequality fails at the exact minimiser, which is how THEORY.md's "the plain
+    ``violated`` certifies that the inequality fails at the exact minimiser, which is how docs/theory.md's "the plain
     inequality does fail once F* leaves the class" is checked. For a realizable truth use
     :func:`theorem2_reverse_kl` (whose certificate, the gap alone, is smaller)."""
     check = projection_inequality_at_minimiser(NEGATIVE_ENTROPY, _np(truth), _np(teacher), _np(student), _np(gap))

@@ -1,4 +1,4 @@
-"""``w2s-theory bench``: the performance benchmark of DESIGN.md, every head against its natural baseline
+"""``w2s-theory bench``: the performance benchmark of docs/design.md, every head against its natural baseline
 (cvxpy, a per-student Adam loop, L-BFGS, numpy least squares), dense and sparse workloads, FLOP rate.
 
 Every option and the ``--json`` path are checked before anything is computed: a bad value is a one-line

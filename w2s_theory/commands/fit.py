@@ -1,4 +1,4 @@
-"""``w2s-theory fit``: fit last-layer students on saved features and teacher probabilities (DESIGN.md)."""
+"""``w2s-theory fit``: fit last-layer students on saved features and teacher probabilities (docs/design.md)."""
 
 from __future__ import annotations
 

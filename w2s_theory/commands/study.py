@@ -1,4 +1,4 @@
-"""``w2s-theory study``: the full weak-to-strong pipeline on your own representations (DESIGN.md)."""
+"""``w2s-theory study``: the full weak-to-strong pipeline on your own representations (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Problem, for one student (features :math:`h_i`, teacher :math:`q_i\in\Delta^k`, 
 
 over the **mixture** head :math:`F(h) = A h` (:math:`A` column-stochastic, :math:`h_i\in\Delta^m`) or the
 **linear** head :math:`F(h) = W h + b` with :math:`F(h_i)\ge\gamma` entrywise and
-:math:`\mathbf 1^\top F(h_i) = 1` on the sample (THEORY.md, "Head geometries").
+:math:`\mathbf 1^\top F(h_i) = 1` on the sample (docs/theory.md, "Head geometries").
 
 The conic program is stated declaratively and solved by an interior-point method: reverse KL as
 :math:`\sum\mathrm{rel\_entr}(P, q) = -\sum\mathrm{entr}(P) - \sum P\log q`, forward KL as
