@@ -30,8 +30,10 @@ from .result import CERTIFICATES, FitResult
 __all__ = ["fit", "FitResult", "CERTIFICATES", "SOLVABLE"]
 
 #: (head, loss) pairs that :func:`fit` accepts.
+_FIELD_LOSSES = ("js", "jeffreys", "hellinger", "chi2", "reverse_chi2", "tv", "bregman:negative_entropy",
+                 "bregman:squared_norm", "bregman:itakura_saito", "bregman:generalized_kl", "bregman:mahalanobis")
 SOLVABLE = {
-    "mixture": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared"),
+    "mixture": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared") + _FIELD_LOSSES,
     "linear": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared"),
     "softmax": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce"),
     "squared": ("squared",),
@@ -120,6 +122,14 @@ def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bi
         from .reference import fit_reference_batch
 
         return fit_reference_batch(X, Q, loss_obj.name, head, gamma=gamma, radius=radius, bias=bias)
+    if head == "mixture" and loss_obj.name == "tv":  # not smooth: an LP per student, dual certificate
+        from .frank_wolfe import fit_tv_mixture
+
+        return fit_tv_mixture(X, Q, tol=tol)
+    if head == "mixture" and loss_obj.name == "bregman:mahalanobis":  # not separable over classes
+        from .frank_wolfe import fit_mixture_generic
+
+        return fit_mixture_generic(X, Q, loss_obj, tol=tol, max_iter=max(max_iter, 2000))
     if head == "mixture":
         from .mixture import fit_mixture_batched
 
