@@ -72,6 +72,16 @@ def fit_simplex_product(apply, adjoint, teacher: torch.Tensor, loss: Loss, theta
     ``theta`` in the simplex; ``adjoint`` is the transpose of ``apply``. Returns
     ``(theta, probs, objective, gap, iterations)``, ``gap`` the certified Frank–Wolfe gap (``inf`` where
     the objective or its gradient is not finite at the returned point)."""
+    threads = torch.get_num_threads()
+    if teacher.numel() < 2**20 and teacher.device.type == "cpu":
+        torch.set_num_threads(1)  # tiny products: thread start-up costs 1000x the arithmetic on a busy CPU
+    try:
+        return _fit_simplex_product(apply, adjoint, teacher, loss, theta0, tol, max_iter, check_every, count)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_simplex_product(apply, adjoint, teacher, loss, theta0, tol, max_iter, check_every, count):
     n = teacher.shape[-2]
 
     def value(th):
@@ -140,7 +150,7 @@ def fit_mixture_generic(X: torch.Tensor, Q: torch.Tensor, loss: Loss, *, tol: fl
     """The mixture head :math:`F(x) = A h(x)` by :func:`fit_simplex_product` (for non-separable losses)."""
     B, n, k = Q.shape
     m = X.shape[-1]
-    Xb = X.expand(B, n, m) if X.ndim == 2 else X
+    Xb = X.expand(B, n, m).contiguous() if X.ndim == 2 else X.contiguous()  # stride-0 matmul is slow
 
     def apply(A):
         return Xb @ A.transpose(-1, -2)
