@@ -54,14 +54,16 @@ def _gamma(count: int, dtype) -> float:
     return count * u / (1 - count * u)
 
 
-def simplex_product_gap(G: torch.Tensor, theta: torch.Tensor, count: int) -> torch.Tensor:
+def simplex_product_gap(G: torch.Tensor, theta: torch.Tensor, count: int, magnitude: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     r"""Frank–Wolfe gap :math:`\sum_j(\sum_y G_{yj}\theta_{yj} - \min_y G_{yj})` per student, plus a bound on
-    its rounding: ``G`` is off by at most :math:`\gamma_{count}` times its magnitude (``count`` = terms summed
-    into each entry, times a few for the derivatives), which moves the gap by at most
-    :math:`2\sum_j\max_y\gamma|G_{yj}|`."""
+    its rounding: each entry of ``G`` is off by at most :math:`\gamma_{count}` times ``magnitude`` (the sum of the
+    absolute values of what was summed into it; ``|G|`` if not given), which moves the gap by at most
+    :math:`2\sum_j\max_y\gamma\,\mathrm{magnitude}_{yj}`."""
     gap = MixtureHead.frank_wolfe_gap(G, theta)
     finite = torch.isfinite(G).all(dim=-1).all(dim=-1)
-    rnd = 2 * _gamma(count, G.dtype) * torch.where(torch.isfinite(G), G.abs(), torch.zeros_like(G)).amax(dim=-2).sum(-1)
+    mag = G.abs() if magnitude is None else magnitude
+    rnd = 2 * _gamma(count, G.dtype) * torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag)).amax(dim=-2).sum(-1)
     gap = gap + rnd + _gamma(theta.shape[-2] + theta.shape[-1], G.dtype) * gap
     return torch.where(finite & ~torch.isnan(gap), gap, torch.full_like(gap, float("inf")))
 
@@ -90,6 +92,16 @@ def _fit_simplex_product(apply, adjoint, teacher, loss, theta0, tol, max_iter, c
     def gradient(th):
         return adjoint(loss.grad_student(teacher, apply(th))) / n
 
+    def certified_gap(th):
+        # Magnitude of what the gradient sums: the derivative's own terms are bounded by |l'| + |log p| + |log q|
+        # + 2k (log-type and Mahalanobis-type derivatives with |M| <= 1; every loss this solver is given).
+        P = apply(th)
+        d = loss.grad_student(teacher, P)
+        logs = torch.where(P > 0, P.log().abs(), torch.zeros_like(P)) + torch.where(teacher > 0, teacher.log().abs(),
+                                                                                     torch.zeros_like(P))
+        mag = adjoint(d.abs() + logs + 2 * P.shape[-1]) / n
+        return simplex_product_gap(adjoint(d) / n, th, count, mag)
+
     B = theta0.shape[0]
     theta = theta0.clone()
     prev = theta.clone()
@@ -102,7 +114,7 @@ def _fit_simplex_product(apply, adjoint, teacher, loss, theta0, tol, max_iter, c
     view = (B,) + (1,) * (theta.ndim - 1)
     for it in range(max_iter):
         if it % check_every == 0:
-            gap = simplex_product_gap(gradient(theta), theta, count)
+            gap = certified_gap(theta)
             active = active & ~(gap <= tol)
             if not bool(active.any()):
                 break
@@ -141,7 +153,7 @@ def _fit_simplex_product(apply, adjoint, teacher, loss, theta0, tol, max_iter, c
         prev = torch.where(restart.view(view), theta, prev)
         L = torch.where(active, Lk * 0.9, L)
         iterations = iterations + active.long()
-    gap = simplex_product_gap(gradient(theta), theta, count)
+    gap = certified_gap(theta)
     return theta, apply(theta), value(theta), gap, iterations
 
 
