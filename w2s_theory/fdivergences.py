@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ._backend import ops
 from .bregman import LOSS_GENERATORS, generator_for
@@ -213,6 +214,17 @@ def _fkl_dd1(a, b):
     return o.where(ok, b / a_**2, o.where(b > 0, o.inf + 0 * a, 0 * a))
 
 
+def _lift(fn):
+    """Python scalars and lists become float arrays (masks then are arrays, never Python bools)."""
+
+    def lifted(a, b):
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        return fn(a, b)
+
+    return lifted
+
+
 @dataclass(frozen=True)
 class FDivergence:
     r"""One f-divergence as per-class terms :math:`\ell(a, b)` (student slot ``a``), with
@@ -230,8 +242,12 @@ class FDivergence:
     smooth: bool
     description: str
 
+    def __post_init__(self):
+        for part in ("term", "d_student", "dd_student", "d_teacher"):
+            object.__setattr__(self, part, _lift(getattr(self, part)))
+
     def __call__(self, student, teacher):
-        """:math:`D(\text{student}\,\|\,\text{teacher})` per sample (sum over the last axis)."""
+        r""":math:`D(\text{student}\,\|\,\text{teacher})` per sample (sum over the last axis)."""
         return ops(student, teacher).sum(self.term(student, teacher), axis=-1)
 
 
