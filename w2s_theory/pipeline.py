@@ -79,8 +79,10 @@ class RunSpec:
             if head not in PROBABILITY_HEADS:
                 raise ValueError(f"{name} must be one of {', '.join(PROBABILITY_HEADS)} (a head with class "
                                  f"probabilities), got {head!r}")
+        from .fdivergences import is_extra_loss  # the field's losses: f-divergences, bregman:<generator>
+
         for name, loss in (("loss", self.loss), ("weak_loss", self.weak_loss)):
-            if loss not in STUDENT_LOSSES:
+            if loss not in STUDENT_LOSSES and not is_extra_loss(loss):
                 raise ValueError(f"{name} must be one of {', '.join(STUDENT_LOSSES)}, got {loss!r}")
 
     def as_dict(self) -> dict:
@@ -215,8 +217,8 @@ def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) ->
             row["gain_train"] = row["teacher_train_kl_error"] - row["student_train_kl_error"]
             row["misfit_reverse"] = float(kl(train_probs[j], q).mean())
             row["misfit_forward"] = float(kl(q, train_probs[j]).mean())
-            row["misfit"] = (row["misfit_reverse"] if loss.startswith("reverse") else
-                             row["misfit_forward"] if loss.startswith("forward") else row["objective"])
+            row["misfit"] = (row["misfit_reverse"] if loss in ("reverse_kl", "reverse_ce") else
+                             row["misfit_forward"] if loss in ("forward_kl", "forward_ce") else row["objective"])
             row["gain_test"] = row["weak_test_kl_error"] - row["student_test_kl_error"]
             row["pgr"] = _pgr(row["student_test_accuracy"], row["weak_test_accuracy"], row["ceiling_test_accuracy"])
             if check is not None:
