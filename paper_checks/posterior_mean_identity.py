@@ -49,13 +49,18 @@ def bootstrap_teachers(rng, *, batch: int, R: int, n: int, m: int, k: int, n_lab
     return problem.truth, teachers
 
 
+def posterior_mean(Y):
+    """The normalised geometric mean over axis 1 (the teachers): p_bar proportional to exp(E log Y)."""
+    logY = np.log(Y)
+    p_bar = np.exp(logY.mean(1) - logY.mean(1).max(-1, keepdims=True))
+    return p_bar / p_bar.sum(-1, keepdims=True)
+
+
 def run(quick: bool, seed: int):
     rng = np.random.default_rng([seed, 11, 3])
     batch, R = (6, 8) if quick else (30, 16)
     truth, Y = bootstrap_teachers(rng, batch=batch, R=R, n=50, m=5, k=3)
-    logY = np.log(Y)
-    p_bar = np.exp(logY.mean(1) - logY.mean(1).max(-1, keepdims=True))
-    p_bar /= p_bar.sum(-1, keepdims=True)
+    p_bar = posterior_mean(Y)
     lhs = kl(truth[:, None], Y).mean(1)  # per (instance, x): E_Y KL(F*||Y)
     rhs = kl(truth, p_bar) + kl(p_bar[:, None], Y).mean(1)
     slack = (rhs - lhs).mean(-1)  # an equality: slack should be 0
