@@ -505,8 +505,9 @@ def k_heads_figure(out: Path, quick: bool, **_) -> list[Path]:
     slope, (lo, hi) = slope_with_interval(ks, D, np.random.default_rng(0))
     caption = (f"Reverse-KL students, truth = mixture of 8 softmax heads, teacher = truth corrupted in logit space; "
                f"{D.shape[1]} instances per k, joint training uncertified (best of L-BFGS restarts). Fitted slope "
-               f"{slope:.2f} (95% bootstrap interval {lo:.2f} to {hi:.2f}); the dashed line has slope -1/2 "
-               "(a third-party summary's O(sqrt(c/k)), shown, not tested).")
+               f"{slope:.2f} (95% bootstrap interval {lo:.2f} to {hi:.2f}) on log-log axes, over the k whose mean "
+               "deficit is positive; the dashed line has slope -1/2 (a third-party summary's O(sqrt(c/k)), shown, "
+               "not tested). Deficit axis symmetric-log: linear within 1e-4 of 0.")
     return plots.save_figure(plots.plot_k_heads(ks, D, caption), out, "k_heads")
 
 
