@@ -21,6 +21,8 @@ Setting: Gaussian features, c = 3 classes, a realizable truth :math:`F^* = \sum_
 The check's verdict is the frozen-heads one (certified); the joint slope is reported alongside.
 Form: the frozen-heads statement is Theorem 2 of Yao et al. 2025 on a polytope (exact); the joint-training
 trend is the paper's qualitative claim, measured (reconstructed form).
+Default size: quick k = 1..8, 4 instances, 1 restart (joint), frozen k = 1, 4, 16 with 6 instances; full k up
+to 64 (joint 6 instances; the figure 8 instances, 2 restarts), frozen k = 1, 4, 16, 64 with 8 instances.
 """
 
 import numpy as np

@@ -16,6 +16,7 @@ For a student that is one teacher :math:`S = Y_1` instead, the same computation 
 :math:`\mathbb E\,\mathrm{KL}(F^*\|Y) - \mathrm{KL}(F^*\|S) - \mathbb E\,\mathrm{KL}(S\|Y) = \langle F^* - S,
 \log(S/\bar p)\rangle`, which can have either sign: the check reports how often gain < misfit for it.
 Form: reconstructed here from the abstract's statement (the paper's theorem was not readable here).
+Default size: 6 instances x 8 bootstrap teachers (quick), 30 x 16 (full).
 """
 
 import numpy as np
