@@ -30,7 +30,13 @@ negative entropy      :math:`\mathrm{KL}(x\|y)`    Yao et al. 2025, Thm 2: rever
 squared norm          :math:`\|x - y\|^2`          Charikar et al. 2024, Thm 1: squared loss
 log-partition         :math:`\mathrm{KL}(\sigma(y)\|\sigma(x))` on logits  forward KL onto a softmax
                                                    head: an affine set of logits, so equality
+Burg entropy          Itakura–Saito                Mulgund & Pabbaraju 2025 (any Bregman divergence)
+x log x - x           generalised KL               Mulgund & Pabbaraju 2025
+x^T M x (M SPD)       Mahalanobis                  Mulgund & Pabbaraju 2025
 ====================  ===========================  =============================================
+
+The probability-space generators are training losses too: ``bregman:<generator>`` is
+:math:`\mathbb E\,D_\phi(F(x), F_w(x))`, student in the first argument (:mod:`w2s_theory.fdivergences`).
 
 Non-realizable targets (the truth :math:`A` outside :math:`\mathcal C`). For any :math:`G\in\mathcal C`,
 
@@ -67,6 +73,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ._backend import ops
 from .divergences import generalized_kl, kl, squared
@@ -77,6 +84,14 @@ __all__ = [
     "SQUARED_NORM",
     "LOG_PARTITION",
     "GENERATORS",
+    "ITAKURA_SAITO",
+    "GENERALIZED_KL",
+    "LOSS_GENERATORS",
+    "itakura_saito",
+    "kms_matrix",
+    "mahalanobis",
+    "generator_for",
+    "three_point_defect",
     "ProjectionCheck",
     "projection_inequality",
     "misspecification_term",
@@ -206,23 +221,146 @@ class BregmanGenerator:
     gradient_difference: Callable | None = None
     holder_bound: Callable | None = None
     truth_term_perturbation: Callable | None = None
+    gradient: Callable | None = None  # grad phi(x), per entry (or a matrix product for Mahalanobis)
+    curvature: Callable | None = None  # diagonal of the Hessian of phi; None where it is not diagonal
+    symmetric: bool = False  # D(x, y) = D(y, x) for all x, y
+    pins_zeros: bool = False  # D(x, y) = inf where y_j = 0 < x_j: a student entry under a teacher zero is 0
 
 
 NEGATIVE_ENTROPY = BregmanGenerator(
     "negative_entropy", generalized_kl, _neg_entropy_magnitude,
     "phi(x) = sum x log x; D = KL on the simplex (generalised KL off it)",
     _neg_entropy_gradient_difference, _neg_entropy_holder_bound, _neg_entropy_truth_term_perturbation,
+    gradient=lambda x: ops(x).log(x) + 1, curvature=lambda x: 1 / x, pins_zeros=True,
 )
 SQUARED_NORM = BregmanGenerator(
     "squared_norm", squared, _squared_magnitude, "phi(x) = ||x||^2; D = ||x - y||^2",
     _squared_gradient_difference, _squared_holder_bound, _squared_truth_term_perturbation,
+    gradient=lambda x: 2 * x, curvature=lambda x: 2 + 0 * x, symmetric=True,
 )
 LOG_PARTITION = BregmanGenerator(
     "log_partition", _log_partition_divergence, _log_partition_magnitude,
     "psi(z) = logsumexp(z) on logits; D(z1, z2) = KL(softmax(z2) || softmax(z1))",
     _log_partition_gradient_difference,
 )
-GENERATORS = {g.name: g for g in (NEGATIVE_ENTROPY, SQUARED_NORM, LOG_PARTITION)}
+
+def itakura_saito(x, y):
+    r"""Itakura–Saito divergence :math:`\sum_j x_j/y_j - \log(x_j/y_j) - 1`, the Bregman divergence of the
+    Burg entropy :math:`\phi(x) = -\sum_j\log x_j` on the positive orthant (Banerjee et al. 2005, Table 1).
+    Exact at the boundary: an entry with :math:`x_j = y_j = 0` contributes 0 (a pinned class), an entry with
+    exactly one of them 0 contributes :math:`+\infty`."""
+    o = ops(x, y)
+    both = (x == 0) & (y == 0)
+    one = (x == 0) != (y == 0)
+    safe_x = o.where(both | one, 1 + 0 * x, x)
+    safe_y = o.where(both | one, 1 + 0 * y, y)
+    r = safe_x / safe_y
+    term = r - o.log(r) - 1
+    term = o.where(one, o.inf + 0 * term, term)
+    return o.sum(o.where(both, 0 * term, term), axis=-1)
+
+
+def _itakura_saito_magnitude(x, y):
+    o = ops(x, y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = o.abs(x) / o.where(y == 0, 1 + 0 * y, o.abs(y))
+        lx = o.where(x > 0, o.abs(o.log(o.where(x > 0, x, 1 + 0 * x))), 0 * x)
+        ly = o.where(y > 0, o.abs(o.log(o.where(y > 0, y, 1 + 0 * y))), 0 * y)
+    return o.sum(r + lx + ly + 1, axis=-1)
+
+
+def _itakura_saito_gradient_difference(p, t):
+    # grad phi(x) = -1/x; 0 where both are 0 (a pinned entry).
+    p, t = _to_numpy(p), _to_numpy(t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = 1 / t - 1 / p
+    return np.where((p == 0) & (t == 0), 0.0, out)
+
+
+ITAKURA_SAITO = BregmanGenerator(
+    "itakura_saito", itakura_saito, _itakura_saito_magnitude,
+    "phi(x) = -sum log x (Burg entropy); D = sum x/y - log(x/y) - 1 on the positive orthant",
+    _itakura_saito_gradient_difference, gradient=lambda x: -1 / x, curvature=lambda x: 1 / x**2,
+    pins_zeros=True,
+)
+GENERALIZED_KL = BregmanGenerator(
+    "generalized_kl", generalized_kl, _neg_entropy_magnitude,
+    "phi(x) = sum x log x - x on the positive orthant; D = sum x log(x/y) - x + y (the negative entropy's "
+    "divergence: phi differs by a linear term, which no Bregman divergence sees)",
+    _neg_entropy_gradient_difference, gradient=lambda x: ops(x).log(x), curvature=lambda x: 1 / x,
+    pins_zeros=True,
+)
+
+
+def kms_matrix(k: int, rho: float = 0.5) -> np.ndarray:
+    r"""The Kac–Murdock–Szegő matrix :math:`M_{yz} = \rho^{|y - z|}`, symmetric positive definite for
+    :math:`|\rho| < 1`: the default metric of ``bregman:mahalanobis`` (classes that are near in index are
+    coupled)."""
+    idx = np.arange(k)
+    return rho ** np.abs(idx[:, None] - idx[None, :])
+
+
+def mahalanobis(M) -> BregmanGenerator:
+    r"""The generator :math:`\phi(x) = x^\top M x` for a symmetric positive definite ``M`` (``k x k``):
+    :math:`D(x, y) = (x - y)^\top M (x - y)`, :math:`\nabla\phi(x) = 2Mx`. Not separable over classes
+    (``curvature`` is None). An ``M`` that is not symmetric positive definite is a ``ValueError``."""
+    M = np.asarray(M, dtype=float)
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"mahalanobis: M must be a square matrix, got shape {M.shape}")
+    if not np.allclose(M, M.T) or np.linalg.eigvalsh((M + M.T) / 2).min() <= 0:
+        raise ValueError("mahalanobis: M must be symmetric positive definite")
+    absM = np.abs(M)
+
+    def _mat(x, A):
+        return torch.as_tensor(A, dtype=x.dtype, device=x.device) if isinstance(x, torch.Tensor) else A
+
+    def divergence(x, y):
+        d = x - y
+        return ((d @ _mat(d, M)) * d).sum(-1)
+
+    def magnitude(x, y):
+        o = ops(x, y)
+        a = o.abs(x) + o.abs(y)
+        return ((a @ _mat(a, absM)) * a).sum(-1)
+
+    def gradient(x):
+        return 2 * (x @ _mat(x, M))
+
+    def gradient_difference(p, t):
+        return 2 * ((_to_numpy(p) - _to_numpy(t)) @ M)
+
+    return BregmanGenerator("mahalanobis", divergence, magnitude,
+                            "phi(x) = x^T M x for an SPD M; D = (x - y)^T M (x - y)", gradient_difference,
+                            gradient=gradient, curvature=None, symmetric=True)
+
+
+#: Generators with a fixed form (Mahalanobis needs its matrix: :func:`mahalanobis`).
+GENERATORS = {g.name: g for g in (NEGATIVE_ENTROPY, SQUARED_NORM, LOG_PARTITION, ITAKURA_SAITO, GENERALIZED_KL)}
+#: The generators that ``bregman:<name>`` losses accept (probability-space students).
+LOSS_GENERATORS = ("negative_entropy", "squared_norm", "itakura_saito", "generalized_kl", "mahalanobis")
+
+
+def generator_for(name: str, k: int | None = None) -> BregmanGenerator:
+    """The generator ``name`` of :data:`LOSS_GENERATORS`; ``mahalanobis`` uses :func:`kms_matrix` (``k``
+    classes). An unknown name is a one-line ``ValueError`` that lists the known ones."""
+    if name == "mahalanobis":
+        if k is None:
+            raise ValueError("generator 'mahalanobis' needs the number of classes k for its default matrix")
+        return mahalanobis(kms_matrix(k))
+    if name not in LOSS_GENERATORS:
+        raise ValueError(f"unknown Bregman generator {name!r}; choose one of: {', '.join(LOSS_GENERATORS)}")
+    return GENERATORS[name]
+
+
+def three_point_defect(generator: BregmanGenerator, reference, target, projection):
+    r"""The three-point identity's defect, zero for every generator and every three points (up to rounding):
+
+    .. math:: D(G,T) - D(G,P) - D(P,T) - \langle\nabla\phi(P) - \nabla\phi(T), G - P\rangle.
+    """
+    D = generator.divergence
+    G, T, P = (_to_numpy(x) for x in (reference, target, projection))
+    inner = (_require(generator, "gradient_difference")(P, T) * (G - P)).sum(-1)
+    return D(G, T) - D(G, P) - D(P, T) - inner
 
 
 def rounding_bound(generator: BregmanGenerator, pairs, n_terms: int):

@@ -315,7 +315,9 @@ def _check_run_values(source: str, run_axes: dict) -> None:
             if v not in PIPELINE_HEADS:
                 _fail(source, f"[run] {key}",
                       f"unknown or unsupported head {v!r}; use one of: {', '.join(PIPELINE_HEADS)}")
-    valid_losses = tuple(dict.fromkeys((*CLASSIFICATION_LOSSES, "squared", *PRACTICE_LOSSES)))
+    from .fdivergences import extra_loss_names
+
+    valid_losses = tuple(dict.fromkeys((*CLASSIFICATION_LOSSES, "squared", *PRACTICE_LOSSES, *extra_loss_names())))
     for key in ("loss", "weak_loss"):
         for v in run_axes.get(key, []):
             if v not in valid_losses:

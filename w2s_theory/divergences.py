@@ -205,4 +205,10 @@ def get_loss(name: str) -> Loss:
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}") from None
+        pass
+    from .fdivergences import extra_loss, is_extra_loss  # f-divergences and bregman:<generator>
+
+    if is_extra_loss(name) or name.startswith("bregman:"):
+        return extra_loss(name)
+    raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}, or an f-divergence or "
+                     f"bregman:<generator> of w2s_theory.fdivergences") from None

@@ -28,7 +28,7 @@ import torch
 
 from ._backend import is_torch, ops
 
-__all__ = ["MixtureHead", "LinearHead", "SoftmaxHead", "SquaredHead", "HEADS", "get_head"]
+__all__ = ["MixtureHead", "LinearHead", "SoftmaxHead", "SquaredHead", "MixtureOfSoftmaxHead", "HEADS", "get_head"]
 
 
 def _swap_last(x):
@@ -184,7 +184,19 @@ class SquaredHead:
         return Z @ theta
 
 
-HEADS = {"mixture": MixtureHead, "linear": LinearHead, "softmax": SoftmaxHead, "squared": SquaredHead}
+@dataclass(frozen=True)
+class MixtureOfSoftmaxHead:
+    r""":math:`F(x) = \sum_{j\le K}\pi_j\,\mathrm{softmax}(W_jh(x) + b_j)`, :math:`\pi\in\Delta^K`: ``heads = K``
+    softmax heads mixed in probability space (Mulgund & Pabbaraju 2025). Convex in :math:`\pi` for frozen heads,
+    not jointly (:mod:`w2s_theory.solvers.mixture_of_softmax`)."""
+
+    heads: int = 2
+    name: str = "mixture_of_softmax"
+    convex_in_probabilities: bool = False
+
+
+HEADS = {"mixture": MixtureHead, "linear": LinearHead, "softmax": SoftmaxHead, "squared": SquaredHead,
+         "mixture_of_softmax": MixtureOfSoftmaxHead}
 
 
 def get_head(name: str, **options):

@@ -107,10 +107,12 @@ class RunSpec:
             if head not in PROBABILITY_HEADS:
                 raise ValueError(f"{name} must be one of {', '.join(PROBABILITY_HEADS)} (a head with class "
                                  f"probabilities), got {head!r}")
-        if self.weak_loss not in STUDENT_LOSSES:
+        from .fdivergences import is_extra_loss  # the field's losses: f-divergences, bregman:<generator>
+
+        if self.weak_loss not in STUDENT_LOSSES and not is_extra_loss(self.weak_loss):
             raise ValueError(f"weak_loss must be one of {', '.join(STUDENT_LOSSES)}, got {self.weak_loss!r}")
         losses = PRACTICE_LOSSES if self.trainer == "practice" else STUDENT_LOSSES
-        if self.loss not in losses:
+        if self.loss not in losses and not (self.trainer == "exact" and is_extra_loss(self.loss)):
             raise ValueError(f"loss must be one of {', '.join(losses)} for trainer {self.trainer!r}, got {self.loss!r}")
 
     def _check_practice(self):
@@ -332,8 +334,8 @@ def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) ->
             row["gain_train"] = row["teacher_train_kl_error"] - row["student_train_kl_error"]
             row["misfit_reverse"] = float(kl(train_probs[j], q).mean())
             row["misfit_forward"] = float(kl(q, train_probs[j]).mean())
-            row["misfit"] = (row["misfit_reverse"] if loss.startswith("reverse") else
-                             row["misfit_forward"] if loss.startswith("forward") else row["objective"])
+            row["misfit"] = (row["misfit_reverse"] if loss in ("reverse_kl", "reverse_ce") else
+                             row["misfit_forward"] if loss in ("forward_kl", "forward_ce") else row["objective"])
             row["gain_test"] = row["weak_test_kl_error"] - row["student_test_kl_error"]
             row["pgr"] = _pgr(row["student_test_accuracy"], row["weak_test_accuracy"], row["ceiling_test_accuracy"])
             if check is not None:

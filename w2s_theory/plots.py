@@ -566,4 +566,54 @@ def plot_learning_curves(curves: pd.DataFrame, exact: pd.DataFrame, weak_accurac
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _caption(fig, caption, y=-0.01, width=150)
+# the field's theorems: k-head mixtures and f-divergences
+# --------------------------------------------------------------------------------------------------------
+
+
+def plot_k_heads(ks, deficits: np.ndarray, caption: str):
+    """Mean deficit (misfit - gain) +- standard error vs the number of heads: log k, symmetric-log deficit
+    (linear within 1e-4 of 0, so that deficits <= 0 stay visible)."""
+    ks = np.asarray(ks, dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for j, k in enumerate(ks):
+        d = deficits[j]
+        ax.scatter(np.full(d.size, k), d, s=10, color="0.6", alpha=0.6, label="instances" if j == 0 else None)
+    mean = deficits.mean(1)
+    se = deficits.std(1, ddof=1) / np.sqrt(deficits.shape[1])
+    ax.errorbar(ks, mean, yerr=se, color="C0", marker="o", capsize=3, label="mean deficit ± s.e.")
+    ref = max(mean[0], 1e-6) * (ks / ks[0]) ** -0.5
+    ax.plot(ks, ref, "--", color="C3", label="slope −1/2 (reference only)")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("number of softmax heads k")
+    ax.set_ylabel("deficit = misfit − gain (reverse KL)")
+    ax.set_title("k-head mixtures, joint training: deficit vs k")
+    ax.legend(loc="upper right")
+    _caption(fig, caption, -0.02, width=95)
+    return fig
+
+
+def plot_f_divergences(rows, caption: str):
+    """Grouped bars: fraction of instances with gain >= misfit, per loss (x) and head (colour)."""
+    losses = list(dict.fromkeys(rows["loss"]))
+    heads = list(dict.fromkeys(rows["head"]))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    width = 0.8 / len(heads)
+    for h, head in enumerate(heads):
+        sub = rows[rows["head"] == head].set_index("loss")
+        vals = [float(sub.loc[l, "fraction_gain_ge_misfit"]) if l in sub.index else np.nan for l in losses]
+        x = np.arange(len(losses)) + (h - (len(heads) - 1) / 2) * width
+        bars = ax.bar(x, vals, width, label=f"{head} head" + (" (certified)" if head == "mixture" else
+                                                               " (uncertified fits)"), color=f"C{h}")
+        for xi, v in zip(x, vals):
+            if np.isfinite(v):
+                ax.text(xi, v + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=7.5)
+    ax.set_xticks(np.arange(len(losses)), losses, rotation=20)
+    ax.set_ylim(0, 1.32)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("fraction with gain ≥ misfit")
+    ax.set_title("f-divergence losses: how often gain ≥ misfit (realizable instances)")
+    ax.legend(loc="upper left", ncol=2)
+    _caption(fig, caption, -0.06, width=120)
     return fig

@@ -30,10 +30,13 @@ from .result import CERTIFICATES, FitResult
 __all__ = ["fit", "FitResult", "CERTIFICATES", "SOLVABLE"]
 
 #: (head, loss) pairs that :func:`fit` accepts.
+_FIELD_LOSSES = ("js", "jeffreys", "hellinger", "chi2", "reverse_chi2", "tv", "bregman:negative_entropy",
+                 "bregman:squared_norm", "bregman:itakura_saito", "bregman:generalized_kl", "bregman:mahalanobis")
 SOLVABLE = {
-    "mixture": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared"),
+    "mixture": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared") + _FIELD_LOSSES,
     "linear": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared"),
-    "softmax": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce"),
+    "softmax": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce") + _FIELD_LOSSES,
+    "mixture_of_softmax": ("forward_kl", "reverse_kl") + _FIELD_LOSSES,
     "squared": ("squared",),
 }
 
@@ -57,6 +60,9 @@ def fit(
     gamma: float = 0.0,
     radius: float | None = None,
     bias: bool = True,
+    heads: int = 2,
+    restarts: int = 4,
+    seed: int = 0,
 ) -> FitResult:
     r"""Fit students :math:`F = f\circ h` to teacher outputs by minimising the mean training loss.
 
@@ -72,6 +78,8 @@ def fit(
         tol: target certified gap.
         gamma: probability floor of the linear head.
         radius, bias: options of the squared head.
+        heads, restarts, seed: options of the ``mixture_of_softmax`` head (joint training, uncertified; the
+            frozen-heads fit is :func:`.mixture_of_softmax.fit_mixture_weights`).
 
     Returns:
         A :class:`FitResult` with batch axis ``B`` (1 for unbatched input).
@@ -109,6 +117,14 @@ def fit(
         X = X.expand(B, n, m)
 
     try:
+        if head == "mixture_of_softmax" or (head == "softmax" and loss in _FIELD_LOSSES):
+            from .mixture_of_softmax import fit_mixture_of_softmax_joint, fit_softmax_general
+
+            if head == "softmax":
+                return fit_softmax_general(X, Q, loss_obj)
+            if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+                raise InputError(f"heads must be a positive integer, got {heads!r}")
+            return fit_mixture_of_softmax_joint(X, Q, loss_obj, heads=heads, restarts=restarts, seed=seed)
         return _dispatch(X, Q, loss_obj, head, backend, tol=tol, max_iter=max_iter, gamma=gamma, radius=radius,
                          bias=bias)
     except ValueError as exc:  # the solvers' own input checks (e.g. reverse loss with teacher zeros on softmax)
@@ -124,6 +140,14 @@ def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bi
         from .linear import fit_linear_batched
 
         return fit_linear_batched(X, Q, loss_obj, gamma=gamma, tol=tol, max_iter=max_iter)
+    if head == "mixture" and loss_obj.name == "tv":  # not smooth: an LP per student, dual certificate
+        from .frank_wolfe import fit_tv_mixture
+
+        return fit_tv_mixture(X, Q, tol=tol)
+    if head == "mixture" and loss_obj.name == "bregman:mahalanobis":  # not separable over classes
+        from .frank_wolfe import fit_mixture_generic
+
+        return fit_mixture_generic(X, Q, loss_obj, tol=tol, max_iter=max(max_iter, 2000))
     if head == "mixture":
         from .mixture import fit_mixture_batched
 

@@ -17,6 +17,7 @@ CERTIFICATES = {
     "frank_wolfe": "max_S <grad, theta - S> over the feasible set (convex objective, Jaggi 2013)",
     "self_concordance": "generalized self-concordance bound from the Newton decrement (Bach 2010)",
     "normal_equations": "exact quadratic suboptimality (theta - theta*)^T H (theta - theta*) / 2 via H^{-1} g",
+    "duality": "objective minus a dual lower bound (linear programmes, e.g. total variation)",
     "none": "no certificate (non-convex problem): gap is NaN, see grad_norm",
 }
 
