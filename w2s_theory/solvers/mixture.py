@@ -15,9 +15,21 @@ gradient pushes outwards are held at 0, the rest take a Newton step with the exa
 :math:`\nabla^2\Phi = \bigoplus_y \tfrac1n X^\top\mathrm{diag}(\ell''_y) X` (the losses here have diagonal
 curvature in the class probabilities). Steps follow the projected arc with an Armijo rule.
 
+Safeguards for the barrier losses (KL: infinite derivative, and for forward KL infinite value, at a
+prediction 0 where the teacher has mass), without which instances with one-hot features, teacher zeros and
+a rare class stalled far from the optimum: no step may shrink such a prediction more than 200-fold, and a
+step that would reach the barrier is retried with a floor (entries keep 1% of their value) before it is
+shortened; a Hessian is reused only if no such prediction changed by more than 10% (a tiny absolute step
+near the barrier changes the curvature by orders of magnitude); the Newton system is solved after Jacobi
+scaling; float32 Hessian products fall back to float64 for a student whose curvatures exceed their range.
+After a Newton step that was cut short, the next step is a majorise–minimise step (the EM update for the
+forward losses, an entropic update for reverse KL; :func:`_em_step`, :func:`_entropic_step`): monotone,
+Hessian-free, multiplicative, and exact in one step on one-hot features.
+
 Certificate: the Frank–Wolfe gap :math:`g(A) = \max_{S}\langle\nabla\Phi(A), A - S\rangle
-\ge \Phi(A) - \Phi^\star` over the product of simplices, computed in float64 at the returned point and
-increased by a bound on the rounding error of that computation, so that it bounds the exact gap.
+\ge \Phi(A) - \Phi^\star` over the product of simplices, computed in float64 at the returned point
+(in the same product as the gradient, :func:`_certified_gradient`) and increased by a bound on the
+rounding error of that computation, so that it bounds the exact gap.
 Where the teacher puts zero mass on a class, the reverse losses force the student to do the same
 (any other choice has infinite loss): those entries of ``A`` are fixed at 0 before solving and the gap is
 taken over the remaining face, which is exactly the set where the objective is finite.
@@ -40,51 +52,74 @@ from ..divergences import Loss
 from ..heads import MixtureHead
 from .result import FitResult
 
-__all__ = ["fit_mixture_batched"]
+__all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate"]
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 40
 
 
 class _StudentFeatures:
-    """One feature matrix per student, ``(B, n, m)``: products are batched matrix products."""
+    """One feature matrix per student, ``(B, n, m)``: products are batched matrix products.
+
+    Predictions and per-sample derivatives are kept class-major, ``(B, k, n)``: then ``A X^T`` and
+    ``D X`` are plain batched products and sums over classes run over contiguous rows.
+    """
 
     shared = False
 
-    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, buffer=None):
+    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, Xh: torch.Tensor | None = None, buffer=None):
         self.X = X
         self.n, self.m = X.shape[-2], X.shape[-1]
         self.hessian_dtype = hessian_dtype
+        # The features in the Hessian's dtype, converted once (not once per Hessian).
+        self.Xh = X.to(hessian_dtype) if Xh is None else Xh
         # Scratch space for sqrt(curvature) * X. Allocating B x n x m afresh every iteration costs more than
         # the product itself on CPU (page faults), so it is allocated once and sliced after compaction.
         self._buffer = buffer
 
     def take(self, keep: torch.Tensor) -> "_StudentFeatures":
-        return _StudentFeatures(self.X[keep], self.hessian_dtype, self._buffer)
+        X = self.X[keep]
+        return _StudentFeatures(X, self.hessian_dtype, None if self.Xh is self.X else self.Xh[keep], self._buffer)
 
     def support_products(self, zero_teacher: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         support = (self.X[rows] > 0).to(zero_teacher.dtype)
-        return torch.bmm(zero_teacher.transpose(1, 2), support)
+        return torch.bmm(zero_teacher, support)
 
     def predict(self, A: torch.Tensor) -> torch.Tensor:
-        return MixtureHead.predict(A, self.X)
+        """``A X^T``, ``(B, k, n)``."""
+        return torch.bmm(A, self.X.transpose(1, 2))
 
     def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(dphi.transpose(1, 2), self.X) / self.n
+        """``dphi X / n`` for ``dphi`` ``(B, c, n)``."""
+        return torch.bmm(dphi, self.X) / self.n
 
     def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        r""":math:`\frac1n X^\top\mathrm{diag}(w_{\cdot c})X` for each column ``c`` of ``weights`` ``(b, n, c)``,
-        as :math:`Y^\top Y` with :math:`Y = \sqrt{w}X` (weights are curvatures of convex losses, >= 0)."""
-        X = self.X if rows is None else self.X[rows]
+        r""":math:`\frac1n X^\top\mathrm{diag}(w_c)X` for each row ``c`` of ``weights`` ``(b, c, n)``, as
+        :math:`Y^\top Y` with :math:`Y = \sqrt{w_c}X` (weights are curvatures of convex losses, >= 0).
+
+        In a low-precision ``hessian_dtype`` the products of a student whose curvatures are extreme (a
+        prediction near a barrier: ``n max w`` near the dtype's range) would overflow or lose their range;
+        those students are recomputed in float64, so the choice depends on the student alone."""
+        X = self.Xh if rows is None else self.Xh[rows]
+        b, c = weights.shape[0], weights.shape[1]
         if self._buffer is None:
-            self._buffer = torch.empty(self.X.shape, dtype=self.hessian_dtype, device=self.X.device)
-        Y = self._buffer[: X.shape[0]]
-        blocks = []
-        for c in range(weights.shape[-1]):
-            Y.copy_(X)
-            Y.mul_(weights[..., c : c + 1].clamp_min(0).sqrt().to(Y.dtype))
-            blocks.append(torch.bmm(Y.transpose(1, 2), Y).to(torch.float64) / self.n)
-        return torch.stack(blocks, dim=1)
+            self._buffer = torch.empty(self.Xh.shape, dtype=self.hessian_dtype, device=self.X.device)
+        Y = self._buffer[:b]
+        roots = weights.clamp_min(0).sqrt()
+        H = torch.empty((b, c, self.m, self.m), dtype=torch.float64, device=self.X.device)
+        for y in range(c):
+            torch.mul(X, roots[:, y, :, None].to(Y.dtype), out=Y)
+            H[:, y] = torch.bmm(Y.transpose(1, 2), Y)
+        if self.hessian_dtype != torch.float64:
+            limit = torch.finfo(self.hessian_dtype).max * 1e-3
+            extreme = (weights.amax(dim=(1, 2)) * self.n >= limit) | ~torch.isfinite(H).all(dim=3).all(dim=2).all(dim=1)
+            if extreme.any():
+                idx = extreme.nonzero()[:, 0]
+                X64 = (self.X if rows is None else self.X[rows])[idx]
+                for y in range(c):
+                    Y64 = X64 * roots[idx, y, :, None]
+                    H[idx, y] = torch.bmm(Y64.transpose(1, 2), Y64)
+        return H.div_(self.n)
 
 
 class _SharedFeatures:
@@ -105,19 +140,19 @@ class _SharedFeatures:
 
     def support_products(self, zero_teacher: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         support = (self.X > 0).to(zero_teacher.dtype)
-        return zero_teacher.transpose(1, 2) @ support
+        return zero_teacher @ support
 
     def predict(self, A: torch.Tensor) -> torch.Tensor:
         B, k, m = A.shape
-        return (self.X @ A.reshape(B * k, m).T).reshape(self.n, B, k).permute(1, 0, 2).contiguous()
+        return (A.reshape(B * k, m) @ self.X.T).reshape(B, k, self.n)
 
     def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
-        B, n, k = dphi.shape
-        return (dphi.transpose(1, 2).reshape(B * k, n) @ self.X).reshape(B, k, self.m) / n
+        B, c, n = dphi.shape
+        return (dphi.reshape(B * c, n) @ self.X).reshape(B, c, self.m) / n
 
     def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, c = weights.shape
-        flat = weights.transpose(1, 2).reshape(b * c, n).to(self.hessian_dtype) @ self._Z
+        b, c, n = weights.shape
+        flat = weights.reshape(b * c, n).to(self.hessian_dtype) @ self._Z
         flat = flat.to(torch.float64).reshape(b, c, -1) / n
         H = torch.zeros((b, c, self.m, self.m), dtype=torch.float64, device=weights.device)
         H[..., self._iu, self._ju] = flat
@@ -127,8 +162,9 @@ class _SharedFeatures:
 
 def _allowed_entries(design, teacher: torch.Tensor, loss: Loss) -> torch.Tensor:
     """Entries of ``A`` that may be positive: for reverse losses, ``A[y, j] = 0`` whenever some sample with
-    ``h_ij > 0`` has teacher mass ``q_iy = 0`` (any other choice has infinite loss)."""
-    B, n, k = teacher.shape
+    ``h_ij > 0`` has teacher mass ``q_iy = 0`` (any other choice has infinite loss). ``teacher`` is
+    class-major, ``(B, k, n)``."""
+    B, k, n = teacher.shape
     allowed = torch.ones((B, k, design.m), dtype=torch.bool, device=teacher.device)
     if not loss.pins_student_to_teacher_support:
         return allowed
@@ -149,22 +185,57 @@ def _teacher_for_derivatives(design, teacher, allowed, loss: Loss) -> torch.Tens
     """
     if not loss.pins_student_to_teacher_support or bool(allowed.all()):
         return teacher
-    reachable = design.predict(allowed.to(teacher.dtype)) > 0  # (B, n, k): some allowed entry reaches it
+    reachable = design.predict(allowed.to(teacher.dtype)) > 0  # (B, k, n): some allowed entry reaches it
     return torch.where(reachable, teacher, torch.zeros_like(teacher))
 
 
 def _evaluate(design, teacher, A, loss: Loss):
-    """Student probabilities and mean loss per student."""
+    """Student probabilities ``(B, k, n)`` and mean loss per student (``teacher`` class-major too)."""
     probs = design.predict(A)
-    return probs, loss.per_sample(teacher, probs).mean(dim=-1)
+    return probs, loss.per_sample(teacher.transpose(1, 2), probs.transpose(1, 2)).mean(dim=-1)
+
+
+def _derivative(teacher, probs, loss: Loss) -> torch.Tensor:
+    """Per-sample derivative of the loss in the student's probabilities, class-major ``(B, k, n)``."""
+    return loss.grad_student(teacher.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
 
 
 def _curvature_weights(teacher, probs, loss: Loss, k2_fast: bool):
-    """Per-sample curvatures; for ``k = 2`` only their sum enters the reduced Hessian."""
-    curv = loss.curvature_student(teacher, probs)
+    """Per-sample curvatures ``(B, k, n)``; for ``k = 2`` only their sum enters the reduced Hessian."""
+    curv = loss.curvature_student(teacher.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
     if loss.pins_student_to_teacher_support:
         curv = torch.where(teacher > 0, curv, torch.zeros_like(curv))
-    return curv[..., :1] + curv[..., 1:2] if k2_fast else curv
+    return curv[:, :1] + curv[:, 1:2] if k2_fast else curv
+
+
+def _gamma(count: int, dtype) -> float:
+    u = torch.finfo(dtype).eps / 2
+    return count * u / (1 - count * u)
+
+
+def _certified_gradient(design, teacher_d, A, probs, loss: Loss, allowed):
+    r"""Gradient ``G`` ``(B, k, m)`` at ``A`` and its certified Frank–Wolfe gap ``(B,)``.
+
+    The gap :math:`g(A) = \max_S\langle G, A - S\rangle \ge \Phi(A) - \Phi^\star` is increased by a
+    bound on the floating-point error of its own evaluation, so that it bounds the *exact* gap of ``A``
+    (Higham, *Accuracy and Stability*, §3.1). :math:`G = \frac1n\sum_i \ell'(q_i, p_i)h_i^\top` with
+    :math:`p_i = Ah_i` a sum of :math:`m` non-negative products (relative error :math:`\le\gamma_m`); each
+    derivative :math:`\ell'\in\{\log(p/q)+1, -q/p, -\log q, 2(p-q)\}` is then off by at most
+    :math:`\gamma_{m+4}(|\ell'| + 2)`, so :math:`G` by :math:`\varepsilon = \gamma_{n+m+4}\frac1n\sum_i
+    (|\ell'_i| + 2)h_i^\top` entrywise (computed in the same product as ``G``: one pass over the features).
+    The columns of :math:`A` lie in the simplex, so the gap moves by at most
+    :math:`2\sum_j\max_y\varepsilon_{yj}`, plus :math:`\gamma_{k+m}` times itself for its own sums.
+    Without it an interior optimum, where Theorem 2 is an equality, is undecidable: slack and gap both sit at
+    the level of rounding. A non-finite gradient gives an infinite gap.
+    """
+    k = A.shape[1]
+    dphi = _derivative(teacher_d, probs, loss)
+    magnitude = torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
+    both = design.gradient(torch.cat([dphi, magnitude], dim=1))
+    G, eps_G = both[:, :k], both[:, k:] * _gamma(design.n + design.m + 4, dphi.dtype)
+    gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
+    gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + design.m, dphi.dtype) * gap
+    return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
 
 
 def _reduced_hessian_general(H, basis_onehot):
@@ -182,32 +253,32 @@ def _reduced_hessian_general(H, basis_onehot):
 
 
 def _masked_newton_solve(H, rhs, free):
-    """Solve ``H_FF d_F = rhs_F`` (``d = 0`` off ``free``) for a batch, by Cholesky with a tiny relative ridge
-    that makes exactly singular blocks (features never used) solvable; failures get more damping."""
+    """Solve ``H_FF d_F = rhs_F`` (``d = 0`` off ``free``) for a batch, by Cholesky of the Jacobi-scaled
+    matrix (unit diagonal, so the solve does not depend on the scale of each coordinate: curvatures near a
+    barrier reach 1e20 and more while others stay O(1)) with a tiny ridge that makes exactly singular blocks
+    (features never used) solvable; failures get more damping."""
     f = free.to(torch.float64)
-    M = H * f[:, :, None]
-    M.mul_(f[:, None, :])
-    diag = torch.diagonal(M, dim1=1, dim2=2)
-    scale = diag.abs().amax(dim=1).clamp_min(1e-300)
-    base_diag = diag + (1 - f)  # identity on fixed coordinates
-    rhs = rhs * f
-    d = rhs / scale[:, None]  # scaled gradient: the fallback if every damping fails
+    diag = torch.diagonal(H, dim1=1, dim2=2) * f
+    inv_root = torch.where(diag > 0, diag, torch.ones_like(diag)).rsqrt() * f
+    M = H * inv_root[:, :, None]
+    M.mul_(inv_root[:, None, :])
+    rhs = rhs * inv_root
+    y = rhs.clone()  # scaled gradient step: the fallback if every damping fails
     todo = None
     for damping in (1e-13, 1e-9, 1e-5, 1e-1):
+        idx = torch.arange(M.shape[0], device=M.device) if todo is None else todo
         Mt = M if todo is None else M[todo]
-        torch.diagonal(Mt, dim1=1, dim2=2).copy_((base_diag if todo is None else base_diag[todo])
-                                                 + damping * (scale if todo is None else scale[todo])[:, None])
+        # Unit diagonal everywhere: the scaled free block's own, the identity on fixed and unused coordinates.
+        torch.diagonal(Mt, dim1=1, dim2=2).fill_(1 + damping)
         L, info = torch.linalg.cholesky_ex(Mt)
         ok = info == 0
-        idx = torch.arange(M.shape[0], device=M.device) if todo is None else todo
         if ok.all():
-            d[idx] = torch.cholesky_solve(rhs[idx][..., None], L)[..., 0]
-            todo = idx[:0]
+            y[idx] = torch.cholesky_solve(rhs[idx][..., None], L)[..., 0]
             break
         if ok.any():
-            d[idx[ok]] = torch.cholesky_solve(rhs[idx[ok]][..., None], L[ok])[..., 0]
+            y[idx[ok]] = torch.cholesky_solve(rhs[idx[ok]][..., None], L[ok])[..., 0]
         todo = idx[~ok]
-    return d * f
+    return y * inv_root
 
 
 def _newton_direction(G, A, H, allowed, eps):
@@ -253,10 +324,21 @@ def _project_columns_to_simplex(V, allowed):
     return torch.where(allowed, (V - theta).clamp_min(0), torch.zeros_like(V))
 
 
-def _project_step(A, D, allowed, alpha):
+def _project_step(A, D, allowed, alpha, floor=None):
     """Point on the projected arc ``P(A + alpha D)``, each column projected onto its simplex (for ``k = 2``
-    this is the clip to ``[0, 1]`` of projected Newton for box constraints)."""
-    return _project_columns_to_simplex(A + alpha[:, None, None] * D, allowed)
+    this is the clip to ``[0, 1]`` of projected Newton for box constraints).
+
+    With ``floor`` (per student), no entry falls below ``_FLOOR`` times its current value (columns are then
+    renormalised): for the barrier losses, where the arc would zero a prediction the teacher gives mass to,
+    this lets the other entries take the full Newton step while the overshooting entry shrinks by a fixed
+    factor, instead of halving every entry's step (an entry far above a tiny optimum then costs a handful of
+    iterations, not one per factor 2)."""
+    V = _project_columns_to_simplex(A + alpha[:, None, None] * D, allowed)
+    if floor is None or not bool(floor.any()):
+        return V
+    raised = torch.maximum(V, _FLOOR * A)
+    raised = raised / raised.sum(dim=1, keepdim=True)
+    return torch.where(floor[:, None, None], raised, V)
 
 
 def _gradient_is_finite(teacher, probs, loss: Loss):
@@ -265,6 +347,65 @@ def _gradient_is_finite(teacher, probs, loss: Loss):
         return torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
     bad = (probs <= 0) & (teacher > 0)
     return ~bad.any(dim=2).any(dim=1)
+
+
+_FLOOR = 1e-2
+_SHRINK = _FLOOR / 2
+
+
+def _stays_off_the_barrier(old, new, teacher):
+    """Whether no prediction with teacher mass shrinks below ``_SHRINK`` times its value in one step.
+
+    The KL losses have a barrier at ``p_y = 0 < q_y`` (infinite derivative, and for the forward losses an
+    infinite value): their optima keep such predictions positive, but a backtracked projected-Newton step
+    can land within 1e-12 of the barrier, after which Newton's quadratic model only doubles the entry per
+    iteration (tens of iterations). Refusing such a step costs nothing where the model is good."""
+    return ~((new < _SHRINK * old) & (teacher > 0)).any(dim=2).any(dim=1)
+
+
+def _em_step(A, G, column_mass, allowed):
+    r"""Majorise–minimise step for the forward losses (the EM update of mixture weights):
+    :math:`A_{yj} \leftarrow A_{yj}(-G_{yj}) / \sum_{y'} A_{y'j}(-G_{y'j})`.
+
+    With responsibilities :math:`r_{ij} = A_{yj}h_{ij}/p_{iy}`, Jensen's inequality gives
+    :math:`-\log p_{iy}(A') \le -\sum_j r_{ij}\log(A'_{yj}h_{ij}/r_{ij})`, with equality at :math:`A' = A`;
+    the step minimises this majoriser over the simplices, so it never increases the objective. It is exact
+    in one step for one-hot features, and moves entries far from their optimum multiplicatively, where a
+    Newton step is cut short by the barrier :math:`q_y\log(1/p_y)`."""
+    V = A * (-G).clamp_min(0)
+    Z = V.sum(dim=1, keepdim=True)
+    return torch.where(Z > 0, V / Z, A)
+
+
+def _entropic_step(A, G, column_mass, allowed):
+    r"""Majorise–minimise step for reverse KL: :math:`A_{yj} \leftarrow A_{yj}e^{-G_{yj}/w_j} / Z_j` with
+    :math:`w_j = \frac1n\sum_i h_{ij}`.
+
+    Jensen for the convex :math:`p\log p` with responsibilities :math:`A_{yj}h_{ij}/p_{iy}` gives
+    :math:`p_{iy}(A')\log p_{iy}(A') \le \sum_j h_{ij}A'_{yj}\log(p_{iy}A'_{yj}/A_{yj})` (equality at
+    :math:`A' = A`), a majoriser separable over columns whose minimiser over the simplex is this step: the
+    objective never increases. Exact in one step for one-hot features (the normalised geometric mean)."""
+    E = torch.where(allowed & (A > 0), -G / column_mass, torch.full_like(G, -float("inf")))
+    V = A * torch.exp(E - E.amax(dim=1, keepdim=True))
+    Z = V.sum(dim=1, keepdim=True)
+    ok = (column_mass > 0) & torch.isfinite(Z) & (Z > 0)
+    return torch.where(ok, V / Z, A)
+
+
+#: Majorise–minimise steps by loss: monotone, cheap (no Hessian), and multiplicative, so they complement
+#: projected Newton where its quadratic model is poor (entries orders of magnitude from their optimum).
+_MM_STEPS = {"forward_kl": _em_step, "forward_ce": _em_step, "reverse_kl": _entropic_step}
+
+
+def _relative_change(old, new, teacher):
+    """Largest relative change of a prediction that carries curvature (teacher mass > 0), per student.
+
+    The curvatures of the losses here are functions of ``p`` alone up to factors ``q`` (``1/p``, ``q/p^2``,
+    constant), so a reused Hessian is within a factor ``(1 +- r)^2`` of the fresh one."""
+    diff = (new - old).abs()
+    rel = torch.where(old > 0, diff / old, torch.where(diff > 0, float("inf"), 0.0))
+    rel = torch.where(teacher > 0, rel, torch.zeros_like(rel))
+    return rel.flatten(1).amax(dim=1)
 
 
 def fit_mixture_batched(
@@ -276,6 +417,8 @@ def fit_mixture_batched(
     max_iter: int = 200,
     hessian_dtype: torch.dtype | None = None,
     hessian_reuse_step: float = 1e-3,
+    hessian_reuse_change: float = 0.1,
+    mm_start: int = 0,
     A0: torch.Tensor | None = None,
     sub_batch_bytes: int | None = 2**27,
 ) -> FitResult:
@@ -286,12 +429,17 @@ def fit_mixture_batched(
         teacher: ``(B, n, k)`` rows in :math:`\Delta^k`.
         loss: a :class:`~w2s_theory.divergences.Loss` that is convex in the student's probabilities.
         tol: stop a student once its certified gap is at most ``tol``.
+        max_iter: most Newton steps per student (the certificate is always taken at the returned point).
         hessian_dtype: dtype of the Hessian products, the dominant cost. Default: float32 on CPU for
             per-student features (half the cost), the features' dtype otherwise. The gradient, objective
             and gap always stay in the features' dtype, so the certificate is unaffected: only the Newton
-            direction is approximate, which costs at most an extra iteration.
-        hessian_reuse_step: once a full Newton step moved no entry of ``A`` by more than this, the next
-            iteration reuses the Hessian (the Shamanskii variant of Newton's method: still superlinear).
+            direction is approximate, which costs at most an extra iteration. Students whose curvatures
+            exceed the low-precision range get float64 products.
+        hessian_reuse_step, hessian_reuse_change: once a full Newton step moved no entry of ``A`` by more
+            than ``hessian_reuse_step`` and no prediction (with teacher mass) by more than the relative
+            ``hessian_reuse_change``, the next iteration reuses the Hessian (the Shamanskii variant of
+            Newton's method: still superlinear). The relative test matters near a barrier: there a tiny
+            absolute step changes the curvature by orders of magnitude, and a stale Hessian stalls Newton.
         A0: optional feasible warm start ``(B, k, m)``.
         sub_batch_bytes: per-student features on CPU are solved in sub-batches of about this many bytes of
             features (128 MiB): the arithmetic of a student does not depend on its batch, and on CPU one
@@ -311,14 +459,17 @@ def fit_mixture_batched(
                 fit_mixture_batched(features[s : s + size], teacher[s : s + size], loss, tol=tol,
                                     max_iter=max_iter, hessian_dtype=hessian_dtype,
                                     hessian_reuse_step=hessian_reuse_step,
+                                    hessian_reuse_change=hessian_reuse_change, mm_start=mm_start,
                                     A0=None if A0 is None else A0[s : s + size], sub_batch_bytes=None)
                 for s in range(0, B, size)
             ])
     if hessian_dtype is None:
         hessian_dtype = torch.float32 if (dev.type == "cpu" and not shared) else dtype
     design = _SharedFeatures(features, hessian_dtype) if shared else _StudentFeatures(features, hessian_dtype)
-    allowed = _allowed_entries(design, teacher, loss)
+    Qt = teacher.transpose(1, 2).contiguous()  # class-major (B, k, n), like the predictions
+    allowed = _allowed_entries(design, Qt, loss)
     feasible_problem = allowed.any(dim=1).all(dim=1)  # every column has a class it may use
+    Qd = _teacher_for_derivatives(design, Qt, allowed, loss)
 
     if A0 is None:
         A = allowed.to(dtype)
@@ -329,121 +480,128 @@ def fit_mixture_batched(
 
     if loss.linear_in_probabilities:
         # Reverse CE: Phi is linear in A, so one call of the linear-minimisation oracle is exact.
-        probs = design.predict(A)
-        G = design.gradient(loss.grad_student(_teacher_for_derivatives(design, teacher, allowed, loss), probs))
+        G = design.gradient(_derivative(Qd, design.predict(A), loss))
         A = MixtureHead.lmo(G, allowed)
         iterations += 1
-        return _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol)
+        probs, value = _evaluate(design, Qt, A, loss)
+        G, gap = _certified_gradient(design, Qd, A, probs, loss, allowed)
+        return _result(design, loss, A, probs, value, G, gap, allowed, feasible_problem, iterations, tol)
 
+    probs, value = _evaluate(design, Qt, A, loss)
+    G_all = torch.zeros_like(A)
+    gap_all = torch.full_like(value, float("inf"))
     k2_fast = k == 2
+    barrier_free = loss.name == "squared"
+    mm_step = _MM_STEPS.get(loss.name)
+    has_mm = mm_step is not None
+    mm_start = mm_start if has_mm else 0
+    mass = (features.sum(dim=-2) / n).expand(B, -1)[:, None, :]  # w_j = mean_i h_ij, (B, 1, m)
     # Working set: the students still iterating. Compaction copies the per-student features, so for that
     # layout it waits until the set has thinned out; shared features cost nothing to compact.
     compact_below = 1.0 if shared else 0.6
     ws = torch.arange(B, device=dev)
-    d, Q, al, Aw = design, teacher, allowed, A.clone()
-    Qd = _teacher_for_derivatives(design, teacher, allowed, loss)
-    Pw, Vw = _evaluate(d, Q, Aw, loss)
+    d, Q, Qdw, al, cm, Aw, Pw, Vw = design, Qt, Qd, allowed, mass, A.clone(), probs.clone(), value.clone()
     running = feasible_problem.clone()
     H = None
     need_hessian = torch.ones(B, dtype=torch.bool, device=dev)
-    for _ in range(max_iter):
-        if not running.any():
-            break
+    mm_next, newton_failed = torch.zeros_like(need_hessian), torch.zeros_like(need_hessian)
+
+    def evaluate_some(students, candidate, newton: bool):
+        """Probabilities, values and acceptability (finite; for Newton steps also off the barrier) of
+        ``candidate(pick)`` for ``students`` of the working set: the whole set is evaluated (results of others
+        discarded) unless few are asked, since indexing per-student features copies them, which costs more
+        than the products. Majorise-minimise steps are multiplicative and monotone: they need no guard."""
+        full = students.numel() == Aw.shape[0] or (students.numel() > 0.25 * Aw.shape[0] and not d.shared)
+        idx = torch.arange(Aw.shape[0], device=dev) if full else students
+        pick = (lambda t: t) if idx.numel() == Aw.shape[0] else (lambda t: t[idx])  # noqa: E731
+        trial = candidate(pick)
+        Pt, Vt = _evaluate(d if idx.numel() == Aw.shape[0] else d.take(idx), pick(Q), trial, loss)
+        ok = torch.isfinite(Vt) & _gradient_is_finite(pick(Qdw), Pt, loss)
+        if newton and not barrier_free:
+            ok &= _stays_off_the_barrier(pick(Pw), Pt, pick(Qdw))
+        return idx, trial, Pt, Vt, ok
+
+    for it in range(max_iter + 1):
         if running.sum() < compact_below * running.numel():
-            A[ws] = Aw
+            A[ws], probs[ws], value[ws] = Aw, Pw, Vw
             keep = running.nonzero()[:, 0]
-            ws, Q, Qd, al, Aw, Pw, Vw = (t[keep] for t in (ws, Q, Qd, al, Aw, Pw, Vw))
+            ws, Q, Qdw, al, cm, Aw, Pw, Vw = (t[keep] for t in (ws, Q, Qdw, al, cm, Aw, Pw, Vw))
             d = d.take(keep)
             H = H[keep] if H is not None else None
-            need_hessian, running = need_hessian[keep], running[keep]
-        G = d.gradient(loss.grad_student(Qd, Pw))
-        gap = MixtureHead.frank_wolfe_gap(G, Aw, al)
+            need_hessian, running, mm_next, newton_failed = (
+                t[keep] for t in (need_hessian, running, mm_next, newton_failed))
+        # The certificate of every student in the working set at its current point: the returned gap of a
+        # student is the one computed here at its last point.
+        G, gap = _certified_gradient(d, Qdw, Aw, Pw, loss, al)
+        G_all[ws], gap_all[ws] = G, gap
         running = running & ~(gap <= tol)
-        if not running.any():
+        if it == max_iter or not running.any():
             break
-        # Hessian: fresh where the last step was large, reused where Newton is already in its fast phase.
-        fresh = need_hessian & running
-        if fresh.any() or H is None:
-            if H is None or fresh.sum() > 0.5 * fresh.numel():
-                H_new = d.curvature_blocks(_curvature_weights(Qd, Pw, loss, k2_fast))
-                H = H_new if H is None else torch.where(fresh[:, None, None, None], H_new, H)
-            else:
-                sel = fresh.nonzero()[:, 0]
-                H[sel] = d.curvature_blocks(_curvature_weights(Qd[sel], Pw[sel], loss, k2_fast), sel)
-        D = _newton_direction(G, Aw, H, al, gap.clamp(max=1e-2))
-        D = D * running[:, None, None]
-
-        # Armijo backtracking along the projected arc, only for running students; a rounding allowance keeps
-        # the test meaningful once decreases reach the last bits of the objective.
-        alpha = torch.ones(Aw.shape[0], dtype=dtype, device=dev)
-        pending = running.clone()
         slack = 16 * torch.finfo(dtype).eps * (Vw.abs() + 1)
-        A_old = Aw.clone()
-        for _ in range(_MAX_BACKTRACK):
-            todo = pending.nonzero()[:, 0]
-            if todo.numel() == 0:
-                break
-            # Evaluate the whole working set (results of settled students are discarded) unless few are
-            # pending: indexing per-student features copies them, which costs more than wasted products.
-            if todo.numel() > 0.25 * pending.numel() and not d.shared:
-                todo = torch.arange(pending.numel(), device=dev)
-            full = todo.numel() == pending.numel()
-            pick = (lambda t: t) if full else (lambda t: t[todo])  # noqa: E731
-            dt = d if full else d.take(todo)
-            trial = _project_step(pick(Aw), pick(D), pick(al), pick(alpha))
-            Pt, Vt = _evaluate(dt, pick(Q), trial, loss)
-            decrease = (pick(G) * (trial - pick(Aw))).sum(dim=(1, 2))
-            ok = (
-                torch.isfinite(Vt)
-                & _gradient_is_finite(pick(Qd), Pt, loss)
-                & (Vt <= pick(Vw) + _ARMIJO * decrease + pick(slack))
-                & pending[todo]
-            )
-            hit = todo[ok]
+        # Step kind per student: a majorise-minimise step during the warm-up and right after a Newton step that
+        # was cut short (its quadratic model is poor there: typically an entry orders of magnitude above a
+        # tiny optimum, which the barrier lets Newton only halve per iteration); Newton otherwise.
+        use_mm = running & (mm_next | (it < mm_start))
+        newton = running & ~use_mm
+        A_old, P_old, V_old = Aw.clone(), Pw.clone(), Vw.clone()
+        alpha = torch.ones(Aw.shape[0], dtype=dtype, device=dev)
+        pending = newton.clone()
+        floor = torch.zeros_like(pending)
+        if newton.any():
+            # Hessian: fresh where the last step was large, reused where Newton is already in its fast phase.
+            fresh = need_hessian & newton
+            if fresh.any() or H is None:
+                if H is None or fresh.sum() > 0.5 * fresh.numel():
+                    H_new = d.curvature_blocks(_curvature_weights(Qdw, Pw, loss, k2_fast))
+                    H = H_new if H is None else torch.where(fresh[:, None, None, None], H_new, H)
+                else:
+                    sel = fresh.nonzero()[:, 0]
+                    H[sel] = d.curvature_blocks(_curvature_weights(Qdw[sel], Pw[sel], loss, k2_fast), sel)
+            D = _newton_direction(G, Aw, H, al, gap.clamp(max=1e-2))
+            D = D * newton[:, None, None]
+            # Armijo backtracking along the projected arc; a rounding allowance keeps the test meaningful once
+            # decreases reach the last bits of the objective.
+            for _ in range(_MAX_BACKTRACK):
+                todo = pending.nonzero()[:, 0]
+                if todo.numel() == 0:
+                    break
+                idx, trial, Pt, Vt, fine = evaluate_some(
+                    todo, lambda pick: _project_step(pick(A_old), pick(D), pick(al), pick(alpha), pick(floor)), True)
+                decrease = (G[idx] * (trial - A_old[idx])).sum(dim=(1, 2))
+                ok = fine & (Vt <= V_old[idx] + _ARMIJO * decrease + slack[idx]) & pending[idx]
+                hit = idx[ok]
+                Aw[hit], Pw[hit], Vw[hit] = trial[ok], Pt[ok], Vt[ok]
+                pending[hit] = False
+                # A step that reaches the barrier is first retried with the floor, then shortened.
+                to_floor = ~fine & pending[idx] & ~floor[idx] & (not barrier_free)
+                floor[idx[to_floor]] = True
+                alpha[idx[~ok & ~to_floor & pending[idx]]] *= 0.5
+        mm_failed = torch.zeros_like(running)
+        if use_mm.any():
+            idx, trial, Pt, Vt, ok = evaluate_some(
+                use_mm.nonzero()[:, 0], lambda pick: mm_step(pick(A_old), pick(G), pick(cm), pick(al)), False)
+            ok &= use_mm[idx] & (Vt <= V_old[idx] + slack[idx])
+            hit = idx[ok]
             Aw[hit], Pw[hit], Vw[hit] = trial[ok], Pt[ok], Vt[ok]
-            pending[hit] = False
-            alpha[todo[~ok & pending[todo]]] *= 0.5
-        stalled = pending  # no acceptable step: stop; the certificate at the current point still holds
+            mm_failed[idx[~ok & use_mm[idx]]] = True
+        # No acceptable step: stop, the certificate at the current point still holds. A failed Newton step is
+        # followed by a majorise-minimise step where the loss has one; the student stops if that fails too.
+        stalled = (pending & (not has_mm)) | (mm_failed & newton_failed)
+        newton_failed = pending.clone()
+        mm_next = newton & ((alpha < 1) | floor) & has_mm
         running = running & ~stalled
         step = (Aw - A_old).abs().amax(dim=(1, 2))
-        need_hessian = (alpha < 1) | (step > hessian_reuse_step)
+        need_hessian = (alpha < 1) | (use_mm & need_hessian) | (step > hessian_reuse_step)
+        if not bool(need_hessian.all()):  # the relative test only decides between the remaining students
+            need_hessian |= _relative_change(P_old, Pw, Qdw) > hessian_reuse_change
         iterations[ws[running | stalled]] += 1
-    A[ws] = Aw
-    return _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol)
+    A[ws], probs[ws], value[ws] = Aw, Pw, Vw
+    return _result(design, loss, A, probs, value, G_all, gap_all, allowed, feasible_problem, iterations, tol)
 
 
-def _gamma(count: int, dtype) -> float:
-    u = torch.finfo(dtype).eps / 2
-    return count * u / (1 - count * u)
-
-
-def _gap_rounding_bound(design, dphi, gap):
-    r"""Bound on the floating-point error of the computed Frank–Wolfe gap, added to it so that the reported
-    certificate bounds the *exact* gap of the returned head (Higham, *Accuracy and Stability*, §3.1).
-
-    :math:`G = \frac1n\sum_i \ell'(q_i, p_i)h_i^\top` with :math:`p_i = Ah_i` a sum of :math:`m` non-negative
-    products (relative error :math:`\le\gamma_m`); each derivative
-    :math:`\ell'\in\{\log(p/q)+1, -q/p, -\log q, 2(p-q)\}` is then off by at most
-    :math:`\gamma_{m+4}(|\ell'| + 2)`, so :math:`G` by :math:`\varepsilon = \gamma_{n+m+4}\frac1n\sum_i
-    (|\ell'_i| + 2)h_i^\top` entrywise. The columns of :math:`A` lie in the simplex, so the gap moves by at
-    most :math:`2\sum_j\max_y\varepsilon_{yj}`, plus :math:`\gamma_{k+m}` times itself for its own sums.
-    Without it an interior optimum, where Theorem 2 is an equality, is undecidable: slack and gap both sit at
-    the level of rounding.
-    """
-    n, m, k = design.n, design.m, dphi.shape[-1]
-    magnitude = torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
-    eps_G = _gamma(n + m + 4, dphi.dtype) * design.gradient(magnitude)  # features are >= 0: |X| = X
-    return 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + m, dphi.dtype) * gap
-
-
-def _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol) -> FitResult:
-    """Objective and certificate at the returned point, recomputed from scratch in the features' dtype; the
-    certificate includes a bound on the rounding of its own evaluation (:func:`_gap_rounding_bound`)."""
-    probs, value = _evaluate(design, teacher, A, loss)
-    dphi = loss.grad_student(_teacher_for_derivatives(design, teacher, allowed, loss), probs)
-    G = design.gradient(dphi)
-    gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
-    gap = gap + _gap_rounding_bound(design, dphi, gap)
+def _result(design, loss, A, probs, value, G, gap, allowed, feasible_problem, iterations, tol) -> FitResult:
+    """The :class:`FitResult`; ``probs`` ``(B, k, n)``, ``value``, ``G`` and the certified ``gap`` are those
+    computed at the returned ``A`` (:func:`_certified_gradient`). Infeasible students get infinite values."""
     inf = torch.full_like(gap, float("inf"))
     gap = torch.where(feasible_problem & ~torch.isnan(gap), gap, inf)
     value = torch.where(feasible_problem, value, inf)
@@ -452,8 +610,43 @@ def _finish(design, teacher, A, loss, allowed, feasible_problem, iterations, tol
     centred = Gm - Gm.sum(dim=1, keepdim=True) / allowed.sum(dim=1, keepdim=True).clamp_min(1)
     grad_norm = torch.where(allowed, centred, torch.zeros_like(G)).flatten(1).norm(dim=1)
     return FitResult(
-        head="mixture", loss=loss.name, params={"A": A}, probs=probs, objective=value, gap=gap,
-        certificate="frank_wolfe", grad_norm=grad_norm, iterations=iterations, converged=gap <= tol,
+        head="mixture", loss=loss.name, params={"A": A}, probs=probs.transpose(1, 2).contiguous(),
+        objective=value, gap=gap, certificate="frank_wolfe", grad_norm=grad_norm, iterations=iterations,
+        converged=gap <= tol,
         method="projected-newton" if not loss.linear_in_probabilities else "linear-minimisation-oracle",
         info={"shared_features": design.shared, "tol": tol},
     )
+
+
+def flop_count(n: int, m: int, k: int, iterations: float, *, trials: float = 1.0) -> float:
+    r"""Multiply-adds one student costs for ``iterations`` Newton iterations (each with a fresh Hessian).
+
+    Per iteration: the Hessian blocks :math:`X^\top\mathrm{diag}(w)X`, :math:`n m^2` for ``k = 2`` (one
+    block of the reduced problem) and :math:`k n m^2` otherwise, plus forming :math:`\sqrt w X`
+    (:math:`n m` per block); the gradient and its certificate in one product (:math:`2 k n m`); ``trials``
+    line-search predictions (:math:`k n m` each). Plus the start's prediction. An upper bound where Hessians
+    are reused. Divide by seconds for the achieved rate and compare with :func:`peak_gemm_rate`.
+    """
+    blocks = 1 if k == 2 else k
+    per_iteration = blocks * (n * m * m + n * m) + 2 * k * n * m + trials * k * n * m
+    return float(iterations) * per_iteration + 2 * k * n * m
+
+
+def peak_gemm_rate(dtype: torch.dtype = torch.float64, size: int = 2048, repeats: int = 3, device="cpu") -> float:
+    """Multiply-adds per second of one large square ``torch.matmul`` on this machine (best of ``repeats``):
+    the practical peak to compare :func:`flop_count` / seconds with."""
+    import time
+
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if a.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if a.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return size**3 / best
