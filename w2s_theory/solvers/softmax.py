@@ -19,16 +19,25 @@ absolute values, "saddle-free Newton"), started from the forward-KL solution; no
 (``gap = NaN``, ``certificate = "none"``) and ``converged`` means a small gradient.
 
 Reduced parametrisation (why): the logits only depend on :math:`(W, b)` through the design
-:math:`Z = [h, \mathbf 1]` (``n x (m+1)``), which is often rank deficient (features in the simplex make the bias
-column a sum of feature columns), and on the differences between classes (adding a vector to every class's
-logits changes nothing). So each student is solved in coordinates :math:`\theta\in\mathbb R^{r\times(k-1)}`
-with logits :math:`\eta_{i,c} = \tilde u_i^\top\theta_c` for :math:`c < k-1` and :math:`\eta_{i,k-1} = 0`
-(the last class is the reference), where :math:`\tilde U = \sqrt n\,U_r` is the whitened orthonormal basis of
-:math:`Z`'s column space from a thin SVD :math:`Z = U S V^\top` (:math:`\tilde U^\top\tilde U/n = I_r`).
-Singular values below :math:`\max(n, m+1)\,\varepsilon\,s_{\max}` (NumPy's ``matrix_rank`` rule) are treated as
-exact zeros: every statement (optimum, certificate) is about the problem restricted to the kept directions.
-In these coordinates the Hessian is well conditioned whenever the softmax curvature is, and the parameters
-are recovered as :math:`[W_c, b_c]^\top = \sqrt n\,V_r S_r^{-1}\theta_c`, :math:`W_{k-1} = 0`, :math:`b_{k-1} = 0`.
+:math:`Z = [h, \mathbf 1]` (``n x (m+1)``), which is often rank deficient, and on the differences between
+classes (adding a vector to every class's logits changes nothing). So each student is solved in coordinates
+:math:`\theta\in\mathbb R^{r\times(k-1)}` with logits :math:`\eta_{i,c} = \tilde u_i^\top\theta_c` for
+:math:`c < k-1` and :math:`\eta_{i,k-1} = 0` (the last class is the reference), where
+:math:`\tilde U = \sqrt n\,U_r` is the whitened orthonormal basis of the column space of the *scaled* design
+:math:`Z_s = ZD` from a thin SVD :math:`Z_s = U S V^\top` (:math:`\tilde U^\top\tilde U/n = I_r`). :math:`D`
+divides each column by a power of two near its norm (exact), and exactly redundant columns (zero, repeated
+constants, bitwise duplicates up to sign and a power of two) are removed first (:mod:`.conditioning`), so the
+rank decision (singular values below :math:`\max(n, m+1)\,\varepsilon\,s_{\max}` dropped) does not depend on
+the features' units. The parameters are recovered as :math:`[W_c, b_c]^\top = \sqrt n\,DV_r S_r^{-1}\theta_c`,
+:math:`W_{k-1} = 0`, :math:`b_{k-1} = 0`.
+
+The certificate is *not* taken in these coordinates: it is proven in the basis :math:`Z_s` itself, for the
+exact column space of :math:`[h, 1]` and the exact logits of the returned :math:`(W, b)`, with every rounding
+bounded (:func:`_forward_certificate`). Where the scaled design is numerically collinear (columns duplicated
+in other units, near-duplicates, rows in the simplex next to the bias column) the exact problem has
+directions the rank cut dropped, which can lower the objective; the student is then reported uncertified
+(``gap = inf``, ``converged = False``, ``info["singular"]``, ``info["uncertified_reason"]``). Objectives are
+computed from the logits (log-sum-exp), so they stay finite where probabilities underflow.
 
 References: F. Bach, *Self-concordant analysis for logistic regression*, EJS 2010 (the certificate);
 J. Nocedal and S. Wright, *Numerical Optimization*, 2nd ed., ch. 3 (Newton with backtracking, modified
@@ -431,12 +440,14 @@ def softmax_forward_certificate(features, teacher, W, b) -> tuple[torch.Tensor, 
     :math:`g^\top\Delta \ge -\lambda\|\Delta\|_H`. Writing :math:`t = \|\Delta\|_H`,
     :math:`f(\theta+\Delta) \ge f(\theta) - \lambda t + (e^{-\kappa t} + \kappa t - 1)/\kappa^2`, whose minimum
     over :math:`t\ge0` (at :math:`e^{-\kappa t} = 1 - u`) is :math:`f(\theta) - \mathrm{gap}`; for
-    :math:`u\ge1` the bound is unbounded below or not informative, so no certificate is given. Every
-    attainable logit configuration is reached in the reduced coordinates, so this bounds
-    :math:`\Phi(W,b) - \inf\Phi` over all heads (restricted to the numerical column space of ``[h, 1]``).
+    :math:`u\ge1` the bound is unbounded below or not informative, so no certificate is given.
 
-    Computed in float64; rounding in its own evaluation is the only slack. When the infimum is not attained
-    (for example a one-hot teacher on separable data) :math:`u\ge1` persists and the gap stays ``inf``.
+    The bound is evaluated in the basis of the scaled design's columns (which span the exact column space of
+    ``[h, 1]``), with upper bounds on :math:`\lambda` and :math:`\kappa` that include the rounding of their own
+    evaluation, plus the distance between the computed and the exact logits of ``(W, b)`` and the rounding of
+    the objective (:func:`_forward_certificate`): it bounds :math:`\Phi(W,b) - \inf\Phi` over all heads for the
+    problem as stated, or is ``inf`` where the design is numerically collinear. When the infimum is not
+    attained (for example a one-hot teacher on separable data) :math:`u\ge1` persists and the gap stays ``inf``.
 
     Args:
         features: ``(B, n, m)``; teacher: ``(B, n, k)``; W: ``(B, k, m)``; b: ``(B, k)``.

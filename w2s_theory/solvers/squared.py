@@ -51,7 +51,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..divergences import squared
 from ..heads import SquaredHead
 from .conditioning import (
     blocked_sum,
@@ -165,7 +164,7 @@ def _solve_unconstrained(design: _ScaledDesign, targets, tol):
     return theta * _expand(design.scales, B)[..., :, None], solves
 
 
-def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor):
+def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor, ZTr: torch.Tensor):
     r"""Proven bound on :math:`\Phi(\theta) - \min\Phi = \tfrac1n\|P r\|^2` (:math:`P` the projector onto the
     exact column space of :math:`Z`), for the computed residual ``r`` taken as exact numbers; ``inf`` where
     no bound can be proven (the scaled design is numerically singular). Returns ``(gap, singular)``.
@@ -174,7 +173,8 @@ def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor):
       :math:`G = Z_s^\top Z_s`. With :func:`~.conditioning.positive_definite_bound` for :math:`G`
       (:math:`\|\hat G - G\|_2\le\gamma_n\|Z_s\|_F^2`), :math:`G\succeq(1-\rho)LL^\top`, so
       :math:`c^\top G^{-1}c\le(\|L^{-1}\hat c\|(1+\eta) + \|L^{-1}\|\,\|\hat c - c\|)^2/(1-\rho)`, and
-      :math:`|\hat c - c|\le\gamma_n|Z_s|^\top|r|`.
+      :math:`|\hat c - c|\le\gamma_n|Z_s|^\top|r|`, so :math:`\|\hat c - c\|_F\le\gamma_n\|Z_s\|_F\|r\|_F`
+      (Cauchy–Schwarz). :math:`\hat c` is ``ZTr`` (:math:`Z^\top r`, computed once) times the powers of two.
     * :math:`n < d'`: if :math:`Z_sZ_s^\top` is proven positive definite the columns span
       :math:`\mathbb R^n`, so :math:`\min\Phi = 0` and the gap is :math:`\tfrac1n\|r\|^2` itself.
     """
@@ -191,15 +191,14 @@ def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor):
         Zt = pick(Zs)
         bound = positive_definite_bound(design.gram() if design.shared else design.gram()[idx],
                                         unit_roundoff_gamma(n) * pick(frob2))
-        rt = r[idx]
-        c = Zt.mT @ rt
-        dc = unit_roundoff_gamma(n) * (Zt.abs().mT @ rt.abs())
+        c = ZTr[idx] * _expand(design.scales, B)[idx][..., :, None]
+        dc = unit_roundoff_gamma(n) * pick(frob2).sqrt() * r[idx].norm(dim=(-2, -1))
         L = _expand(bound.L, idx.numel())
         w = torch.linalg.solve_triangular(L, c, upper=False).norm(dim=(-2, -1))
         eta, rho = _expand(bound.eta[:, None], idx.numel())[:, 0], _expand(bound.rho[:, None], idx.numel())[:, 0]
         inv_norm = _expand(bound.inverse_norm()[:, None], idx.numel())[:, 0]
         ok = _expand(bound.ok[:, None], idx.numel())[:, 0]
-        value = (w * (1 + eta) + inv_norm * dc.norm(dim=(-2, -1))) ** 2 / ((1 - rho) * n)
+        value = (w * (1 + eta) + inv_norm * dc) ** 2 / ((1 - rho) * n)
         gap[idx] = torch.where(ok, value, gap[idx])
     wide = ~tall
     if bool(wide.any()):
@@ -291,7 +290,7 @@ def _frank_wolfe_gap_ball(g, theta, radius):
     return per_output.clamp_min(0).sum(dim=-1)
 
 
-def _rounding_inflation(Z, theta, targets, gap, radius):
+def _rounding_inflation(Z, theta, targets, gap, radius, abs_products=None, residual_gradient=None):
     r"""The computed gap plus a bound on the floating-point error of its own evaluation, so that the reported
     certificate bounds the *exact* suboptimality of the computed :math:`\theta` (Higham, *Accuracy and
     Stability of Numerical Algorithms*, §3.1). Without it an exact equality, with a computed gap of
@@ -308,11 +307,13 @@ def _rounding_inflation(Z, theta, targets, gap, radius):
     """
     n, d = Z.shape[-2], Z.shape[-1]
     absZ = Z.abs()
-    rho = unit_roundoff_gamma(d + 1) * (absZ @ theta.abs() + targets.abs())
+    if abs_products is None:
+        abs_products = absZ @ theta.abs()
+    rho = unit_roundoff_gamma(d + 1) * (abs_products + targets.abs())
     gap = gap.clamp_min(0)
     if radius is None:
         return (gap.sqrt() + (rho**2).sum(dim=-1).mean(dim=-1).sqrt()) ** 2
-    r, g = _residual_gradient(Z, targets, theta)
+    r, g = _residual_gradient(Z, targets, theta) if residual_gradient is None else residual_gradient
     eta = 2.0 / n * (absZ.mT @ (rho + unit_roundoff_gamma(n) * r.abs()))
     own = unit_roundoff_gamma(d + 2) * ((g.abs() * theta.abs()).sum(dim=-2) + radius * g.norm(dim=-2)).sum(-1)
     return gap + 2 * radius * eta.norm(dim=-2).sum(dim=-1) + own
@@ -388,18 +389,21 @@ def _certify(design: _ScaledDesign, targets, theta, radius):
     Z = design.Z
     n, d = Z.shape[-2], Z.shape[-1]
     preds = Z @ theta
-    r, g = _residual_gradient(Z, targets, theta)
+    r = preds - targets
+    ZTr = Z.mT @ r
+    g = 2.0 / n * ZTr
     if radius is None:
-        gap, singular = _normal_equations_certificate(design, r)
+        gap, singular = _normal_equations_certificate(design, r, ZTr)
     else:
         gap, singular = _frank_wolfe_gap_ball(g, theta, radius), torch.zeros_like(r[:, 0, 0], dtype=torch.bool)
-    gap = _rounding_inflation(Z, theta, targets, gap, radius)
-    per_sample = squared(targets, preds)
+    abs_products = Z.abs() @ theta.abs()
+    gap = _rounding_inflation(Z, theta, targets, gap, radius, abs_products, (r, g))
+    per_sample = (r**2).sum(dim=-1)  # = squared(targets, preds)
     total, count = blocked_sum(per_sample)
     objective = total / n
-    residual = targets - preds
-    rho = unit_roundoff_gamma(d + 1) * (Z.abs() @ theta.abs() + targets.abs()) + 2.0**-53 * residual.abs()
-    evaluation = (2 * residual.abs() * rho + rho**2).sum(dim=-1).mean(dim=-1) * (1 + unit_roundoff_gamma(n + 2))
+    residual = r.abs()
+    rho = unit_roundoff_gamma(d + 1) * (abs_products + targets.abs()) + 2.0**-53 * residual
+    evaluation = (2 * residual * rho + rho**2).sum(dim=-1).mean(dim=-1) * (1 + unit_roundoff_gamma(n + 2))
     evaluation = evaluation + unit_roundoff_gamma(count + targets.shape[-1] + 2) * objective
     return preds, objective, gap + evaluation, g, singular
 
