@@ -36,7 +36,7 @@ from w2s_theory.divergences import kl_from_logits, reverse_kl_from_logits
 from w2s_theory.solvers import fit
 
 FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-HEAVY = settings(max_examples=150, deadline=None,
+HEAVY = settings(max_examples=60, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 FEATURE_KINDS = ("plain", "rescaled", "rescaled_columns", "duplicated_in_units", "near_collinear", "simplex")
