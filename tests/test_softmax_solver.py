@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mpmath import mpf
 
+from tests.exact_optima import softmax_forward_objective, softmax_forward_optimum
 from w2s_theory.divergences import entropy, get_loss, kl
 from w2s_theory.heads import SoftmaxHead
 from w2s_theory.solvers.softmax import (
@@ -67,18 +70,27 @@ REFERENCE_CASES = [
 
 @pytest.mark.parametrize("seed,n,m,k,simplex", REFERENCE_CASES)
 def test_forward_kl_batched_fit_matches_cvxpy_reference_within_certificates(seed, n, m, k, simplex):
+    """Gaussian features: certified, and within the certificates of the cvxpy reference. Features in the simplex
+    next to the bias column are numerically collinear (rows sum to 1 only up to rounding): the exact problem
+    has one more direction, so the student is reported uncertified, with its reason, while its objective still
+    matches the reference's on the intended (reduced) problem."""
     X, Q = _instance(seed, 1, n, m, k, simplex=simplex)
     tol = 1e-10
     fit = fit_softmax_batched(X, Q, FORWARD_KL, tol=tol)
     ref = fit_softmax_reference(X[0].numpy(), Q[0].numpy(), "forward_kl")
     assert fit.certificate == ref.certificate == "self_concordance"
+    difference = float(fit.objective[0] - ref.objective[0])
+    if simplex:
+        assert math.isinf(float(fit.gap[0])) and not bool(fit.converged[0])
+        assert bool(fit.info["singular"][0]) and "collinear" in fit.info["uncertified_reason"]
+        assert abs(difference) <= 1e-7
+        return
     assert bool(fit.converged.all()) and float(fit.gap[0]) <= tol
     assert math.isfinite(float(ref.gap[0])), "the certificate at the cvxpy point should be finite here"
-    difference = float(fit.objective[0] - ref.objective[0])
     # Both objectives are within their own certified gap of the same optimum.
-    assert abs(difference) <= float(fit.gap[0] + ref.gap[0]) + ROUNDING
+    assert abs(difference) <= float(fit.gap[0] + ref.gap[0])
     # And the batched certificate is a true upper bound against the reference point (which is >= optimum).
-    assert difference <= float(fit.gap[0]) + 1e-9
+    assert difference <= float(fit.gap[0])
 
 
 def test_forward_kl_and_forward_ce_have_the_same_minimiser_and_differ_by_teacher_entropy():
@@ -89,32 +101,34 @@ def test_forward_kl_and_forward_ce_have_the_same_minimiser_and_differ_by_teacher
     assert torch.allclose(fce.objective - fkl.objective, entropy(Q).mean(-1), atol=1e-12)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
-    n=st.integers(1, 40),
-    m=st.integers(1, 4),
-    k=st.integers(2, 4),
-    simplex=st.booleans(),
+    n=st.integers(1, 8),
+    m=st.integers(1, 2),
+    k=st.integers(2, 3),
     scale=st.sampled_from([1e-3, 1e-2, 1e-1, 0.5]),
 )
-def test_self_concordance_gap_upper_bounds_true_suboptimality_away_from_the_optimum(seed, n, m, k, simplex, scale):
-    """At perturbed optima the certified gap is >= the true suboptimality (valid) and, for small
-    perturbations, finite and within a small factor of it (not vacuous)."""
-    X, Q = _instance(seed, 4, n, m, k, simplex=simplex)
+def test_self_concordance_gap_upper_bounds_true_suboptimality_away_from_the_optimum(seed, n, m, k, scale):
+    """At perturbed points the certified gap is >= the true suboptimality against the exact optimum (mpmath
+    Newton at 60 digits, not this solver) with no slack, and, for small perturbations, finite and within a
+    small factor of it (not vacuous)."""
+    X, Q = _instance(seed, 1, n, m, k, simplex=False)
     best = fit_softmax_batched(X, Q, FORWARD_KL, tol=1e-15)
-    assert bool(torch.isfinite(best.gap).all())
     rng = torch.Generator().manual_seed(seed)
     W = best.params["W"] + scale * torch.randn(best.params["W"].shape, generator=rng, dtype=torch.float64)
     b = best.params["b"] + scale * torch.randn(best.params["b"].shape, generator=rng, dtype=torch.float64)
     gap, decrement = softmax_forward_certificate(X, Q, W, b)
-    true = FORWARD_KL.per_sample(Q, SoftmaxHead.predict(W, b, X)).mean(-1) - best.objective
-    # The reference optimum is itself within best.gap of the infimum.
-    assert bool((true <= gap + best.gap + ROUNDING).all()), (true, gap)
-    assert bool((gap >= 0.5 * decrement**2 * (1 - 1e-12)).all())
-    if scale <= 1e-2:
+    optimum = softmax_forward_optimum(X[0].numpy(), Q[0].numpy(), "forward_kl")
+    true = softmax_forward_objective(X[0].numpy(), Q[0].numpy(), W[0].numpy(), b[0].numpy(), "forward_kl") - optimum
+    assert true <= mpf(float(gap[0])), (true, gap)
+    # The decrement is inf where the Hessian is singular (n < m + 1: the logits of every sample are free and
+    # the gap comes from the closed form instead); elsewhere the gap is at least the decrement estimate.
+    finite = torch.isfinite(decrement)
+    assert bool((gap[finite] >= 0.5 * decrement[finite] ** 2 * (1 - 1e-12)).all())
+    if scale <= 1e-2 and n >= 3 * m:
         assert bool(torch.isfinite(gap).all())
-        assert bool((gap <= 2 * true + 1e-10).all()), (gap, true)
+        assert float(gap[0]) <= 2 * float(true) + 1e-10, (gap, true)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -144,14 +158,16 @@ def test_forward_fit_at_the_boundary_is_finite_and_its_certificate_is_honest(see
 
 
 def test_self_concordance_gap_is_valid_and_not_vacuous_after_one_newton_iteration():
-    X, Q = _instance(21, 6, 120, 4, 3, simplex=False, noise=0.2)
-    best = fit_softmax_batched(X, Q, FORWARD_KL, tol=1e-15)
+    """Against the exact optimum (mpmath), with no slack."""
+    X, Q = _instance(21, 2, 24, 2, 3, simplex=False, noise=0.2)
     early = fit_softmax_batched(X, Q, FORWARD_KL, max_iter=2)
     assert bool((early.iterations == 2).all()) and not bool(early.converged.any())
-    true = early.objective - best.objective
-    assert bool((true > 1e-8).all()), "the early points should be visibly suboptimal"
-    assert bool((true <= early.gap + best.gap + ROUNDING).all())
-    assert bool(torch.isfinite(early.gap).all()) and bool((early.gap <= 5 * true).all()), (early.gap, true)
+    for i in range(2):
+        optimum = softmax_forward_optimum(X[i].numpy(), Q[i].numpy(), "forward_kl")
+        true = mpf(float(early.objective[i])) - optimum
+        assert true > 1e-8, "the early points should be visibly suboptimal"
+        assert true <= mpf(float(early.gap[i]))
+        assert math.isfinite(float(early.gap[i])) and float(early.gap[i]) <= 5 * float(true), (early.gap, true)
 
 
 def test_forward_kl_optimum_matches_the_teachers_moments():
@@ -188,24 +204,33 @@ def test_forward_kl_projection_satisfies_the_pythagorean_equality_for_a_realizab
     assert torch.allclose(lhs, rhs, atol=1e-9, rtol=0), (lhs - rhs)
 
 
-def test_forward_fit_depends_only_on_the_span_of_the_features_even_when_ill_conditioned():
-    """The head class is {softmax(W h + b)}: an invertible map of the features (here with condition number
-    about 1e5, far above the rank tolerance's scale) changes nothing. A rank rule that dropped the small
-    directions would lose the part of the teacher that lives in them."""
-    X, _ = _instance(13, 2, 80, 3, 3, simplex=False)
+@pytest.mark.parametrize("condition", [1e5, 1e8, 1e12])
+def test_forward_fit_depends_only_on_the_span_of_the_features_even_when_ill_conditioned(condition):
+    """The head class is {softmax(W h + b)}: an invertible map of the features changes nothing. With condition
+    numbers up to 1e12 the fit is either certified and within its gap of the exact optimum (mpmath, the mixed
+    features taken exactly), or uncertified; at 1e5 it is certified. (The certificate proves the Hessian
+    positive definite from the Gram matrix of the scaled features, which squares their condition number:
+    beyond about 1e7 it declines to certify rather than guess.)"""
+    X, _ = _instance(13, 1, 12, 3, 3, simplex=False)
     rng = np.random.default_rng(13)
     A = torch.as_tensor(rng.normal(size=(3, 3)))
     U, _, Vh = torch.linalg.svd(A)
-    A = U @ torch.diag(torch.tensor([1.0, 1e-2, 1e-5], dtype=torch.float64)) @ Vh
+    A = U @ torch.diag(torch.tensor([1.0, 1e-2, 1.0 / condition], dtype=torch.float64)) @ Vh
     X_ill = X @ A
-    W = torch.as_tensor(rng.normal(size=(2, 3, 3)))
-    teacher = SoftmaxHead.predict(W, torch.zeros(2, 3, dtype=torch.float64), X)  # realizable in span(X)
+    W = torch.as_tensor(rng.normal(size=(1, 3, 3)))
+    teacher = SoftmaxHead.predict(W, torch.zeros(1, 3, dtype=torch.float64), X)  # realizable in span(X)
     teacher = 0.7 * teacher + 0.3 / 3
-    fit = fit_softmax_batched(X, teacher, FORWARD_KL, tol=1e-14)
-    fit_ill = fit_softmax_batched(X_ill, teacher, FORWARD_KL, tol=1e-14)
-    assert bool(fit.converged.all()) and bool(fit_ill.converged.all()), (fit.gap, fit_ill.gap)
-    assert torch.allclose(fit.probs, fit_ill.probs, atol=1e-8)
-    assert torch.allclose(fit.objective, fit_ill.objective, atol=1e-12)
+    tol = 1e-9
+    fit_ill = fit_softmax_batched(X_ill, teacher, FORWARD_KL, tol=tol)
+    gap = float(fit_ill.gap[0])
+    if condition <= 1e5:
+        assert bool(fit_ill.converged[0]), gap
+    if math.isfinite(gap):
+        optimum = softmax_forward_optimum(X_ill[0].numpy(), teacher[0].numpy(), "forward_kl")
+        assert mpf(float(fit_ill.objective[0])) - optimum <= mpf(gap)
+        exact = softmax_forward_objective(X_ill[0].numpy(), teacher[0].numpy(), fit_ill.params["W"][0].numpy(),
+                                          fit_ill.params["b"][0].numpy(), "forward_kl")
+        assert exact - optimum <= mpf(gap)
 
 
 def test_forward_projection_onto_constants_is_the_arithmetic_mean():
@@ -246,7 +271,7 @@ def test_forward_kl_accepts_teachers_with_exact_zeros_and_ones_in_an_attained_pr
 
 
 def test_shared_expanded_features_give_the_per_student_fit_and_are_not_written():
-    X, Q = _instance(61, 4, 50, 3, 3, simplex=True)
+    X, Q = _instance(61, 4, 50, 3, 3, simplex=False)
     shared = X[0].clone()
     view = shared.expand(4, *shared.shape)
     before = shared.clone()
@@ -281,8 +306,25 @@ def test_reverse_fit_is_uncertified_stationary_and_improves_on_the_forward_start
     start = fit.info["start_objective"]
     assert bool((fit.objective <= start + 1e-12).all())
     assert bool((fit.objective < start - 1e-6).any()), "reverse and forward optima should differ here"
-    # The reported objective is the reverse loss at the returned probabilities.
-    assert torch.allclose(fit.objective, loss.per_sample(Q, fit.probs).mean(-1), atol=0, rtol=0)
+    # The reported objective is the reverse loss of the returned parameters, evaluated independently (mpmath,
+    # from the parameters, not from the solver's own expression).
+    for i in range(2):
+        exact = _reverse_objective_exact(X[i].numpy(), Q[i].numpy(), fit.params["W"][i].numpy(),
+                                         fit.params["b"][i].numpy(), loss.name)
+        assert abs(mpf(float(fit.objective[i])) - exact) <= 1e-12 * (1 + abs(exact))
+
+
+def _reverse_objective_exact(X, Q, W, b, loss):
+    with mpmath.workdps(40):
+        total = mpf(0)
+        for i in range(len(X)):
+            eta = [sum(mpf(float(X[i][j])) * mpf(float(W[c][j])) for j in range(len(X[i]))) + mpf(float(b[c]))
+                   for c in range(len(Q[i]))]
+            lse = mpmath.log(sum(mpmath.exp(e) for e in eta))
+            for c, e in enumerate(eta):
+                s = mpmath.exp(e - lse)
+                total += s * ((e - lse) if loss == "reverse_kl" else 0) - s * mpmath.log(mpf(float(Q[i][c])))
+        return total / len(X)
 
 
 def test_reverse_converged_flag_means_a_small_gradient():

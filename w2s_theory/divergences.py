@@ -212,3 +212,59 @@ def get_loss(name: str) -> Loss:
         return extra_loss(name)
     raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}, or an f-divergence or "
                      f"bregman:<generator> of w2s_theory.fdivergences") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# From logits: exact where the probabilities would underflow (a softmax student's entries are never 0).
+# --------------------------------------------------------------------------------------------------------
+
+
+def cross_entropy_from_logits(p, logits):
+    r""":math:`\mathrm{CE}(p, \mathrm{softmax}(\eta)) = -\sum_y p_y\,(\eta_y - \mathrm{lse}(\eta))` per sample,
+    through ``log_softmax`` (log-sum-exp), so it stays finite for any finite logits (e.g. 0 vs 800, where
+    :math:`\mathrm{softmax}` underflows to an exact 0 and :func:`cross_entropy` returns :math:`+\infty`).
+    Terms with :math:`p_y = 0` are exactly 0."""
+    o = ops(p, logits)
+    log_q = o.log_softmax(logits, axis=-1)
+    return -o.sum(o.where(p > 0, p * log_q, 0 * log_q), axis=-1)
+
+
+def kl_from_logits(p, logits):
+    r""":math:`\mathrm{KL}(p\,\|\,\mathrm{softmax}(\eta)) = \sum_y p_y\log p_y - p_y(\eta_y - \mathrm{lse}(\eta))`
+    per sample, finite for finite logits (:func:`cross_entropy_from_logits`)."""
+    o = ops(p, logits)
+    return o.sum(o.xlogy(p, p), axis=-1) + cross_entropy_from_logits(p, logits)
+
+
+def reverse_kl_from_logits(logits, q):
+    r""":math:`\mathrm{KL}(\mathrm{softmax}(\eta)\,\|\,q) = \sum_y s_y(\log s_y - \log q_y)` per sample with
+    :math:`\log s = \log\mathrm{softmax}(\eta)`; :math:`+\infty` where some :math:`q_y = 0` (every
+    :math:`s_y > 0` in exact arithmetic, even where it underflows)."""
+    o = ops(logits, q)
+    log_s = o.log_softmax(logits, axis=-1)
+    s = o.exp(log_s)
+    inf = o.sum(o.where(q > 0, 0 * q, 0 * q + float("inf")), axis=-1)
+    safe_log_q = o.log(o.where(q > 0, q, 0 * q + 1))
+    return o.sum(s * (log_s - safe_log_q), axis=-1) + inf
+
+
+def reverse_cross_entropy_from_logits(logits, q):
+    r""":math:`\mathrm{CE}(\mathrm{softmax}(\eta), q) = -\sum_y s_y\log q_y` per sample; :math:`+\infty` where
+    some :math:`q_y = 0`."""
+    o = ops(logits, q)
+    s = o.exp(o.log_softmax(logits, axis=-1))
+    inf = o.sum(o.where(q > 0, 0 * q, 0 * q + float("inf")), axis=-1)
+    safe_log_q = o.log(o.where(q > 0, q, 0 * q + 1))
+    return -o.sum(s * safe_log_q, axis=-1) + inf
+
+
+#: Per-sample training losses of a softmax student from its logits: ``LOSSES_FROM_LOGITS[name](teacher, logits)``.
+LOSSES_FROM_LOGITS: dict[str, Callable] = {
+    "forward_kl": kl_from_logits,
+    "forward_ce": cross_entropy_from_logits,
+    "reverse_kl": lambda teacher, logits: reverse_kl_from_logits(logits, teacher),
+    "reverse_ce": lambda teacher, logits: reverse_cross_entropy_from_logits(logits, teacher),
+}
+
+__all__ += ["cross_entropy_from_logits", "kl_from_logits", "reverse_kl_from_logits",
+            "reverse_cross_entropy_from_logits", "LOSSES_FROM_LOGITS"]

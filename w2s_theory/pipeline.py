@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ._backend import to_numpy
-from .divergences import get_loss, kl
+from .divergences import get_loss, kl, kl_from_logits
 from .heads import LinearHead, MixtureHead, SoftmaxHead
 from .profile import phase
 from .solvers import fit
@@ -215,9 +215,11 @@ def predict(head: str, params: dict, features):
 
 
 def head_inputs(head: str, features):
-    """The features a head is fitted and evaluated on: the linear head reads simplex features without their last
-    coordinate (the same class, stated as a well-posed problem: :meth:`LinearHead.affine_coordinates`)."""
-    return LinearHead.affine_coordinates(features) if head == "linear" else features
+    """The features a head is fitted and evaluated on. The world's features are simplex rows, whose sum equals the
+    bias column only up to rounding: the linear and softmax heads (affine in the features, with a bias) read them
+    without their last coordinate, the same class stated as a well-posed problem that a certificate can cover
+    (:meth:`LinearHead.affine_coordinates`)."""
+    return LinearHead.affine_coordinates(features) if head in ("linear", "softmax") else features
 
 
 def prepare_world(spec: RunSpec, device="cpu") -> WorldData:
@@ -237,10 +239,19 @@ def prepare_world(spec: RunSpec, device="cpu") -> WorldData:
                      to_numpy(ceiling.probs)[0], ceiling_test, float(weak.gap[0]), world, weak.params)
 
 
-def model_metrics(truth: np.ndarray, probs: np.ndarray, prefix: str) -> dict:
-    """KL error and expected accuracy of a model against the truth (rows: samples)."""
+def model_metrics(truth: np.ndarray, probs: np.ndarray, prefix: str, logits: np.ndarray | None = None) -> dict:
+    """KL error and expected accuracy of a model against the truth (rows: samples); from the ``logits`` when
+    the model has them (softmax head: finite where its probabilities underflow to 0)."""
     chosen = np.take_along_axis(truth, probs.argmax(-1)[..., None], axis=-1)[..., 0]
-    return {f"{prefix}_kl_error": float(kl(truth, probs).mean()), f"{prefix}_accuracy": float(chosen.mean())}
+    error = kl(truth, probs) if logits is None else kl_from_logits(truth, logits)
+    return {f"{prefix}_kl_error": float(error.mean()), f"{prefix}_accuracy": float(chosen.mean())}
+
+
+def _softmax_logits(head: str, params: dict, features) -> np.ndarray | None:
+    """Logits of fitted softmax heads (``None`` for other heads)."""
+    if head != "softmax":
+        return None
+    return to_numpy(SoftmaxHead.logits(params["W"], params["b"], features))
 
 
 def _pgr(student: float, weak: float, ceiling: float) -> float:
@@ -304,12 +315,16 @@ def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) ->
             with phase("solver: students"):
                 train_probs, test_probs, extra = _train_practice(group, data, teachers, device)
             result, check = None, None
+            train_logits = test_logits = None
         else:
             with phase("solver: students"):
                 result = fit(train_features, teachers, loss=loss, head=head, device=device)
             test_probs = to_numpy(predict(head, result.params,
                                           torch.as_tensor(test_features, device=result.probs.device)))
             train_probs = to_numpy(result.probs)
+            train_logits = _softmax_logits(head, result.params,
+                                           torch.as_tensor(train_features, device=result.probs.device))
+            test_logits = _softmax_logits(head, result.params, torch.as_tensor(test_features, device=result.probs.device))
             if head in ("mixture", "linear") and loss in ("reverse_kl", "forward_kl"):
                 check = (theorem2_reverse_kl if loss == "reverse_kl" else forward_kl_pythagorean)(
                     truth_train, teachers, train_probs, to_numpy(result.gap))
@@ -324,16 +339,19 @@ def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) ->
                            certificate=result.certificate, converged=bool(result.converged[j]),
                            iterations=int(result.iterations[j]))
             row.update(extra[j])
-            row.update(model_metrics(d.truth_train, train_probs[j], "student_train"))
+            row.update(model_metrics(d.truth_train, train_probs[j], "student_train",
+                                     None if train_logits is None else train_logits[j]))
             row.update(model_metrics(d.truth_train, q, "teacher_train"))
-            row.update(model_metrics(d.truth_test, test_probs[j], "student_test"))
+            row.update(model_metrics(d.truth_test, test_probs[j], "student_test",
+                                     None if test_logits is None else test_logits[j]))
             row.update(model_metrics(d.truth_test, d.teacher_test, "weak_test"))
             row.update(model_metrics(d.truth_test, d.ceiling_test, "ceiling_test"))
             row["ece"], row["ece_se"] = expected_calibration_error(test_probs[j], d.truth_test)
             row["bayes_accuracy"] = float(d.truth_test.max(-1).mean())
             row["gain_train"] = row["teacher_train_kl_error"] - row["student_train_kl_error"]
             row["misfit_reverse"] = float(kl(train_probs[j], q).mean())
-            row["misfit_forward"] = float(kl(q, train_probs[j]).mean())
+            row["misfit_forward"] = float((kl(q, train_probs[j]) if train_logits is None else
+                                           kl_from_logits(q, train_logits[j])).mean())
             row["misfit"] = (row["misfit_reverse"] if loss in ("reverse_kl", "reverse_ce") else
                              row["misfit_forward"] if loss in ("forward_kl", "forward_ce") else row["objective"])
             row["gain_test"] = row["weak_test_kl_error"] - row["student_test_kl_error"]
@@ -400,7 +418,8 @@ def _train_practice(group: list[RunSpec], data: list[WorldData], teachers: np.nd
         exact_loss = "forward_ce" if loss == "hard_ce" else loss
         targets = np.eye(teachers.shape[-1])[teachers.argmax(-1)] if loss == "hard_ce" else teachers
         try:
-            exact = fit(X, targets, loss=exact_loss, head=head, device=device)
+            # The exact minimiser of the same class, fitted on its well-posed coordinates (head_inputs).
+            exact = fit(head_inputs(head, X), targets, loss=exact_loss, head=head, device=device)
             objective = get_loss(exact_loss).per_sample
             practice_obj = objective(targets, train_probs).mean(-1)
             exact_obj = objective(targets, to_numpy(exact.probs)).mean(-1)

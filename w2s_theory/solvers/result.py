@@ -38,6 +38,10 @@ class FitResult:
         iterations: iterations used per student.
         converged: ``gap <= tol`` (or, without certificate, ``grad_norm <= tol``).
         method: the algorithm, for the record.
+        info: solver details. Certified solvers that can decline to certify (softmax forward losses, squared
+            head) put a boolean ``singular`` ``(B,)`` there: True where the design is numerically collinear
+            after scaling its columns, so that no bound can be proven for the problem as stated (``gap = inf``,
+            ``converged = False``); ``uncertified_reason`` then says so in one line.
     """
 
     head: str

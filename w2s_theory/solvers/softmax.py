@@ -19,16 +19,25 @@ absolute values, "saddle-free Newton"), started from the forward-KL solution; no
 (``gap = NaN``, ``certificate = "none"``) and ``converged`` means a small gradient.
 
 Reduced parametrisation (why): the logits only depend on :math:`(W, b)` through the design
-:math:`Z = [h, \mathbf 1]` (``n x (m+1)``), which is often rank deficient (features in the simplex make the bias
-column a sum of feature columns), and on the differences between classes (adding a vector to every class's
-logits changes nothing). So each student is solved in coordinates :math:`\theta\in\mathbb R^{r\times(k-1)}`
-with logits :math:`\eta_{i,c} = \tilde u_i^\top\theta_c` for :math:`c < k-1` and :math:`\eta_{i,k-1} = 0`
-(the last class is the reference), where :math:`\tilde U = \sqrt n\,U_r` is the whitened orthonormal basis of
-:math:`Z`'s column space from a thin SVD :math:`Z = U S V^\top` (:math:`\tilde U^\top\tilde U/n = I_r`).
-Singular values below :math:`\max(n, m+1)\,\varepsilon\,s_{\max}` (NumPy's ``matrix_rank`` rule) are treated as
-exact zeros: every statement (optimum, certificate) is about the problem restricted to the kept directions.
-In these coordinates the Hessian is well conditioned whenever the softmax curvature is, and the parameters
-are recovered as :math:`[W_c, b_c]^\top = \sqrt n\,V_r S_r^{-1}\theta_c`, :math:`W_{k-1} = 0`, :math:`b_{k-1} = 0`.
+:math:`Z = [h, \mathbf 1]` (``n x (m+1)``), which is often rank deficient, and on the differences between
+classes (adding a vector to every class's logits changes nothing). So each student is solved in coordinates
+:math:`\theta\in\mathbb R^{r\times(k-1)}` with logits :math:`\eta_{i,c} = \tilde u_i^\top\theta_c` for
+:math:`c < k-1` and :math:`\eta_{i,k-1} = 0` (the last class is the reference), where
+:math:`\tilde U = \sqrt n\,U_r` is the whitened orthonormal basis of the column space of the *scaled* design
+:math:`Z_s = ZD` from a thin SVD :math:`Z_s = U S V^\top` (:math:`\tilde U^\top\tilde U/n = I_r`). :math:`D`
+divides each column by a power of two near its norm (exact), and exactly redundant columns (zero, repeated
+constants, bitwise duplicates up to sign and a power of two) are removed first (:mod:`.conditioning`), so the
+rank decision (singular values below :math:`\max(n, m+1)\,\varepsilon\,s_{\max}` dropped) does not depend on
+the features' units. The parameters are recovered as :math:`[W_c, b_c]^\top = \sqrt n\,DV_r S_r^{-1}\theta_c`,
+:math:`W_{k-1} = 0`, :math:`b_{k-1} = 0`.
+
+The certificate is *not* taken in these coordinates: it is proven in the basis :math:`Z_s` itself, for the
+exact column space of :math:`[h, 1]` and the exact logits of the returned :math:`(W, b)`, with every rounding
+bounded (:func:`_forward_certificate`). Where the scaled design is numerically collinear (columns duplicated
+in other units, near-duplicates, rows in the simplex next to the bias column) the exact problem has
+directions the rank cut dropped, which can lower the objective; the student is then reported uncertified
+(``gap = inf``, ``converged = False``, ``info["singular"]``, ``info["uncertified_reason"]``). Objectives are
+computed from the logits (log-sum-exp), so they stay finite where probabilities underflow.
 
 References: F. Bach, *Self-concordant analysis for logistic regression*, EJS 2010 (the certificate);
 J. Nocedal and S. Wright, *Numerical Optimization*, 2nd ed., ch. 3 (Newton with backtracking, modified
@@ -45,6 +54,15 @@ import torch
 
 from ..divergences import Loss, get_loss
 from ..heads import SoftmaxHead
+from ..divergences import LOSSES_FROM_LOGITS
+from .conditioning import (
+    blocked_sum,
+    exactly_redundant_columns,
+    frobenius_norm_squared,
+    positive_definite_bound,
+    power_of_two_scales,
+    unit_roundoff_gamma,
+)
 from .result import FitResult, single_student
 
 __all__ = ["fit_softmax_batched", "softmax_forward_certificate", "fit_softmax_reference"]
@@ -65,35 +83,47 @@ class _LogitBasis:
     ``U`` is ``(B or 1, n, D)`` with ``D = min(n, m+1)``; columns beyond the numerical rank are exactly 0.
     ``coef`` maps reduced coordinates to ``[W_c, b_c]``: ``(B or 1, m+1, D)``. ``fill`` is ``(B or 1, D*(k-1))``
     with 1 on the dropped coordinates (the Hessian gets an identity there, so they never move).
+    ``Zs`` is the scaled design :math:`[h, 1]D` (powers of two, exact) with exactly redundant columns zeroed
+    (``redundant``), the basis in which the certificate is proven.
     """
 
     U: torch.Tensor
     coef: torch.Tensor
     fill: torch.Tensor
     rank: torch.Tensor
+    Zs: torch.Tensor
+    redundant: torch.Tensor
 
     def take(self, index: torch.Tensor) -> "_LogitBasis":
         if self.U.shape[0] == 1:  # shared by every student: nothing to copy
             return self
-        return _LogitBasis(self.U[index], self.coef[index], self.fill[index], self.rank[index])
+        return _LogitBasis(self.U[index], self.coef[index], self.fill[index], self.rank[index], self.Zs[index],
+                           self.redundant[index])
 
 
 def _logit_basis(features: torch.Tensor, k: int) -> _LogitBasis:
-    """Thin SVD of ``Z = [h, 1]``; computed once when every student shares one feature matrix (an expanded
-    view has batch stride 0), so that a sweep over teachers pays for one decomposition."""
+    """Thin SVD of the scaled design ``Z_s = [h, 1] D`` (:mod:`.conditioning`: columns divided by powers of two
+    near their norms, exactly redundant columns zeroed), so that the rank decision does not depend on the
+    features' units; computed once when every student shares one feature matrix (an expanded view has batch
+    stride 0), so that a sweep over teachers pays for one decomposition."""
     B, n, m = features.shape
     shared = B == 1 or features.stride(0) == 0
     X = features[:1] if shared else features
     ones = torch.ones((*X.shape[:-1], 1), dtype=X.dtype, device=X.device)
     Z = torch.cat([X, ones], dim=-1)
-    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    scales = power_of_two_scales(Z)
+    Zs = Z * scales[..., None, :]
+    redundant = exactly_redundant_columns(Zs)
+    Zs = Zs.masked_fill(redundant[..., None, :], 0.0)
+    scales = scales.masked_fill(redundant, 0.0)
+    U, S, Vh = torch.linalg.svd(Zs, full_matrices=False)
     rtol = max(n, m + 1) * torch.finfo(Z.dtype).eps
     keep = S > rtol * S[..., :1]
     root_n = math.sqrt(n)
     U = U * (keep.to(Z.dtype) * root_n)[..., None, :]
-    coef = Vh.mT * torch.where(keep, root_n / S, torch.zeros_like(S))[..., None, :]
+    coef = scales[..., :, None] * Vh.mT * torch.where(keep, root_n / S, torch.zeros_like(S))[..., None, :]
     fill = (~keep).to(Z.dtype)[..., :, None].expand(*keep.shape, k - 1).reshape(keep.shape[0], -1)
-    return _LogitBasis(U=U, coef=coef, fill=fill.contiguous(), rank=keep.sum(dim=-1))
+    return _LogitBasis(U=U, coef=coef, fill=fill.contiguous(), rank=keep.sum(dim=-1), Zs=Zs, redundant=redundant)
 
 
 def _logits(U: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -254,25 +284,123 @@ def _self_concordance_gap(decrement: torch.Tensor, kappa: torch.Tensor) -> torch
     return torch.where(ok, gap, torch.full_like(gap, float("inf")))
 
 
-def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, probs: torch.Tensor):
-    """(gap, Newton decrement, gradient norm) of the forward problem at the point whose probabilities are
-    ``probs``; the gradient and Hessian of the forward loss depend on the parameters only through them."""
-    kc = teacher.shape[-1] - 1
-    g = _parameter_gradient(basis.U, (probs - teacher)[..., :-1])
-    H = _parameter_hessian(basis.U, _softmax_curvature(probs), basis.fill)
-    L, info = torch.linalg.cholesky_ex(H)
-    pd = info == 0
-    inf = torch.full_like(g[:, 0], float("inf"))
-    decrement = inf.clone()
-    gap = inf.clone()
-    if pd.any():
-        idx = pd.nonzero()[:, 0]
-        Lp = L[idx]
-        w = torch.linalg.solve_triangular(Lp, g[idx][..., None], upper=False)[..., 0]
-        decrement[idx] = w.norm(dim=-1)
-        kappa = _logit_range_constant(basis.take(idx).U, torch.cholesky_inverse(Lp), kc)
-        gap[idx] = _self_concordance_gap(decrement[idx], kappa)
-    return gap, decrement, g.norm(dim=-1)
+def _logits_with_error(W, b, features):
+    r"""Logits :math:`\hat\eta = hW^\top + b` ``(B, n, k)`` and a bound on :math:`|\hat\eta - \eta|` entrywise for the
+    exact logits of ``(W, b)``: :math:`\gamma_{m+1}(|h||W|^\top + |b|)` (Higham §3.1)."""
+    logits = SoftmaxHead.logits(W, b, features)
+    error = unit_roundoff_gamma(features.shape[-1] + 1) * SoftmaxHead.logits(W.abs(), b.abs(), features.abs())
+    return logits, error
+
+
+def _objective_from_logits(loss_name: str, teacher, logits):
+    r"""Mean training loss from the logits (log-sum-exp; finite for any finite logits), summed by
+    :func:`~.conditioning.blocked_sum`; returns ``(objective, per_sample, count)``."""
+    per_sample = LOSSES_FROM_LOGITS[loss_name](teacher, logits)
+    total, count = blocked_sum(per_sample)
+    return total / per_sample.shape[-1], per_sample, count
+
+
+def _forward_evaluation_error(teacher, differences, per_sample, count):
+    r"""Bound on the rounding of the reported forward objective, computed from the logit differences
+    :math:`d` through :math:`\log s = d - \max d - \log\sum e^{d - \max d}`:
+    :math:`|\widehat{\log s_y} - \log s_y| \le \gamma_{k+4}(|d_y| + |\max d| + \log k + 1)`, each product and sum
+    over classes adds :math:`\gamma_{k+4}` of the magnitudes, the mean over samples :math:`\gamma_{j+2}` of the
+    mean magnitude (:func:`~.conditioning.blocked_sum`). Doubled for safety."""
+    k = teacher.shape[-1]
+    g = unit_roundoff_gamma(k + 4)
+    top = differences.amax(dim=-1, keepdim=True).abs()
+    log_s = torch.log_softmax(differences, dim=-1)
+    terms = teacher * (differences.abs() + top + math.log(k) + 1) + teacher * log_s.abs()
+    terms = terms + torch.special.xlogy(teacher, teacher).abs()
+    per = g * terms.sum(dim=-1)
+    return 2 * (per.mean(dim=-1) + unit_roundoff_gamma(count + 2) * per_sample.abs().mean(dim=-1))
+
+
+def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torch.Tensor, logit_error: torch.Tensor):
+    r"""Proven bound on :math:`\Phi(W, b) - \inf\Phi` for the forward losses, for the problem as stated: the exact
+    column space of :math:`[h, 1]`, the exact logits of the returned parameters, rounding included. Returns
+    ``(gap, decrement, grad_norm, singular)``; ``gap = inf`` where nothing can be proven.
+
+    1. **Point.** The computed logit differences :math:`\hat d = \hat\eta - \hat\eta_{k-1}` are taken as exact
+       numbers; they differ from the exact ones by at most :math:`\epsilon_{iy}` (``logit_error`` of both classes
+       plus the subtraction). The per-sample loss :math:`-\sum_y q_y\log\mathrm{softmax}(d)_y` has gradient
+       :math:`(\sum q)s - q` in :math:`d`, of 1-norm :math:`\le 2\sum_y q_y`, so moving the point (and, in the
+       infimum, every point of the affine set) by :math:`\epsilon` changes the objective by at most
+       :math:`2\sum q\,\max_y\epsilon_{iy}` per sample: :math:`4\,\mathrm{mean}_i\sum q_i\max_y\epsilon_{iy}` is added.
+    2. **Tall design** (:math:`n \ge d'` kept columns): the self-concordance bound
+       (:func:`softmax_forward_certificate`) in the basis :math:`Z_s` itself (not an SVD of it, whose span is
+       only approximately the column space). The computed gradient and Hessian err by at most
+       :math:`\delta g = \gamma_c\frac1n|Z_s|^\top(\sum q\,\hat s + q)` entrywise and
+       :math:`\|\delta H\|_2 \le 4\gamma_c\max_i\sum q_i\|Z_s\|_F^2/n` (:math:`c = n + 2k + 12`, the softmax's own
+       relative error included); :func:`~.conditioning.positive_definite_bound` then gives
+       :math:`H \succeq (1-\rho)LL^\top`, and :math:`\lambda \le ((1+\eta)\|L^{-1}\hat g\| + \|L^{-1}\|\|\delta g\|)
+       /\sqrt{1-\rho}`, :math:`\kappa^2 \le (\hat\kappa^2 + (\eta + \gamma_{2p+2})\,\mathrm{tr}(X)\,2\max_i\|z_i\|^2)
+       /(1-\rho)`. The bound is increasing in both, so these give an upper bound.
+    3. **Wide design** (:math:`n < d'`): if :math:`Z_sZ_s^\top` is proven positive definite, the logits can take
+       any value, :math:`\inf\Phi` is the teacher's own value, and the gap is the mean
+       :math:`\mathrm{KL}(q_i\|s_i)` (plus :math:`|\sum q - 1|` for rows not summing to 1 exactly).
+    4. Not provable (numerically singular design or Hessian): ``inf``, ``singular`` True.
+    """
+    B, n, k = teacher.shape
+    kc = k - 1
+    dev, dt = teacher.device, teacher.dtype
+    u = 2.0**-53
+    differences = logits - logits[..., -1:]
+    diff_error = logit_error + logit_error[..., -1:] + u * differences.abs()
+    qsum = teacher.sum(dim=-1)
+    shift = 4 * (1 + unit_roundoff_gamma(k)) * (qsum * diff_error.amax(dim=-1)).mean(dim=-1)
+    log_s = torch.log_softmax(differences, dim=-1)
+    s = log_s.exp()
+    logit_grad = (qsum[..., None] * s - teacher)[..., :-1]
+    grad_norm = _parameter_gradient(basis.U, logit_grad).norm(dim=-1)
+    Zs = basis.Zs
+    shared = Zs.shape[0] == 1 and B > 1
+    kept = (~basis.redundant).sum(dim=-1).expand(B)
+    frob2 = frobenius_norm_squared(Zs).expand(B)
+    gap = torch.full((B,), float("inf"), dtype=dt, device=dev)
+    decrement = torch.full((B,), float("inf"), dtype=dt, device=dev)
+    singular = torch.zeros(B, dtype=torch.bool, device=dev)
+    tall = kept <= n
+    if bool(tall.any()):
+        idx = tall.nonzero()[:, 0]
+        Zt = Zs if shared else Zs[idx]
+        Zt = Zt.expand(idx.numel(), *Zt.shape[1:])
+        red = basis.redundant.expand(B, -1)[idx]
+        c = n + 2 * k + 12
+        g = _parameter_gradient(Zt, logit_grad[idx])
+        dg = unit_roundoff_gamma(c) * _parameter_gradient(Zt.abs(), (qsum[idx, :, None] * s[idx] + teacher[idx])[..., :-1])
+        curvature = qsum[idx, :, None, None] * _softmax_curvature(s[idx])
+        H = _parameter_hessian(Zt, curvature, torch.zeros_like(g))
+        diag = H.diagonal(dim1=-2, dim2=-1)
+        fill = red.to(dt)[..., :, None].expand(-1, -1, kc).reshape(idx.numel(), -1)
+        scale = (diag * (1 - fill)).abs().amax(dim=-1).clamp_min(1e-300)
+        diag.add_(fill * scale[:, None])
+        H_error = 4 * unit_roundoff_gamma(c) * qsum[idx].amax(dim=-1) * frob2[idx] / n
+        bound = positive_definite_bound(H, H_error)
+        w = torch.linalg.solve_triangular(bound.L, g[..., None], upper=False)[..., 0].norm(dim=-1)
+        lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg.norm(dim=-1)) / (1 - bound.rho.clamp(max=0.5)).sqrt()
+        kappa_hat = _logit_range_constant(Zt, bound.X, kc)
+        p = H.shape[-1]
+        row2 = (Zt**2).sum(dim=-1).amax(dim=-1) * (1 + unit_roundoff_gamma(p))
+        kappa2 = (kappa_hat**2 * (1 + unit_roundoff_gamma(2 * p + 2))
+                  + (bound.eta + unit_roundoff_gamma(2 * p + 2)) * bound.trace_inverse * 2 * row2)
+        kappa = (kappa2 / (1 - bound.rho.clamp(max=0.5))).sqrt()
+        value = _self_concordance_gap(lam, kappa)
+        gap[idx] = torch.where(bound.ok, value, gap[idx])
+        decrement[idx] = torch.where(bound.ok, lam, decrement[idx])
+        singular[idx] = ~bound.ok
+    wide = ~tall
+    if bool(wide.any()):
+        idx = wide.nonzero()[:, 0]
+        Zw = Zs if shared else Zs[idx]
+        bound = positive_definite_bound(Zw @ Zw.mT, unit_roundoff_gamma(Zs.shape[-1]) * (frob2[:1] if shared else frob2[idx]))
+        ok = bound.ok.expand(idx.numel())
+        divergence, per_sample, count = _objective_from_logits("forward_kl", teacher[idx], differences[idx])
+        divergence = divergence + _forward_evaluation_error(teacher[idx], differences[idx], per_sample, count)
+        value = divergence.clamp_min(0) + (qsum[idx] - 1).abs().mean(dim=-1) * 1.01
+        gap[idx] = torch.where(ok, value, gap[idx])
+        singular[idx] = ~ok
+    return gap + shift, decrement, grad_norm, singular
 
 
 def softmax_forward_certificate(features, teacher, W, b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,12 +440,14 @@ def softmax_forward_certificate(features, teacher, W, b) -> tuple[torch.Tensor, 
     :math:`g^\top\Delta \ge -\lambda\|\Delta\|_H`. Writing :math:`t = \|\Delta\|_H`,
     :math:`f(\theta+\Delta) \ge f(\theta) - \lambda t + (e^{-\kappa t} + \kappa t - 1)/\kappa^2`, whose minimum
     over :math:`t\ge0` (at :math:`e^{-\kappa t} = 1 - u`) is :math:`f(\theta) - \mathrm{gap}`; for
-    :math:`u\ge1` the bound is unbounded below or not informative, so no certificate is given. Every
-    attainable logit configuration is reached in the reduced coordinates, so this bounds
-    :math:`\Phi(W,b) - \inf\Phi` over all heads (restricted to the numerical column space of ``[h, 1]``).
+    :math:`u\ge1` the bound is unbounded below or not informative, so no certificate is given.
 
-    Computed in float64; rounding in its own evaluation is the only slack. When the infimum is not attained
-    (for example a one-hot teacher on separable data) :math:`u\ge1` persists and the gap stays ``inf``.
+    The bound is evaluated in the basis of the scaled design's columns (which span the exact column space of
+    ``[h, 1]``), with upper bounds on :math:`\lambda` and :math:`\kappa` that include the rounding of their own
+    evaluation, plus the distance between the computed and the exact logits of ``(W, b)`` and the rounding of
+    the objective (:func:`_forward_certificate`): it bounds :math:`\Phi(W,b) - \inf\Phi` over all heads for the
+    problem as stated, or is ``inf`` where the design is numerically collinear. When the infimum is not
+    attained (for example a one-hot teacher on separable data) :math:`u\ge1` persists and the gap stays ``inf``.
 
     Args:
         features: ``(B, n, m)``; teacher: ``(B, n, k)``; W: ``(B, k, m)``; b: ``(B, k)``.
@@ -333,8 +463,8 @@ def softmax_forward_certificate(features, teacher, W, b) -> tuple[torch.Tensor, 
     if features.ndim == 2:
         features, teacher, W, b = features[None], teacher[None], W[None], b[None]
     basis = _logit_basis(features, teacher.shape[-1])
-    probs = SoftmaxHead.predict(W, b, features)
-    gap, decrement, _ = _forward_certificate(basis, teacher, probs)
+    logits, logit_error = _logits_with_error(W, b, features)
+    gap, decrement, _, _ = _forward_certificate(basis, teacher, logits, logit_error)
     return gap, decrement
 
 
@@ -492,6 +622,24 @@ def _newton(basis: _LogitBasis, model, theta0: torch.Tensor, *, tol: float, max_
     return _NewtonRun(theta=theta, iterations=iterations)
 
 
+_SINGULAR_REASON = (
+    "features numerically collinear after scaling their columns (with the bias column; e.g. duplicated in other "
+    "units, near-duplicates, or rows in the simplex): the exact problem has directions a rank cut would drop, "
+    "which can lower the objective, so no gap is certified (gap = inf)"
+)
+
+
+def _certified_forward(basis, teacher, W, b, features, loss_name):
+    """Objective (from logits) and its certificate, with the rounding of both evaluations:
+    ``(objective, gap, grad_norm, singular)``."""
+    logits, logit_error = _logits_with_error(W, b, features)
+    gap, _, grad_norm, singular = _forward_certificate(basis, teacher, logits, logit_error)
+    objective, per_sample, count = _objective_from_logits(loss_name, teacher, logits)
+    differences = logits - logits[..., -1:]
+    gap = gap + _forward_evaluation_error(teacher, differences, per_sample, count)
+    return objective, gap, grad_norm, singular
+
+
 def fit_softmax_batched(
     features: torch.Tensor, teacher: torch.Tensor, loss: Loss, *, tol: float = 1e-10, max_iter: int = 200
 ) -> FitResult:
@@ -573,16 +721,19 @@ def fit_softmax_batched(
     if not reverse_loss:
         W, b = _head_parameters(basis, forward.theta, m)
         probs = SoftmaxHead.predict(W, b, features)
-        gap, _, grad_norm = _forward_certificate(basis, teacher, probs)
+        objective, gap, grad_norm, singular = _certified_forward(basis, teacher, W, b, features, loss.name)
+        info["singular"] = singular
+        if bool(singular.any()):
+            info["uncertified_reason"] = _SINGULAR_REASON
         return FitResult(
-            head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs,
-            objective=loss.per_sample(teacher, probs).mean(dim=-1), gap=gap, certificate="self_concordance",
-            grad_norm=grad_norm, iterations=forward.iterations, converged=gap <= tol,
+            head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs, objective=objective, gap=gap,
+            certificate="self_concordance", grad_norm=grad_norm, iterations=forward.iterations,
+            converged=gap <= tol,
             method="newton (whitened logit basis, backtracking, self-concordance certificate)", info=info,
         )
 
     model = _ReverseDivergence(torch.log(teacher), with_entropy=loss.name == "reverse_kl")
-    start_objective = loss.per_sample(teacher, torch.softmax(_logits(basis.U, forward.theta), dim=-1)).mean(dim=-1)
+    start_objective = _objective_from_logits(loss.name, teacher, _logits(basis.U, forward.theta))[0]
     rev = _newton(basis, model, forward.theta, tol=tol, max_iter=max_iter)
     W, b = _head_parameters(basis, rev.theta, m)
     probs = SoftmaxHead.predict(W, b, features)
@@ -600,7 +751,7 @@ def fit_softmax_batched(
     )
     return FitResult(
         head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs,
-        objective=loss.per_sample(teacher, probs).mean(dim=-1),
+        objective=_objective_from_logits(loss.name, teacher, SoftmaxHead.logits(W, b, features))[0],
         gap=torch.full_like(grad_norm, float("nan")), certificate="none", grad_norm=grad_norm,
         iterations=rev.iterations, converged=grad_norm <= grad_tol,
         method="saddle-free newton from the forward-KL solution (whitened logit basis, backtracking)", info=info,
@@ -653,10 +804,10 @@ def fit_softmax_reference(features: np.ndarray, teacher: np.ndarray, loss: str) 
     Qt = torch.as_tensor(Q, dtype=torch.float64)[None]
     probs = SoftmaxHead.predict(Wt, bt, Xt)
     basis = _logit_basis(Xt, k)
-    gap, _, grad_norm = _forward_certificate(basis, Qt, probs)
+    objective, gap, grad_norm, _ = _certified_forward(basis, Qt, Wt, bt, Xt, loss)
     return FitResult(
         head="softmax", loss=loss, params={"W": Wt, "b": bt}, probs=probs,
-        objective=loss_obj.per_sample(Qt, probs).mean(dim=-1), gap=gap, certificate="self_concordance",
+        objective=objective, gap=gap, certificate="self_concordance",
         grad_norm=grad_norm, iterations=torch.tensor([problem.solver_stats.num_iters or 0]),
         converged=torch.isfinite(gap), method="cvxpy (clarabel)",
     )

@@ -12,14 +12,23 @@ Problem, for each of ``B`` students and each output column :math:`o` independent
 :math:`\Phi` is quadratic with gradient :math:`g = \tfrac2n Z^\top(Z\theta - y)` and Hessian
 :math:`H = \tfrac2n Z^\top Z` (the same for every output).
 
-* Unconstrained: the normal equations :math:`Z^\top Z\theta = Z^\top y` by Cholesky plus one step of iterative
-  refinement; students whose Gram matrix is ill conditioned (extreme diagonal entries of the Cholesky factor
-  more than :math:`10^4` apart, a failed factorisation, or fewer samples than columns), or whose
-  certificate is not below ``tol``, get
-  the minimum-norm least-squares solution from the SVD of :math:`Z` instead (NumPy's rank rule: singular
-  values below :math:`\max(n,d)\,\varepsilon\,s_{\max}` count as 0). Certificate
-  ``normal_equations``: :math:`\Phi(\theta) - \min\Phi = \tfrac12 g^\top H^{+}g` exactly (a quadratic whose
-  gradient lies in the range of its Hessian, which :math:`g = \tfrac2n Z^\top r` always does).
+Every decision about rank is taken on the *scaled* design :math:`Z_s = ZD` (columns divided by powers of two
+near their norms, which is exact; exactly redundant columns, i.e. zero, repeated-constant or bitwise
+:math:`\pm`-duplicated ones, removed: :mod:`.conditioning`), so rescaling features changes nothing but the
+units of :math:`\theta`.
+
+* Unconstrained: the normal equations :math:`Z_s^\top Z_s\theta_s = Z_s^\top y` by Cholesky plus one step of
+  iterative refinement, :math:`\theta = D\theta_s`; students whose Gram matrix is ill conditioned (extreme
+  diagonal entries of the Cholesky factor more than :math:`10^4` apart, a failed factorisation, or fewer
+  samples than columns), or whose estimated gap is not below ``tol``, get the minimum-norm least-squares
+  solution from the SVD of :math:`Z_s` instead. Certificate ``normal_equations``:
+  :math:`\Phi(\theta) - \min\Phi = \tfrac1n\|Pr\|^2` exactly (:math:`P` the projector onto the column space of
+  :math:`Z`), bounded with a *proof* that :math:`Z_s^\top Z_s` is positive definite, rounding included
+  (:func:`_normal_equations_certificate`). Where no such proof exists (numerically collinear columns that are
+  not exact copies, e.g. ``[a, 3a]`` with ``3a`` rounded, or features in the simplex next to the bias column)
+  the exact problem may have directions that a rank cut would drop, with a lower optimum: the student is
+  reported uncertified (``gap = inf``, ``converged = False``, ``info["singular"]`` and
+  ``info["uncertified_reason"]``).
 * Ball :math:`\|\theta_{:,o}\|\le r`: the trust-region subproblem, solved exactly (Moré and Sorensen 1983,
   *Computing a trust region step*): if the minimum-norm unconstrained solution lies in the ball it is optimal;
   otherwise :math:`\theta(\mu) = (Z^\top Z + \mu I)^{-1}Z^\top y` with :math:`\mu > 0` the root of the secular
@@ -27,18 +36,30 @@ Problem, for each of ``B`` students and each output column :math:`o` independent
   :math:`Z^\top Z` (batched over students and outputs). The "hard case" cannot occur: :math:`Z^\top y` is
   orthogonal to the null space of :math:`Z^\top Z`. Certificate ``frank_wolfe``:
   :math:`\sum_o g_o^\top\theta_o + r\|g_o\|\ \ge\ \Phi(\theta) - \min_{\text{ball}}\Phi` (the linear
-  minimisation oracle over the ball is :math:`-r g_o/\|g_o\|`; Jaggi 2013).
+  minimisation oracle over the ball is :math:`-r g_o/\|g_o\|`; Jaggi 2013), valid for any feasible point
+  whatever the conditioning; every returned column is scaled to lie strictly inside the ball in exact
+  arithmetic (:func:`_into_ball`).
+
+Every gap includes a bound on the rounding of its own evaluation and of the reported objective.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..divergences import squared
 from ..heads import SquaredHead
+from .conditioning import (
+    blocked_sum,
+    exactly_redundant_columns,
+    frobenius_norm_squared,
+    positive_definite_bound,
+    power_of_two_scales,
+    unit_roundoff_gamma,
+)
 from .result import FitResult, single_student
 
 __all__ = ["fit_squared_batched", "fit_squared_reference"]
@@ -48,11 +69,40 @@ _SECULAR_ITERATIONS = 100
 _CONDITION_RATIO = 1e-4
 
 
+@dataclass
+class _ScaledDesign:
+    r"""The design :math:`Z` ``(B or 1, n, d)`` and its scale-invariant form :math:`Z_s = ZD` (columns divided by
+    powers of two near their norms: exact), with exactly redundant columns zeroed
+    (:mod:`.conditioning`). ``scales`` is :math:`D`'s diagonal with 0 on redundant columns, so that
+    :math:`\theta = D\theta_s` and :math:`Z\theta = Z_s\theta_s` exactly."""
+
+    Z: torch.Tensor
+    Zs: torch.Tensor
+    scales: torch.Tensor
+    redundant: torch.Tensor
+    shared: bool
+
+    def gram(self) -> torch.Tensor:
+        """:math:`Z_s^\top Z_s` with 1 on the diagonal of redundant columns (decoupled, so they stay at 0)."""
+        G = self.Zs.mT @ self.Zs
+        G.diagonal(dim1=-2, dim2=-1).add_(self.redundant.to(G.dtype))
+        return G
+
+
 def _design(features: torch.Tensor, bias: bool) -> tuple[torch.Tensor, bool]:
     """Design matrix ``(B or 1, n, d)``; built once when all students share one feature matrix (batch stride 0)."""
     shared = features.shape[0] == 1 or features.stride(0) == 0
     X = features[:1] if shared else features
     return SquaredHead(bias=bias).design(X), shared
+
+
+def _scaled_design(features: torch.Tensor, bias: bool) -> _ScaledDesign:
+    Z, shared = _design(features, bias)
+    scales = power_of_two_scales(Z)
+    Zs = Z * scales[..., None, :]
+    redundant = exactly_redundant_columns(Zs)
+    Zs = Zs.masked_fill(redundant[..., None, :], 0.0)
+    return _ScaledDesign(Z, Zs, scales.masked_fill(redundant, 0.0), redundant, shared)
 
 
 def _residual_gradient(Z, targets, theta):
@@ -64,61 +114,103 @@ def _residual_gradient(Z, targets, theta):
 
 
 def _normal_equations_gap_cholesky(L, g, n):
-    r""":math:`\tfrac12 g^\top H^{-1}g` with :math:`H = \tfrac2n LL^\top`, summed over outputs."""
+    r""":math:`\tfrac12 g^\top H^{-1}g` with :math:`H = \tfrac2n LL^\top`, summed over outputs (an estimate used to
+    choose the method; the reported certificate is :func:`_normal_equations_certificate`)."""
     w = torch.linalg.solve_triangular(L, g, upper=False)
     return 0.25 * n * (w**2).sum(dim=(-2, -1))
 
 
-def _normal_equations_gap_svd(U_kept, r, n):
-    r""":math:`\tfrac12 g^\top H^{+}g = \tfrac1n\|U_r^\top r\|^2` for :math:`Z = USV^\top` (kept singular values):
-    with :math:`g = \tfrac2n VSU^\top r` and :math:`H^+ = \tfrac n2 VS^{-2}V^\top` the :math:`S` factors cancel,
-    so no small singular value is ever divided by."""
-    return ((U_kept.mT @ r) ** 2).sum(dim=(-2, -1)) / n
-
-
 def _min_norm_least_squares(Z, targets):
-    """Minimum-norm solution ``V S^+ U^T y`` and the basis ``U`` of kept directions (NumPy's rank rule)."""
+    """Minimum-norm solution ``V S^+ U^T y`` (NumPy's rank rule, applied to the scaled design)."""
     n, d = Z.shape[-2], Z.shape[-1]
     U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
     keep = S > max(n, d) * torch.finfo(Z.dtype).eps * S[..., :1]
     inv_s = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
-    theta = Vh.mT @ (inv_s[..., :, None] * (U.mT @ targets))
-    return theta, U * keep[..., None, :].to(U.dtype)
+    return Vh.mT @ (inv_s[..., :, None] * (U.mT @ targets))
 
 
-def _solve_unconstrained(Z, shared, targets, tol):
-    """Normal equations by Cholesky (+ one refinement step), SVD fallback where that does not certify ``tol``.
+def _expand(x: torch.Tensor, B: int) -> torch.Tensor:
+    return x.expand(B, *x.shape[1:]) if x.shape[0] == 1 else x
 
-    Returns ``theta (B, d, k_out)``, ``gap (B,)`` and the number of solves used per student."""
+
+def _solve_unconstrained(design: _ScaledDesign, targets, tol):
+    """Normal equations of the scaled design by Cholesky (+ one refinement step); the SVD minimum-norm solution
+    where the Gram matrix is ill conditioned or the estimated gap is not below ``tol``.
+
+    Returns ``theta (B, d, k_out)`` (original units) and the number of solves used per student."""
     B, n, _ = targets.shape
-    G = Z.mT @ Z
-    L, info = torch.linalg.cholesky_ex(G)
-    if shared:
-        L, info = L.expand(B, *L.shape[1:]), info.expand(B)
-    c = Z.mT @ targets
-    theta = torch.cholesky_solve(c, L)
-    r, g = _residual_gradient(Z, targets, theta)
+    Zs = design.Zs
+    L, info = torch.linalg.cholesky_ex(design.gram())
+    L, info = _expand(L, B), _expand(info, B)
+    theta = torch.cholesky_solve(Zs.mT @ targets, L)
+    r, _ = _residual_gradient(Zs, targets, theta)
     # One step of iterative refinement: Newton's step on the quadratic, from the residual.
-    theta = theta - torch.cholesky_solve(Z.mT @ r, L)
-    r, g = _residual_gradient(Z, targets, theta)
-    # Cholesky of a numerically singular Gram matrix can "succeed" with a pivot of rounding size (about
-    # sqrt(eps) relative, sometimes 1e-6) and return a solution with an arbitrary null-space component. The
-    # ratio of extreme diagonal entries of L is a lower bound on 1/cond(Z): below 1e-4, or with fewer samples
-    # than columns, the student goes to the SVD (minimum-norm) solution instead.
+    theta = theta - torch.cholesky_solve(Zs.mT @ r, L)
+    r, g = _residual_gradient(Zs, targets, theta)
+    # Cholesky of a numerically singular Gram matrix can "succeed" with a pivot of rounding size and return a
+    # solution with an arbitrary null-space component. The ratio of extreme diagonal entries of L is a lower
+    # bound on 1/cond(Z_s): below 1e-4, or with fewer samples than columns, the student goes to the SVD
+    # (minimum-norm) solution instead. On the scaled design this decision does not depend on the units.
     diag = L.diagonal(dim1=-2, dim2=-1).abs()
-    ok = (info == 0) & (diag.amin(dim=-1) >= _CONDITION_RATIO * diag.amax(dim=-1)) & (n >= Z.shape[-1])
-    gap = torch.where(ok, _normal_equations_gap_cholesky(L, g, n), torch.full_like(theta[:, 0, 0], float("inf")))
+    ok = (info == 0) & (diag.amin(dim=-1) >= _CONDITION_RATIO * diag.amax(dim=-1)) & (n >= Zs.shape[-1])
+    estimate = torch.where(ok, _normal_equations_gap_cholesky(L, g, n), torch.full_like(theta[:, 0, 0], float("inf")))
     solves = torch.full((B,), 2, dtype=torch.long, device=targets.device)
-    redo = ~(gap <= tol)  # also catches NaN from a failed factorisation
+    redo = ~(estimate <= tol)  # also catches NaN from a failed factorisation
     if redo.any():
         idx = redo.nonzero()[:, 0]
-        Zr = Z if shared else Z[idx]
-        theta_r, U_kept = _min_norm_least_squares(Zr, targets[idx])
-        r_r, _ = _residual_gradient(Zr, targets[idx], theta_r)
-        theta[idx] = theta_r
-        gap[idx] = _normal_equations_gap_svd(U_kept, r_r, n)
+        Zr = Zs if design.shared else Zs[idx]
+        theta[idx] = _min_norm_least_squares(Zr, targets[idx])
         solves[idx] += 1
-    return theta, gap, solves
+    return theta * _expand(design.scales, B)[..., :, None], solves
+
+
+def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor, ZTr: torch.Tensor):
+    r"""Proven bound on :math:`\Phi(\theta) - \min\Phi = \tfrac1n\|P r\|^2` (:math:`P` the projector onto the
+    exact column space of :math:`Z`), for the computed residual ``r`` taken as exact numbers; ``inf`` where
+    no bound can be proven (the scaled design is numerically singular). Returns ``(gap, singular)``.
+
+    * :math:`n\ge d'` (:math:`d'` kept columns): :math:`\|Pr\|^2 = c^\top G^{-1}c` with :math:`c = Z_s^\top r`,
+      :math:`G = Z_s^\top Z_s`. With :func:`~.conditioning.positive_definite_bound` for :math:`G`
+      (:math:`\|\hat G - G\|_2\le\gamma_n\|Z_s\|_F^2`), :math:`G\succeq(1-\rho)LL^\top`, so
+      :math:`c^\top G^{-1}c\le(\|L^{-1}\hat c\|(1+\eta) + \|L^{-1}\|\,\|\hat c - c\|)^2/(1-\rho)`, and
+      :math:`|\hat c - c|\le\gamma_n|Z_s|^\top|r|`, so :math:`\|\hat c - c\|_F\le\gamma_n\|Z_s\|_F\|r\|_F`
+      (Cauchy–Schwarz). :math:`\hat c` is ``ZTr`` (:math:`Z^\top r`, computed once) times the powers of two.
+    * :math:`n < d'`: if :math:`Z_sZ_s^\top` is proven positive definite the columns span
+      :math:`\mathbb R^n`, so :math:`\min\Phi = 0` and the gap is :math:`\tfrac1n\|r\|^2` itself.
+    """
+    B, n, k_out = r.shape
+    Zs = design.Zs
+    kept = (~design.redundant).sum(dim=-1)
+    kept = _expand(kept[:, None], B)[:, 0]
+    gap = torch.full((B,), float("inf"), dtype=r.dtype, device=r.device)
+    frob2 = frobenius_norm_squared(Zs)
+    tall = kept <= n
+    if bool(tall.any()):
+        idx = tall.nonzero()[:, 0]
+        pick = (lambda x: x) if design.shared else (lambda x: x[idx])  # noqa: E731
+        Zt = pick(Zs)
+        bound = positive_definite_bound(design.gram() if design.shared else design.gram()[idx],
+                                        unit_roundoff_gamma(n) * pick(frob2))
+        c = ZTr[idx] * _expand(design.scales, B)[idx][..., :, None]
+        dc = unit_roundoff_gamma(n) * pick(frob2).sqrt() * r[idx].norm(dim=(-2, -1))
+        L = _expand(bound.L, idx.numel())
+        w = torch.linalg.solve_triangular(L, c, upper=False).norm(dim=(-2, -1))
+        eta, rho = _expand(bound.eta[:, None], idx.numel())[:, 0], _expand(bound.rho[:, None], idx.numel())[:, 0]
+        inv_norm = _expand(bound.inverse_norm()[:, None], idx.numel())[:, 0]
+        ok = _expand(bound.ok[:, None], idx.numel())[:, 0]
+        value = (w * (1 + eta) + inv_norm * dc) ** 2 / ((1 - rho) * n)
+        gap[idx] = torch.where(ok, value, gap[idx])
+    wide = ~tall
+    if bool(wide.any()):
+        idx = wide.nonzero()[:, 0]
+        Zw = Zs if design.shared else Zs[idx]
+        fw = frob2 if design.shared else frob2[idx]
+        bound = positive_definite_bound(Zw @ Zw.mT, unit_roundoff_gamma(Zs.shape[-1]) * fw)
+        ok = _expand(bound.ok[:, None], idx.numel())[:, 0]
+        rw = r[idx]
+        value = (rw**2).sum(dim=(-2, -1)) * (1 + unit_roundoff_gamma(n * k_out + 1)) / n
+        gap[idx] = torch.where(ok, value, gap[idx])
+    return gap, ~torch.isfinite(gap)
 
 
 def _trust_region_multiplier(eigenvalues, projected, radius, iterations, active):
@@ -154,25 +246,42 @@ def _trust_region_multiplier(eigenvalues, projected, radius, iterations, active)
     return mu, iterations
 
 
-def _solve_ball(Z, shared, targets, radius, tol):
-    """Exact trust-region solution per student and output; returns ``theta``, iterations, boundary mask."""
+def _into_ball(theta, radius):
+    r"""Scale each output's coefficients so that the point is inside the ball in exact arithmetic: columns
+    whose computed norm exceeds :math:`r(1-2\gamma_{d+2})` are scaled to that norm. The computed norm is within
+    a factor :math:`1\pm\gamma_{d+1}` of the exact one and the scaling adds one rounding, so the exact norm
+    is then at most :math:`r(1-2\gamma_{d+2})(1+\gamma_{d+1})(1+u) < r` (and so is the computed one)."""
+    target = radius * (1 - 2 * unit_roundoff_gamma(theta.shape[-2] + 2))
+    norm = theta.norm(dim=-2, keepdim=True)
+    return torch.where(norm > target, theta * (target / norm), theta)
+
+
+def _solve_ball(design: _ScaledDesign, targets, radius, tol):
+    """Exact trust-region solution per student and output; returns ``theta`` (inside the ball) and iterations."""
     B, n, k_out = targets.shape
-    theta, _, solves = _solve_unconstrained(Z, shared, targets, tol)
+    Z = design.Z
+    theta, solves = _solve_unconstrained(design, targets, tol)
     inside = theta.norm(dim=-2) <= radius  # (B, k_out)
     if bool(inside.all()):
-        return theta, solves
+        return _into_ball(theta, radius), solves
     G = Z.mT @ Z
     lam, V = torch.linalg.eigh(G)
-    if shared:
+    if design.shared:
         lam, V = lam.expand(B, -1), V.expand(B, *V.shape[1:])
     projected = V.mT @ (Z.mT @ targets)  # (B, d, k_out)
-    mu, used = _trust_region_multiplier(lam, projected, radius, _SECULAR_ITERATIONS, ~inside)
+    # The minimum-norm unconstrained solution in the ball's own (unscaled) coordinates: with exactly redundant
+    # columns the scaled solve above is optimal but not of minimum norm, and may lie outside when this one does not.
+    cut = lam > max(n, Z.shape[-1]) * torch.finfo(lam.dtype).eps * lam[..., -1:].clamp_min(0)
+    safe = torch.where(cut, lam, torch.ones_like(lam))[..., :, None]
+    theta_min_norm = V @ torch.where(cut[..., :, None], projected / safe, torch.zeros_like(projected))
+    inside_min_norm = ~inside & (theta_min_norm.norm(dim=-2) <= radius)
+    active = ~inside & ~inside_min_norm
+    mu, used = _trust_region_multiplier(lam, projected, radius, _SECULAR_ITERATIONS, active)
     theta_boundary = V @ (projected / (lam.clamp_min(0)[..., :, None] + mu[..., None, :]))
-    # Rounding can leave ||theta|| a hair above r: scale back onto the sphere so the point is feasible.
-    norm = theta_boundary.norm(dim=-2, keepdim=True)
-    theta_boundary = theta_boundary * torch.clamp(radius / norm, max=1.0)
-    theta = torch.where(inside[:, None, :], theta, theta_boundary)
-    return theta, solves + used * (~inside).any(dim=-1)
+    theta = torch.where(inside[:, None, :], theta,
+                        torch.where(inside_min_norm[:, None, :], theta_min_norm, theta_boundary))
+    # Rounding can leave ||theta|| a hair above r: scale back (strictly) inside so the point is feasible.
+    return _into_ball(theta, radius), solves + used * active.any(dim=-1)
 
 
 def _frank_wolfe_gap_ball(g, theta, radius):
@@ -181,12 +290,7 @@ def _frank_wolfe_gap_ball(g, theta, radius):
     return per_output.clamp_min(0).sum(dim=-1)
 
 
-def _unit_roundoff_gamma(count: int) -> float:
-    u = torch.finfo(torch.float64).eps / 2
-    return count * u / (1 - count * u)
-
-
-def _rounding_inflation(Z, theta, targets, gap, radius):
+def _rounding_inflation(Z, theta, targets, gap, radius, abs_products=None, residual_gradient=None):
     r"""The computed gap plus a bound on the floating-point error of its own evaluation, so that the reported
     certificate bounds the *exact* suboptimality of the computed :math:`\theta` (Higham, *Accuracy and
     Stability of Numerical Algorithms*, §3.1). Without it an exact equality, with a computed gap of
@@ -203,13 +307,15 @@ def _rounding_inflation(Z, theta, targets, gap, radius):
     """
     n, d = Z.shape[-2], Z.shape[-1]
     absZ = Z.abs()
-    rho = _unit_roundoff_gamma(d + 1) * (absZ @ theta.abs() + targets.abs())
+    if abs_products is None:
+        abs_products = absZ @ theta.abs()
+    rho = unit_roundoff_gamma(d + 1) * (abs_products + targets.abs())
     gap = gap.clamp_min(0)
     if radius is None:
         return (gap.sqrt() + (rho**2).sum(dim=-1).mean(dim=-1).sqrt()) ** 2
-    r, g = _residual_gradient(Z, targets, theta)
-    eta = 2.0 / n * (absZ.mT @ (rho + _unit_roundoff_gamma(n) * r.abs()))
-    own = _unit_roundoff_gamma(d + 2) * ((g.abs() * theta.abs()).sum(dim=-2) + radius * g.norm(dim=-2)).sum(-1)
+    r, g = _residual_gradient(Z, targets, theta) if residual_gradient is None else residual_gradient
+    eta = 2.0 / n * (absZ.mT @ (rho + unit_roundoff_gamma(n) * r.abs()))
+    own = unit_roundoff_gamma(d + 2) * ((g.abs() * theta.abs()).sum(dim=-2) + radius * g.norm(dim=-2)).sum(-1)
     return gap + 2 * radius * eta.norm(dim=-2).sum(dim=-1) + own
 
 
@@ -247,24 +353,59 @@ def fit_squared_batched(
     B, n, _ = targets.shape
     if radius is not None and not (radius > 0 and math.isfinite(radius)):
         raise ValueError(f"radius must be a positive finite number (or None for no constraint), got {radius!r}")
-    Z, shared = _design(features, bias)
+    design = _scaled_design(features, bias)
     if radius is None:
-        theta, gap, iterations = _solve_unconstrained(Z, shared, targets, tol)
+        theta, iterations = _solve_unconstrained(design, targets, tol)
         certificate, method = "normal_equations", "normal equations (cholesky + refinement; svd fallback)"
     else:
-        theta, iterations = _solve_ball(Z, shared, targets, radius, tol)
+        theta, iterations = _solve_ball(design, targets, radius, tol)
         certificate, method = "frank_wolfe", "trust-region subproblem (eigendecomposition + secular equation)"
-    preds = Z @ theta
-    r, g = _residual_gradient(Z, targets, theta)
-    if radius is not None:
-        gap = _frank_wolfe_gap_ball(g, theta, radius)
-    gap = _rounding_inflation(Z, theta, targets, gap, radius)
+    preds, objective, gap, g, singular = _certify(design, targets, theta, radius)
+    info = {"bias": bias, "radius": radius, "tol": tol, "singular": singular}
+    if bool(singular.any()):
+        info["uncertified_reason"] = _SINGULAR_REASON
     return FitResult(
-        head="squared", loss="squared", params={"theta": theta}, probs=preds,
-        objective=squared(targets, preds).mean(dim=-1), gap=gap, certificate=certificate,
-        grad_norm=g.norm(dim=(-2, -1)), iterations=iterations, converged=gap <= tol, method=method,
-        info={"bias": bias, "radius": radius, "tol": tol},
+        head="squared", loss="squared", params={"theta": theta}, probs=preds, objective=objective, gap=gap,
+        certificate=certificate, grad_norm=g.norm(dim=(-2, -1)), iterations=iterations, converged=gap <= tol,
+        method=method, info=info,
     )
+
+
+_SINGULAR_REASON = (
+    "design numerically singular after scaling its columns (collinear or duplicated columns that are not exact "
+    "copies): the dropped directions can lower the objective, so no gap is certified (gap = inf)"
+)
+
+
+def _certify(design: _ScaledDesign, targets, theta, radius):
+    r"""Predictions, objective, certified gap (with the rounding of its own evaluation), gradient and the mask of
+    students whose design could not be proven nonsingular (unconstrained only).
+
+    The gap bounds both the exact suboptimality of ``theta`` and that of the reported objective: the latter is
+    computed from residuals with entrywise error :math:`\rho' = \rho + u|\hat r|` (:func:`_rounding_inflation`),
+    so it differs from the exact :math:`\Phi(\theta)` by at most
+    :math:`\tfrac1n\sum(2|\hat r|\rho' + \rho'^2) + \gamma_{j+k+2}\hat\Phi` (the objective is summed by
+    :func:`~.conditioning.blocked_sum`, whose error count is :math:`j\approx2\sqrt n`), which is added."""
+    Z = design.Z
+    n, d = Z.shape[-2], Z.shape[-1]
+    preds = Z @ theta
+    r = preds - targets
+    ZTr = Z.mT @ r
+    g = 2.0 / n * ZTr
+    if radius is None:
+        gap, singular = _normal_equations_certificate(design, r, ZTr)
+    else:
+        gap, singular = _frank_wolfe_gap_ball(g, theta, radius), torch.zeros_like(r[:, 0, 0], dtype=torch.bool)
+    abs_products = Z.abs() @ theta.abs()
+    gap = _rounding_inflation(Z, theta, targets, gap, radius, abs_products, (r, g))
+    per_sample = (r**2).sum(dim=-1)  # = squared(targets, preds)
+    total, count = blocked_sum(per_sample)
+    objective = total / n
+    residual = r.abs()
+    rho = unit_roundoff_gamma(d + 1) * (abs_products + targets.abs()) + 2.0**-53 * residual
+    evaluation = (2 * residual * rho + rho**2).sum(dim=-1).mean(dim=-1) * (1 + unit_roundoff_gamma(n + 2))
+    evaluation = evaluation + unit_roundoff_gamma(count + targets.shape[-1] + 2) * objective
+    return preds, objective, gap + evaluation, g, singular
 
 
 def fit_squared_reference(
@@ -297,20 +438,15 @@ def fit_squared_reference(
         raise RuntimeError(f"cvxpy squared-loss reference ended with status {problem.status!r}")
     th = np.asarray(theta.value, dtype=np.float64)
     if radius is not None:
-        th = th * np.minimum(1.0, radius / np.maximum(np.linalg.norm(th, axis=0), 1e-300))
-    Zt = torch.as_tensor(Z, dtype=torch.float64)[None]
+        th = _into_ball(torch.as_tensor(th, dtype=torch.float64), radius).numpy()
+    design = _scaled_design(torch.as_tensor(X, dtype=torch.float64)[None], bias)
     Yt = torch.as_tensor(Y, dtype=torch.float64)[None]
     tht = torch.as_tensor(th, dtype=torch.float64)[None]
-    preds = Zt @ tht
-    r, g = _residual_gradient(Zt, Yt, tht)
-    if radius is None:
-        _, U_kept = _min_norm_least_squares(Zt, Yt)
-        gap, certificate = _normal_equations_gap_svd(U_kept, r, n), "normal_equations"
-    else:
-        gap, certificate = _frank_wolfe_gap_ball(g, tht, radius), "frank_wolfe"
+    preds, objective, gap, g, _ = _certify(design, Yt, tht, radius)
+    certificate = "normal_equations" if radius is None else "frank_wolfe"
     return FitResult(
         head="squared", loss="squared", params={"theta": tht}, probs=preds,
-        objective=squared(Yt, preds).mean(dim=-1), gap=gap, certificate=certificate,
+        objective=objective, gap=gap, certificate=certificate,
         grad_norm=g.norm(dim=(-2, -1)), iterations=torch.tensor([problem.solver_stats.num_iters or 0]),
         converged=torch.isfinite(gap), method="cvxpy (clarabel)", info={"bias": bias, "radius": radius},
     )

@@ -1,0 +1,193 @@
+"""Independent optima in extended precision (mpmath), for testing certificates against the problem *as stated*:
+every float input is taken as the exact number it represents, so collinearity that exists only up to rounding
+(``[a, 3a]`` with ``3a`` rounded, near-duplicates, simplex rows next to a bias) is a real direction here.
+
+None of these use the solvers under test: least squares by modified Gram–Schmidt, the ball problem by the
+secular equation on an mpmath eigendecomposition, softmax forward losses by damped Newton with exact
+derivatives, all at 60+ significant digits.
+"""
+
+from __future__ import annotations
+
+import mpmath
+from mpmath import mp, mpf
+
+DPS = 60
+
+
+def _matrix(rows):
+    return [[mpf(float(x)) for x in row] for row in rows]
+
+
+def least_squares_optimum(Z, Y) -> mpf:
+    r""":math:`\min_\theta\frac1n\|Z\theta - Y\|_F^2` exactly (to ~60 digits): the residual of ``Y`` after
+    projection onto the column space of ``Z``, by modified Gram–Schmidt with reorthogonalisation; a column
+    whose remainder is below :math:`10^{-45}` of its norm is exactly dependent (exact dependencies leave
+    :math:`\sim10^{-60}`, rounding-level ones :math:`\sim10^{-17}`)."""
+    with mp.workdps(DPS + 20):
+        n, d = len(Z), len(Z[0])
+        cols = [[mpf(float(Z[i][j])) for i in range(n)] for j in range(d)]
+        basis = []
+        for col in cols:
+            v = list(col)
+            norm0 = mpmath.sqrt(sum(x * x for x in v))
+            if norm0 == 0:
+                continue
+            for _ in range(2):
+                for q in basis:
+                    c = sum(a * b for a, b in zip(q, v))
+                    v = [a - c * b for a, b in zip(v, q)]
+            norm = mpmath.sqrt(sum(x * x for x in v))
+            if norm > mpf(10) ** -45 * norm0:
+                basis.append([x / norm for x in v])
+        total = mpf(0)
+        k = len(Y[0])
+        for o in range(k):
+            y = [mpf(float(Y[i][o])) for i in range(n)]
+            for _ in range(2):
+                for q in basis:
+                    c = sum(a * b for a, b in zip(q, y))
+                    y = [a - c * b for a, b in zip(y, q)]
+            total += sum(x * x for x in y)
+        return total / n
+
+
+def least_squares_objective(Z, Y, theta) -> mpf:
+    """``(1/n)||Z theta - Y||_F^2`` exactly for float ``theta`` ``(d, k)``."""
+    with mp.workdps(DPS):
+        n, d, k = len(Z), len(Z[0]), len(Y[0])
+        total = mpf(0)
+        for i in range(n):
+            for o in range(k):
+                r = sum(mpf(float(Z[i][j])) * mpf(float(theta[j][o])) for j in range(d)) - mpf(float(Y[i][o]))
+                total += r * r
+        return total / n
+
+
+def ball_least_squares_optimum(Z, y, radius: float) -> mpf:
+    r""":math:`\min_{\|\theta\|\le r}\frac1n\|Z\theta - y\|^2` for one output: eigendecomposition of
+    :math:`Z^\top Z` in mpmath, then the secular equation :math:`\|\theta(\mu)\| = r` by bisection (Moré and
+    Sorensen 1983); the minimum-norm unconstrained solution when it lies in the ball."""
+    with mp.workdps(DPS):
+        n, d = len(Z), len(Z[0])
+        Zm = mpmath.matrix(_matrix(Z))
+        ym = mpmath.matrix([mpf(float(v)) for v in y])
+        G = Zm.T * Zm
+        c = Zm.T * ym
+        E, Q = mpmath.eigsy(G)
+        proj = Q.T * c
+        scale = max(abs(E[j]) for j in range(d)) or mpf(1)
+        zero = [abs(E[j]) <= mpf(10) ** -40 * scale for j in range(d)]
+
+        def theta(mu):
+            coeffs = [mpf(0) if (zero[j] and mu == 0) else proj[j] / (E[j] + mu) for j in range(d)]
+            return Q * mpmath.matrix(coeffs)
+
+        def value(th):
+            r = Zm * th - ym
+            return sum(r[i] ** 2 for i in range(n)) / n
+
+        th0 = theta(mpf(0))
+        if mpmath.norm(th0) <= radius:
+            return value(th0)
+        lo, hi = mpf(0), mpmath.norm(c) / radius + 1
+        for _ in range(250):
+            mid = (lo + hi) / 2
+            if mpmath.norm(theta(mid)) > radius:
+                lo = mid
+            else:
+                hi = mid
+        return value(theta(hi))
+
+
+def softmax_forward_objective(X, Q, W, b, loss: str) -> mpf:
+    """Forward CE/KL of the softmax head ``(W, b)`` (floats taken exactly) on features ``X`` and teacher ``Q``."""
+    with mp.workdps(DPS):
+        n, m = len(X), len(X[0])
+        k = len(Q[0])
+        total = mpf(0)
+        for i in range(n):
+            eta = [sum(mpf(float(X[i][j])) * mpf(float(W[c][j])) for j in range(m)) + mpf(float(b[c]))
+                   for c in range(k)]
+            total += _sample_loss(eta, [mpf(float(q)) for q in Q[i]], loss)
+        return total / n
+
+
+def _sample_loss(eta, q, loss):
+    top = max(eta)
+    lse = top + mpmath.log(sum(mpmath.exp(e - top) for e in eta))
+    value = sum(qy * (lse - e) for qy, e in zip(q, eta) if qy != 0)
+    if loss == "forward_kl":
+        value += sum(qy * mpmath.log(qy) for qy in q if qy != 0)
+    return value
+
+
+def softmax_forward_optimum(X, Q, loss: str, *, bias: bool = True, iterations: int = 200) -> mpf:
+    r"""Infimum over :math:`(W, b)` of the forward loss, by damped Newton in mpmath in the coordinates
+    :math:`\beta\in\mathbb R^{d\times(k-1)}` (logits :math:`z_i^\top\beta_c`, last class 0; :math:`z = [h, 1]`).
+    The Hessian gets a ridge of :math:`10^{-50}` of its scale (exact dependencies make it singular); the
+    iteration stops when the squared Newton decrement is below :math:`10^{-45}`. Where the infimum is not
+    attained the value returned is that of the last iterate, an upper bound on the infimum."""
+    with mp.workdps(DPS):
+        n = len(X)
+        k = len(Q[0])
+        Z = [[mpf(float(x)) for x in row] + ([mpf(1)] if bias else []) for row in X]
+        q = [[mpf(float(v)) for v in row] for row in Q]
+        d = len(Z[0])
+        kc = k - 1
+        p = d * kc
+        beta = [mpf(0)] * p
+
+        def logits(bt):
+            return [[sum(Z[i][j] * bt[j * kc + c] for j in range(d)) for c in range(kc)] + [mpf(0)] for i in range(n)]
+
+        def objective(bt):
+            return sum(_sample_loss(eta, q[i], loss) for i, eta in enumerate(logits(bt))) / n
+
+        f = objective(beta)
+        for _ in range(iterations):
+            etas = logits(beta)
+            g = [mpf(0)] * p
+            H = mpmath.zeros(p, p)
+            for i, eta in enumerate(etas):
+                top = max(eta)
+                ex = [mpmath.exp(e - top) for e in eta]
+                total = sum(ex)
+                s = [e / total for e in ex]
+                qs = sum(q[i])
+                r = [qs * s[c] - q[i][c] for c in range(kc)]
+                for j in range(d):
+                    zij = Z[i][j]
+                    if zij == 0:
+                        continue
+                    for c in range(kc):
+                        g[j * kc + c] += zij * r[c] / n
+                for c in range(kc):
+                    for c2 in range(kc):
+                        a = qs * ((s[c] if c == c2 else 0) - s[c] * s[c2]) / n
+                        if a == 0:
+                            continue
+                        for j in range(d):
+                            if Z[i][j] == 0:
+                                continue
+                            azj = a * Z[i][j]
+                            for j2 in range(d):
+                                H[j * kc + c, j2 * kc + c2] += azj * Z[i][j2]
+            scale = max(abs(H[t, t]) for t in range(p)) or mpf(1)
+            for t in range(p):
+                H[t, t] += mpf(10) ** -50 * scale
+            step = mpmath.lu_solve(H, mpmath.matrix([-x for x in g]))
+            decrement2 = -sum(g[t] * step[t] for t in range(p))
+            if decrement2 < mpf(10) ** -45:
+                break
+            alpha = mpf(1)
+            for _bt in range(60):
+                trial = [beta[t] + alpha * step[t] for t in range(p)]
+                ft = objective(trial)
+                if ft <= f - alpha * decrement2 / 4:
+                    beta, f = trial, ft
+                    break
+                alpha /= 2
+            else:
+                break
+        return f

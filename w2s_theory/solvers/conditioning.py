@@ -1,0 +1,140 @@
+r"""Scale-invariant column handling and provable positive definiteness, for the certificates of the squared and
+softmax solvers.
+
+A certificate must hold for the problem *as stated*: the column space of the design :math:`Z` in exact
+arithmetic, whatever the units of its columns. Three pieces make that possible:
+
+* :func:`power_of_two_scales`: every column is divided by a power of two close to its norm. Multiplying by a
+  power of two is exact in floating point (barring under/overflow), so :math:`Z_s = Z D` spans exactly the same
+  space and every rank decision taken on :math:`Z_s` is independent of the columns' units (features
+  :math:`\times10^{-20}` and :math:`\times10^{20}` give bit-identical :math:`Z_s`).
+* :func:`exactly_redundant_columns`: columns that can be removed without changing the exact column space:
+  zero columns, all-but-one constant column, and columns bitwise equal to :math:`\pm` an earlier one after
+  scaling. Any other dependency (e.g. ``[a, 3a]``, where ``3a`` was rounded) is *not* exact, and a
+  certificate that ignored it would be about a different problem; those cases are left to
+  :func:`positive_definite_bound`, which then fails to prove anything.
+* :func:`positive_definite_bound`: from a computed symmetric matrix :math:`\hat M` and a bound on
+  :math:`\|M - \hat M\|_2` (the rounding in forming it), a factor :math:`\rho < 1` with
+  :math:`M \succeq (1-\rho)LL^\top` for the computed Cholesky factor :math:`L`, or "not provable".
+
+Rounding model (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.): :math:`\gamma_j =
+ju/(1-ju)`, :math:`u = 2^{-53}`; inner products of length :math:`j` have error at most
+:math:`\gamma_j|x|^\top|y|` (§3.1); Cholesky gives :math:`LL^\top = \hat M + \Delta`,
+:math:`|\Delta|\le\gamma_{p+1}|L||L^\top|` (Thm 10.3); a computed inverse :math:`X` of :math:`LL^\top` is taken
+to satisfy :math:`\|X - (LL^\top)^{-1}\|_2 \le \eta\,\|(LL^\top)^{-1}\|_2` with
+:math:`\eta = 4p^2u\,\mathrm{cond}(L)` (the triangular-inverse bounds of Ch. 14 with a safety factor; the
+certificate is refused when :math:`\eta > 0.1`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["unit_roundoff_gamma", "power_of_two_scales", "exactly_redundant_columns", "PositiveDefiniteBound",
+           "positive_definite_bound", "frobenius_norm_squared"]
+
+_U = 2.0**-53
+
+
+def unit_roundoff_gamma(count: float) -> float:
+    r""":math:`\gamma_j = ju/(1-ju)` (Higham §3.1)."""
+    return count * _U / (1 - count * _U)
+
+
+def power_of_two_scales(Z: torch.Tensor) -> torch.Tensor:
+    r"""Per-column powers of two :math:`2^{-e_j}` with :math:`2^{e_j}` within a factor :math:`\sqrt2` of the column
+    norm (1 for a zero column), shape ``(..., d)``: ``Z * scales[..., None, :]`` is exact and has column norms in
+    :math:`[1/\sqrt2, \sqrt2]`."""
+    norms = Z.norm(dim=-2)
+    exponents = torch.where(norms > 0, torch.round(torch.log2(norms.clamp_min(1e-300))), torch.zeros_like(norms))
+    return torch.ldexp(torch.ones_like(norms), (-exponents).to(torch.int32))
+
+
+def exactly_redundant_columns(Zs: torch.Tensor) -> torch.Tensor:
+    r"""Columns of the scaled design ``(..., n, d)`` whose removal leaves the exact column space unchanged:
+    zero columns, constant columns other than the last constant one, and columns bitwise equal to
+    :math:`\pm` an earlier kept column. Returns a boolean mask ``(..., d)`` (True = redundant)."""
+    zero = (Zs == 0).all(dim=-2)
+    constant = (Zs == Zs[..., :1, :]).all(dim=-2) & ~zero
+    # Keep the last constant column (the bias, when there is one): drop constant columns with a later constant.
+    later_constant = constant.flip(-1).to(torch.int64).cumsum(-1).flip(-1) - constant.to(torch.int64) > 0
+    redundant = zero | (constant & later_constant)
+    d = Zs.shape[-1]
+    if d > 1:
+        # Candidates for +-duplicates: equal fingerprints (a cheap filter), then an exact comparison.
+        weights = torch.linspace(1.0, 2.0, Zs.shape[-2], dtype=Zs.dtype, device=Zs.device)
+        fingerprint = (Zs.abs() * weights[:, None]).sum(dim=-2)  # (..., d)
+        close = (fingerprint[..., :, None] - fingerprint[..., None, :]).abs() <= 1e-9 * fingerprint[..., :, None]
+        close = close & torch.ones(d, d, dtype=torch.bool, device=Zs.device).tril(-1)  # pairs (j, i) with i < j
+        close = close & ~zero[..., :, None] & ~zero[..., None, :]
+        if bool(close.any()):
+            flat = Zs.reshape(-1, *Zs.shape[-2:])
+            flat_close = close.reshape(-1, d, d)
+            flat_red = redundant.reshape(-1, d).clone()
+            for b, j, i in flat_close.nonzero().tolist():
+                if flat_red[b, i] or flat_red[b, j]:
+                    continue
+                col_j, col_i = flat[b, :, j], flat[b, :, i]
+                if torch.equal(col_j, col_i) or torch.equal(col_j, -col_i):
+                    flat_red[b, j] = True
+            redundant = flat_red.reshape(redundant.shape)
+    return redundant
+
+
+class PositiveDefiniteBound:
+    r"""Outcome of :func:`positive_definite_bound`, batched: ``ok`` (proved), the Cholesky factor ``L`` and inverse
+    ``X`` of :math:`\hat M`, ``rho`` with :math:`M\succeq(1-\rho)LL^\top`, ``eta`` (relative accuracy of ``X``) and
+    ``trace_inverse`` :math:`\ge\|(LL^\top)^{-1}\|_2/(1+\eta)`."""
+
+    def __init__(self, ok, L, X, rho, eta, trace_inverse):
+        self.ok, self.L, self.X, self.rho, self.eta, self.trace_inverse = ok, L, X, rho, eta, trace_inverse
+
+    def inverse_norm(self) -> torch.Tensor:
+        r"""Upper bound on :math:`\|L^{-1}\|_2 = \|(LL^\top)^{-1}\|_2^{1/2}`."""
+        return (self.trace_inverse * (1 + self.eta)).sqrt()
+
+
+def positive_definite_bound(M: torch.Tensor, error: torch.Tensor) -> PositiveDefiniteBound:
+    r"""Prove :math:`M \succ 0` for the exact matrix :math:`M` with :math:`\|M - \hat M\|_2\le` ``error``
+    (``M`` is the computed :math:`\hat M`, ``(B, p, p)``).
+
+    With :math:`LL^\top = \hat M + \Delta` (Cholesky), :math:`\|\Delta\|_2 \le \gamma_{p+1}\|L\|_F^2 =
+    \gamma_{p+1}\mathrm{tr}(LL^\top)`; :math:`\lambda_{\min}(LL^\top)\ge 1/\mathrm{tr}((LL^\top)^{-1})
+    \ge 1/(\mathrm{tr}(X)(1+\eta))`. With :math:`\delta` = ``error`` + :math:`\gamma_{p+1}\mathrm{tr}(\hat M)(1+u)`,
+    :math:`M \succeq LL^\top - \delta I \succeq (1-\rho)LL^\top` for :math:`\rho = \delta\,\mathrm{tr}(X)(1+\eta)`.
+    Proved (``ok``) when the factorisation succeeded, :math:`\eta\le 0.1` and :math:`\rho\le 1/2`."""
+    p = M.shape[-1]
+    L, info = torch.linalg.cholesky_ex(M)
+    factored = info == 0
+    safe_L = torch.where(factored[:, None, None], L, torch.eye(p, dtype=M.dtype, device=M.device).expand_as(L))
+    X = torch.cholesky_inverse(safe_L)
+    trace_inverse = X.diagonal(dim1=-2, dim2=-1).sum(-1)
+    trace = (safe_L**2).sum(dim=(-2, -1))
+    cond_L = (trace * trace_inverse).clamp_min(0).sqrt()
+    eta = 4 * p * p * _U * cond_L
+    delta = error + unit_roundoff_gamma(p + 1) * trace * (1 + 2 * _U)
+    rho = delta * trace_inverse * (1 + eta)
+    ok = factored & torch.isfinite(rho) & (eta <= 0.1) & (rho <= 0.5) & (trace_inverse > 0)
+    return PositiveDefiniteBound(ok, safe_L, X, rho, eta, trace_inverse)
+
+
+def frobenius_norm_squared(Z: torch.Tensor) -> torch.Tensor:
+    """``||Z||_F^2`` over the last two axes, rounded up by a relative ``gamma``."""
+    n = Z.shape[-2] * Z.shape[-1]
+    return (Z**2).sum(dim=(-2, -1)) * (1 + unit_roundoff_gamma(n + 1))
+
+
+
+def blocked_sum(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    r"""Sum over the last axis in two explicit levels (blocks of about :math:`\sqrt n`, then the block sums), and
+    the count :math:`j` with :math:`|\hat s - s| \le \gamma_j\sum|x_i|`. Any summation order of :math:`\ell` terms
+    errs by at most :math:`\gamma_{\ell-1}\sum|x_i|` (Higham §4.2), so two levels give
+    :math:`j = (b-1) + (\lceil n/b\rceil - 1)`, about :math:`2\sqrt n` instead of :math:`n`."""
+    n = values.shape[-1]
+    block = max(1, int(n**0.5))
+    count = -(-n // block)
+    pad = block * count - n
+    if pad:
+        values = torch.cat([values, values.new_zeros((*values.shape[:-1], pad))], dim=-1)
+    total = values.reshape(*values.shape[:-1], count, block).sum(dim=-1).sum(dim=-1)
+    return total, max(block - 1, 0) + max(count - 1, 0)
