@@ -77,6 +77,8 @@ def dangling_references(root: Path = ROOT) -> list[str]:
                 continue  # an external URL
             file_part, _, anchor = link.partition("#")
             target = _resolves(file_part, path, root) if file_part else path
+            if target is None and file_part.endswith("/") and (path.parent / file_part).is_dir():
+                continue  # a link to a folder of the repository
             if target is None:
                 problems.append(f"{rel}: link to {link}: no such file in the repository")
             elif anchor and target.suffix == ".md" and anchor not in _anchors(target):

@@ -188,7 +188,7 @@ def test_forward_kl_optimum_matches_the_teachers_moments():
 
 
 def test_forward_kl_projection_satisfies_the_pythagorean_equality_for_a_realizable_truth():
-    r"""THEORY.md, softmax row: :math:`E\,KL(F_{sw}\|F^*) = E\,KL(F_w\|F^*) - E\,KL(F_w\|F_{sw})` when
+    r"""docs/theory.md, softmax row: :math:`E\,KL(F_{sw}\|F^*) = E\,KL(F_w\|F^*) - E\,KL(F_w\|F_{sw})` when
     :math:`F^*` is a softmax head on the same features; the defect is :math:`\langle M, \Theta_{sw}-\Theta^*\rangle`
     with :math:`M` the moment residual, which the certificate makes tiny."""
     X, _ = _instance(41, 4, 80, 3, 3, simplex=False)
@@ -234,7 +234,7 @@ def test_forward_fit_depends_only_on_the_span_of_the_features_even_when_ill_cond
 
 
 def test_forward_projection_onto_constants_is_the_arithmetic_mean():
-    """THEORY.md closed form: with constant features the softmax head is every interior constant distribution,
+    """docs/theory.md closed form: with constant features the softmax head is every interior constant distribution,
     and the forward-KL projection is the mean teacher."""
     rng = np.random.default_rng(5)
     Q = torch.as_tensor(rng.dirichlet(np.ones(3), size=(2, 25)))
@@ -337,7 +337,7 @@ def test_reverse_converged_flag_means_a_small_gradient():
 
 
 def test_reverse_kl_projection_onto_constants_is_the_normalised_geometric_mean():
-    """THEORY.md closed form: reverse-KL projection onto constants is p proportional to exp(mean log q)."""
+    """docs/theory.md closed form: reverse-KL projection onto constants is p proportional to exp(mean log q)."""
     rng = np.random.default_rng(8)
     Q = torch.as_tensor(rng.dirichlet(np.ones(4), size=(3, 30)))
     X = torch.as_tensor(rng.normal(size=(3, 1, 2))).expand(3, 30, 2)  # the same h(x) for every sample

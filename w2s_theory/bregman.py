@@ -21,7 +21,7 @@ which is :math:`\ge 0` at the minimiser (first-order optimality) and :math:`\ge 
 point, :math:`g` the Frank–Wolfe gap. If :math:`\mathcal C` is affine the identity is an equality at the
 minimiser, and :math:`|\text{defect}| \le \|\nabla\Phi(P)\|\,\|G-P\|` in general.
 
-Instances (THEORY.md):
+Instances (docs/theory.md):
 
 ====================  ===========================  =============================================
 generator             divergence                   theorem
@@ -49,7 +49,7 @@ Non-realizable targets (the truth :math:`A` outside :math:`\mathcal C`). For any
 so the corrected inequality :math:`\mathbb E D(A,P) \le \mathbb E D(A,T) - \mathbb E D(P,T) + |\text{misspecification}|`
 holds with the same certificate. Each generator bounds the misspecification term by a Hölder pair
 (:func:`misspecification_bound`): :math:`2\Lambda\,\mathbb E\,\mathrm{TV}(A, G)` for the negative entropy
-(:math:`\Lambda = \max|\log(P/T)|`, THEORY.md) and :math:`2\sqrt{\mathbb E\|P-T\|^2\,\mathbb E\|A-G\|^2}` for
+(:math:`\Lambda = \max|\log(P/T)|`, docs/theory.md) and :math:`2\sqrt{\mathbb E\|P-T\|^2\,\mathbb E\|A-G\|^2}` for
 the squared norm (the :math:`O(\sqrt\varepsilon)` term of Charikar et al. 2024). One function,
 :func:`nonrealizable_projection_inequality`, evaluates both.
 
@@ -149,7 +149,7 @@ def _log_partition_gradient_difference(z1, z2):
 
 
 def _neg_entropy_holder_bound(truth, reference, target, projection):
-    r""":math:`2\Lambda\,\mathbb E\,\mathrm{TV}(A, G)` with :math:`\Lambda = \max_{x,y}|\log(P_y/T_y)|` (THEORY.md,
+    r""":math:`2\Lambda\,\mathbb E\,\mathrm{TV}(A, G)` with :math:`\Lambda = \max_{x,y}|\log(P_y/T_y)|` (docs/theory.md,
     "Non-realizable reverse bound"); entries where both are 0 are excluded (their ratio is 1 by convention)."""
     A, G = _to_numpy(truth), _to_numpy(reference)
     tv = 0.5 * np.abs(A - G).sum(-1).mean(-1)
@@ -379,7 +379,7 @@ def rounding_bound(generator: BregmanGenerator, pairs, n_terms: int):
 
 
 def verdict(slack, certificate, rounding, *, equality: bool = False):
-    r"""Verdict of one inequality check from its slack, certificate and rounding bound (DESIGN.md):
+    r"""Verdict of one inequality check from its slack, certificate and rounding bound (docs/design.md):
 
     * inequality ``rhs - lhs >= 0``: ``holds`` if slack >= -certificate; ``violated`` if
       slack < -certificate - rounding; ``inconclusive`` otherwise (including a non-finite certificate);

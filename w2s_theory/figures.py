@@ -59,7 +59,7 @@ QUICK = {
     "learning_curves": dict(seeds=2, n=100),
 }
 
-#: The probability floor of the bound_tightness figure (the paper's example value, THEORY.md).
+#: The probability floor of the bound_tightness figure (the paper's example value, docs/theory.md).
 BOUND_GAMMA = 1e-3
 
 

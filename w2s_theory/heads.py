@@ -16,7 +16,7 @@ squared      :math:`f(x) = w\cdot h(x) + b` (optionally               parameter 
              :math:`\|(w,b)\|_2\le r`), real outputs
 ===========  ===================================================  ================================
 
-The mixture head with :math:`m = 1` is the class of all constant distributions (THEORY.md).
+The mixture head with :math:`m = 1` is the class of all constant distributions (docs/theory.md).
 """
 
 from __future__ import annotations

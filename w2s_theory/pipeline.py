@@ -1,4 +1,4 @@
-r"""The flow of one study (DESIGN.md), one function per arrow:
+r"""The flow of one study (docs/design.md), one function per arrow:
 
 world(seed) -> weak teacher fit on ground truth (split A) -> teacher probabilities on split B (optionally
 flipped) -> students fit on split B (one batch per head x loss) -> metrics on split B (in-sample, where the
@@ -10,7 +10,7 @@ row per spec.
 
 Metrics (for a model :math:`F` against the truth :math:`F^*`):
 
-* ``*_kl_error`` = :math:`\mathbb E\,\mathrm{KL}(F^*\|F)` (the error of THEORY.md);
+* ``*_kl_error`` = :math:`\mathbb E\,\mathrm{KL}(F^*\|F)` (the error of docs/theory.md);
 * ``*_accuracy`` = :math:`\mathbb E_x F^*_{\arg\max F(x)}(x)`, the expected accuracy against labels drawn
   from the truth (its maximum, the Bayes accuracy, is reported as ``bayes_accuracy``);
 * ``gain`` = teacher error - student error; ``misfit`` = the KL disagreement in the trained direction

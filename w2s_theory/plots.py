@@ -566,6 +566,10 @@ def plot_learning_curves(curves: pd.DataFrame, exact: pd.DataFrame, weak_accurac
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _caption(fig, caption, y=-0.01, width=150)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
 # the field's theorems: k-head mixtures and f-divergences
 # --------------------------------------------------------------------------------------------------------
 

@@ -60,7 +60,8 @@ simplex, :func:`w2s_theory.heads.LinearHead.affine_coordinates` (drop the last c
 exact arithmetic) states a well-posed problem instead.
 
 Reverse losses with teacher zeros pin predictions to 0 (a face of the polytope, found by linear programs);
-those students are sent to the exact reference (:func:`.reference.fit_reference`), and with
+those students are sent to the exact reference (:func:`.reference.fit_reference`) and reported uncertified
+(its predictions are feasible only to the interior-point tolerance, not reproduced by the head to rounding), and with
 :math:`\gamma > 0` they are infeasible (objective and gap :math:`+\infty`).
 """
 
@@ -480,14 +481,19 @@ def _fit_face(X, Q, loss, gamma) -> FitResult:
             res = _infeasible(X.shape[2], n, k, loss, X.device)
         else:
             res = fit_reference(X[b].cpu().numpy(), Q[b].cpu().numpy(), loss.name, "linear", gamma=0.0)
+            # The reference's predictions are feasible only to its interior-point tolerance: the returned head
+            # does not reproduce them to rounding (seen: 4.6e-13 off), so its gap is not a proof for the head.
+            infeasible = torch.isinf(res.objective)  # every member has infinite loss: gap inf, as stated
+            nan = torch.where(infeasible, res.gap, torch.full_like(res.gap, float("nan"))).to(X.device)
             res = FitResult(head="linear", loss=loss.name, params={n_: v.to(X.device) for n_, v in res.params.items()},
                             probs=res.probs.to(X.device), objective=res.objective.to(X.device),
-                            gap=res.gap.to(X.device), certificate="frank_wolfe",
+                            gap=nan, certificate="frank_wolfe",
                             grad_norm=res.grad_norm.to(X.device), iterations=res.iterations.to(X.device),
-                            converged=res.converged.to(X.device), method="log-barrier-newton",
+                            converged=torch.zeros_like(res.converged).to(X.device), method="log-barrier-newton",
                             info={"numerical_span": torch.ones(1, dtype=torch.bool, device=X.device),
-                                  "reasons": ["teacher zeros under a reverse loss: solved on the face by the "
-                                              "cvxpy reference"]})
+                                  "reasons": ["uncertified: teacher zeros under a reverse loss; solved on the face "
+                                              "by the cvxpy reference, whose predictions are feasible only to its "
+                                              "tolerance"]})
         results.append(res)
     return _concat(results)
 
