@@ -20,6 +20,8 @@ demo_digits        the bring-your-own pipeline (:mod:`w2s_theory.byo`) on scikit
 phase_diagram      sweep ``experiments/phase_diagram.toml``: reverse − forward losses, paired, over teacher
                    temperature × noise kind, for exact / shared-lr / tuned-lr practice students
 learning_curves    sweep ``experiments/learning_curves.toml``: practice training curves of four losses
+paper_tables       sweep ``experiments/paper_tables.toml``: the paper's two tables (weak → strong pairs; 10–40%
+                   flips) in their shape, practice (1 epoch, batch 16, shared lr) beside exact students
 =================  ===================================================================================
 
 Sweep-driven and per-task results go through the results store: a sweep writes its rows with
@@ -45,7 +47,8 @@ __all__ = ["FIGURES", "EXPERIMENTS_DIR", "make_figures", "sweep_results", "mode_
            "charikar_results", "QUICK"]
 
 FIGURES = ("mode_seeking", "gain_vs_misfit", "noise_robustness", "bound_tightness", "guarantee_table",
-           "k_heads", "f_divergences", "loss_comparison", "demo_digits", "phase_diagram", "learning_curves")
+           "k_heads", "f_divergences", "loss_comparison", "demo_digits", "phase_diagram", "learning_curves",
+           "paper_tables")
 
 #: Sweep configs of the sweep-driven figures (a fresh clone has them next to the package).
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -57,6 +60,7 @@ QUICK = {
     "gain_vs_misfit_kl": dict(seeds=15, n=200),
     "phase_diagram": dict(seeds=2, n=80),
     "learning_curves": dict(seeds=2, n=100),
+    "paper_tables": dict(seeds=2, n=100),
 }
 
 #: The probability floor of the bound_tightness figure (the paper's example value, docs/theory.md).
@@ -717,6 +721,162 @@ def f_divergences_figure(out: Path, quick: bool, **_) -> list[Path]:
     return paths
 
 
+# --------------------------------------------------------------------------------------------------------
+# paper_tables
+# --------------------------------------------------------------------------------------------------------
+
+#: The paper's test accuracies (%, GPT-2 on CAI-Harmless; fwd/rev KL, fwd/rev CE) as quoted in docs/theory.md
+#: ("What the paper reports empirically": from a third-party note, not verified against the paper itself).
+#: Reported data, drawn as reference markers only; nothing here is computed from them.
+PAPER_SOURCE = "paper (GPT-2, CAI-Harmless)"
+PAPER_TABLE_MAIN = {
+    "Base→Medium": {"forward_kl": 89.7, "reverse_kl": 91.5, "forward_ce": 89.7, "reverse_ce": 91.2},
+    "Base→Large": {"forward_kl": 93.6, "reverse_kl": 94.2, "forward_ce": 93.6, "reverse_ce": 93.9},
+    "Medium→Large": {"forward_kl": 93.5, "reverse_kl": 94.1, "forward_ce": 93.5, "reverse_ce": 93.8},
+}
+#: Base→Medium with a fraction of the weak labels flipped (p → 1 − p), same source.
+PAPER_TABLE_NOISE = {
+    0.1: {"forward_kl": 90.1, "reverse_kl": 92.4, "forward_ce": 90.1, "reverse_ce": 92.0},
+    0.2: {"forward_kl": 86.3, "reverse_kl": 91.3, "forward_ce": 86.2, "reverse_ce": 90.8},
+    0.3: {"forward_kl": 81.7, "reverse_kl": 90.0, "forward_ce": 81.6, "reverse_ce": 89.5},
+    0.4: {"forward_kl": 72.8, "reverse_kl": 80.6, "forward_ce": 72.8, "reverse_ce": 81.8},
+}
+#: The paired differences the tables report (each against forward KL, same world, teacher, split and batches).
+PAPER_PAIRS = [("reverse_kl", "forward_kl"), ("reverse_ce", "forward_kl")]
+PAPER_TABLE_TRAINERS = ("practice", "exact")
+
+
+def paper_pair_dims(frame: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """The paper's rows as (weak_dim, strong_dim) of the study: Base = the smaller weak size, Medium = the
+    larger weak size and the smaller strong size, Large = the larger strong size."""
+    weak, strong = sorted(frame["world_weak_dim"].unique()), sorted(frame["world_strong_dim"].unique())
+    if len(weak) != 2 or len(strong) != 2:
+        raise InputError(f"paper_tables: the study needs two weak_dim and two strong_dim values (Base, Medium; "
+                         f"Medium, Large), found weak_dim {weak} and strong_dim {strong}")
+    return {"Base→Medium": (int(weak[0]), int(strong[0])), "Base→Large": (int(weak[0]), int(strong[1])),
+            "Medium→Large": (int(weak[1]), int(strong[1]))}
+
+
+def _paper_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the two tables, each labelled with its ``table`` (1: pairs, clean teacher; 2: Base→Medium
+    with flips) and ``row``; runs of other (pair, noise) cells are dropped."""
+    dims = paper_pair_dims(frame)
+    parts = []
+    for name, (weak, strong) in dims.items():
+        at = frame[(frame["world_weak_dim"] == weak) & (frame["world_strong_dim"] == strong)]
+        parts.append(at[at["noise"] == 0].assign(table=1, row=name, order=len(parts)))
+    weak, strong = dims["Base→Medium"]
+    base = frame[(frame["world_weak_dim"] == weak) & (frame["world_strong_dim"] == strong)]
+    for noise in sorted(v for v in base["noise"].unique() if v > 0):
+        parts.append(base[base["noise"] == noise].assign(table=2, row=f"{noise:.0%} flipped", order=len(parts)))
+    return pd.concat(parts, ignore_index=True)
+
+
+def summarise_paper_tables(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean ± standard error over seeds of the student's test accuracy per (table, row, trainer, loss), with
+    the row's weak teacher and strong ceiling; and the paired differences
+    (:func:`w2s_theory.phase.paired_differences`) of :data:`PAPER_PAIRS` per (table, row, trainer)."""
+    from .phase import paired_differences
+
+    rows = _paper_rows(frame)
+    cells = []
+    for (table, order, row, trainer, loss), g in rows.groupby(["table", "order", "row", "trainer", "loss"]):
+        acc = _mean_se(g["student_test_accuracy"])
+        one = g.drop_duplicates("seed")
+        cells.append({"table": table, "order": order, "row": row, "trainer": trainer, "loss": loss,
+                      "weak_dim": int(g["world_weak_dim"].iloc[0]), "strong_dim": int(g["world_strong_dim"].iloc[0]),
+                      "noise": float(g["noise"].iloc[0]), "accuracy_mean": acc[0], "accuracy_se": acc[1],
+                      "seeds": len(g), "weak_accuracy": one["weak_test_accuracy"].mean(),
+                      "ceiling_accuracy": one["ceiling_test_accuracy"].mean()})
+    cells = pd.DataFrame(cells).sort_values(["table", "order"], kind="stable").reset_index(drop=True)
+    diffs = paired_differences(rows, PAPER_PAIRS, ["table", "order", "row", "trainer"])
+    return cells, diffs.sort_values(["table", "order"], kind="stable").reset_index(drop=True)
+
+
+def paper_reference(table: int, row: str, noise: float) -> dict | None:
+    """The paper's accuracies (%) for a row of :func:`summarise_paper_tables` (None where it reports none)."""
+    return PAPER_TABLE_MAIN.get(row) if table == 1 else PAPER_TABLE_NOISE.get(round(float(noise), 4))
+
+
+def paper_tables_markdown(cells: pd.DataFrame, diffs: pd.DataFrame, settings: str) -> str:
+    """The paper's two tables in their shape: one row per weak → strong pair (table 1) or flip rate (table 2),
+    one column per loss with the practice student's test accuracy (%, mean ± s.e.) and, in brackets, the
+    exact minimiser's; then the paired differences reverse KL / reverse CE − forward KL (points, mean ± s.e.,
+    bold when |mean| ≥ 2 s.e.) for both trainers, and the paper's."""
+    losses = [loss for loss in LOSS_ORDER if loss in set(cells["loss"])]
+    seeds = int(cells["seeds"].max())
+    lines = [f"Simulated in the paper's shape ({settings}). Cells: test accuracy %, practice student, mean ± s.e. "
+             f"over {seeds} seeds; [exact minimiser of the same loss on the same data]. Weak: the weak teacher's "
+             "test accuracy (before any flips); ceiling: the strong head fitted to the truth. Differences: paired "
+             "over seeds, percentage points, mean ± s.e., **bold** when |mean| ≥ 2 s.e. Paper: the paper's "
+             "reported differences (GPT-2 on CAI-Harmless, as quoted in docs/theory.md).", ""]
+    short = {"forward_kl": "fwd KL", "reverse_kl": "rev KL", "forward_ce": "fwd CE", "reverse_ce": "rev CE"}
+    pair_heads = [f"{short[a]} − {short[b]}, {trainer}" for a, b in PAPER_PAIRS for trainer in PAPER_TABLE_TRAINERS]
+    titles = {1: "Table 1 — main comparison (clean teacher)", 2: None}
+    for table in sorted(cells["table"].unique()):
+        d = cells[cells["table"] == table]
+        first = d.iloc[0]
+        if table == 2:
+            titles[2] = f"Table 2 — Base→Medium ({first['weak_dim']} → {first['strong_dim']} feats) with flipped labels"
+        label = "weak → strong" if table == 1 else "flipped labels"
+        lines += [f"**{titles[table]}**", "",
+                  f"| {label} | weak | " + " | ".join(LOSS_NAMES[loss] for loss in losses) + " | ceiling | "
+                  + " | ".join(pair_heads) + " | paper: " + " / ".join(f"{short[a]} − {short[b]}" for a, b in PAPER_PAIRS) + " |",
+                  "|" + "---|" * (3 + len(losses) + len(pair_heads) + 1)]
+        for row in dict.fromkeys(d["row"]):
+            e = d[d["row"] == row]
+            acc = {(r["trainer"], r["loss"]): r for _, r in e.iterrows()}
+            cols = []
+            for loss in losses:
+                p, x = acc.get(("practice", loss)), acc.get(("exact", loss))
+                text = _pm(100 * p["accuracy_mean"], 100 * p["accuracy_se"], 1) if p is not None else "–"
+                cols.append(text + (f" [{100 * x['accuracy_mean']:.1f}]" if x is not None else ""))
+            for a, b in PAPER_PAIRS:
+                for trainer in PAPER_TABLE_TRAINERS:
+                    c = diffs[(diffs["row"] == row) & (diffs["table"] == table) & (diffs["trainer"] == trainer)
+                              & (diffs["loss_a"] == a) & (diffs["loss_b"] == b)]
+                    if c.empty:
+                        cols.append("–")
+                        continue
+                    c = c.iloc[0]
+                    text = f"{100 * c['mean']:+.2f}" + (f" ± {100 * c['se']:.2f}" if math.isfinite(c["se"]) else "")
+                    cols.append(f"**{text}**" if c["significant"] else text)
+            ref = paper_reference(table, row, e.iloc[0]["noise"])
+            paper = " / ".join(f"{ref[a] - ref[b]:+.1f}" for a, b in PAPER_PAIRS) if ref else "–"
+            name = f"{row} ({e.iloc[0]['weak_dim']} → {e.iloc[0]['strong_dim']} feats)" if table == 1 else f"{e.iloc[0]['noise']:.0%}"
+            lines.append(f"| {name} | {100 * e.iloc[0]['weak_accuracy']:.1f} | " + " | ".join(cols[:len(losses)])
+                         + f" | {100 * e.iloc[0]['ceiling_accuracy']:.1f} | " + " | ".join(cols[len(losses):])
+                         + f" | {paper} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def paper_tables_figure(out: Path, store: ResultsStore, quick: bool, device, progress, ledger, experiments,
+                        **_) -> list[Path]:
+    from . import plots
+
+    frame, _ = sweep_results("paper_tables", store, quick=quick, device=device, progress=progress,
+                             ledger=ledger, experiments=experiments)
+    cells, diffs = summarise_paper_tables(frame)
+    spec = frame[frame["trainer"] == "practice"].iloc[0]
+    settings = (f"synthetic world k = {spec['world_k']}, temperature {spec['world_temperature']:g}, "
+                f"truth_concentration {spec['world_truth_concentration']:g}; softmax students on "
+                f"{spec['n_train']} teacher-labelled samples, {spec['n_test']} test samples; practice = "
+                f"{spec['optimizer'].capitalize()}, lr {spec['lr']:g} shared by all losses, batch {spec['batch_size']}, "
+                f"{spec['epochs']} epoch{'s' if spec['epochs'] != 1 else ''}, zero init, no early stopping")
+    caption = (f"Simulated: {settings}; {frame['seed'].nunique()} paired seeds. Model sizes are representation "
+               "sizes (features); the weak teacher is a mixture head fitted to the truth on its own split. "
+               "Bars: practice students (mean ± s.e.); black ticks: the exact minimiser of the same loss (beside the "
+               "bar's centre; its s.e. in grey); dotted: the weak teacher's test accuracy before flips; "
+               f"diamonds: {PAPER_SOURCE}, as quoted in docs/theory.md (a different task and scale: compare "
+               "shapes and signs, not levels).")
+    fig = plots.plot_paper_tables(cells, diffs, PAPER_PAIRS, PAPER_TABLE_MAIN, PAPER_TABLE_NOISE, PAPER_SOURCE,
+                                  caption)
+    paths = plots.save_figure(fig, out, "paper_tables")
+    paths.append(_write_text(Path(out) / "paper_tables.md", paper_tables_markdown(cells, diffs, settings)))
+    return paths
+
+
 _BUILDERS = {
     "k_heads": k_heads_figure,
     "f_divergences": f_divergences_figure,
@@ -729,6 +889,7 @@ _BUILDERS = {
     "demo_digits": demo_digits_figure,
     "phase_diagram": phase_diagram_figure,
     "learning_curves": learning_curves_figure,
+    "paper_tables": paper_tables_figure,
 }
 
 

@@ -621,3 +621,106 @@ def plot_f_divergences(rows, caption: str):
     ax.legend(loc="upper left", ncol=2)
     _caption(fig, caption, -0.06, width=120)
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# paper_tables
+# --------------------------------------------------------------------------------------------------------
+
+#: The paper's column order (forward KL, reverse KL, forward CE, reverse CE).
+PAPER_LOSS_ORDER = ("forward_kl", "reverse_kl", "forward_ce", "reverse_ce")
+
+
+def plot_paper_tables(cells: pd.DataFrame, diffs: pd.DataFrame, pairs: list, paper_main: dict, paper_noise: dict,
+                      paper_label: str, caption: str):
+    """The paper's two tables as grouped bars, one column of panels per table: test accuracy (%) of the four
+    losses per row (top) and the paired differences against forward KL (points, bottom). Bars: practice
+    students, mean ± s.e.; black ticks (right of the bar's centre, grey s.e.): exact minimisers; white diamonds: the paper's reported numbers; dotted
+    and dash-dotted ticks: weak teacher and strong ceiling of the row."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    tables = sorted(cells["table"].unique())
+    fig, axes = plt.subplots(2, len(tables), figsize=(6.6 * len(tables), 8.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.25, 1]})
+    paper_style = dict(marker="D", markersize=6.5, markerfacecolor="white", markeredgecolor="black",
+                       markeredgewidth=1.1, linestyle="none", zorder=5)
+    exact_style = dict(marker="_", markersize=13, markeredgewidth=2.4, color="black", linestyle="none", zorder=4)
+    for col, table in enumerate(tables):
+        d = cells[cells["table"] == table]
+        rows = list(dict.fromkeys(d["row"]))
+        first = {r: d[d["row"] == r].iloc[0] for r in rows}
+        refs = {r: (paper_main.get(r) if table == 1 else paper_noise.get(round(float(first[r]["noise"]), 4)))
+                for r in rows}
+        xs = np.arange(len(rows))
+        # -- accuracies --
+        ax = axes[0, col]
+        losses = [loss for loss in PAPER_LOSS_ORDER if loss in set(d["loss"])]
+        width = 0.8 / len(losses)
+        shown = []
+        for i, loss in enumerate(losses):
+            st = LOSS_STYLE[loss]
+            x = xs + (i - (len(losses) - 1) / 2) * width
+            e = d[d["loss"] == loss].set_index(["row", "trainer"])
+            practice = np.array([100 * e.loc[(r, "practice"), "accuracy_mean"] for r in rows])
+            practice_se = np.array([100 * e.loc[(r, "practice"), "accuracy_se"] for r in rows])
+            ax.bar(x, practice, width, yerr=np.nan_to_num(practice_se), color=st["color"], capsize=2,
+                   edgecolor="black", linewidth=0.4, hatch="//" if st["linestyle"] == "--" else None)
+            exact = np.array([100 * e.loc[(r, "exact"), "accuracy_mean"] if (r, "exact") in e.index else np.nan
+                              for r in rows])
+            ax.plot(x + 0.22 * width, exact, **exact_style)
+            paper = np.array([refs[r][loss] if refs[r] else np.nan for r in rows])
+            ax.plot(x, paper, **paper_style)
+            shown += [practice, exact, paper]
+        for j, r in enumerate(rows):
+            ax.hlines(100 * first[r]["weak_accuracy"], xs[j] - 0.45, xs[j] + 0.45, color="0.3", linestyle=":",
+                      linewidth=2)
+            ax.hlines(100 * first[r]["ceiling_accuracy"], xs[j] - 0.45, xs[j] + 0.45, color="black",
+                      linestyle="-.", linewidth=1.3)
+            shown.append(np.array([100 * first[r]["weak_accuracy"], 100 * first[r]["ceiling_accuracy"]]))
+        values = np.concatenate(shown)
+        values = values[np.isfinite(values)]
+        ax.set_ylim(np.floor(values.min() / 5) * 5 - 2, 100)
+        ax.set_xticks(xs, [_paper_row_label(table, r, first[r]) for r in rows], fontsize=8.5)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Table 1 — main comparison (clean teacher)" if table == 1 else
+                     f"Table 2 — Base→Medium with flipped teacher labels")
+        # -- paired differences against forward KL --
+        ax = axes[1, col]
+        width = 0.8 / len(pairs)
+        for i, (a, b) in enumerate(pairs):
+            st = LOSS_STYLE[a]
+            x = xs + (i - (len(pairs) - 1) / 2) * width
+            e = diffs[(diffs["table"] == table) & (diffs["loss_a"] == a) & (diffs["loss_b"] == b)]
+            e = e.set_index(["row", "trainer"])
+            get = lambda r, t, c: 100 * e.loc[(r, t), c] if (r, t) in e.index else np.nan  # noqa: E731
+            ax.bar(x, [get(r, "practice", "mean") for r in rows], width,
+                   yerr=np.nan_to_num([get(r, "practice", "se") for r in rows]), color=st["color"], capsize=2,
+                   edgecolor="black", linewidth=0.4, hatch="//" if st["linestyle"] == "--" else None)
+            ax.errorbar(x + 0.22 * width, [get(r, "exact", "mean") for r in rows],
+                        yerr=np.nan_to_num([get(r, "exact", "se") for r in rows]), capsize=2, elinewidth=1, ecolor="0.45",
+                        **exact_style)
+            ax.plot(x, [refs[r][a] - refs[r][b] if refs[r] else np.nan for r in rows], **paper_style)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(xs, [_paper_row_label(table, r, first[r]) for r in rows], fontsize=8.5)
+        ax.set_ylabel("paired difference vs forward KL\n(percentage points)")
+        ax.set_title("reverse KL − forward KL and reverse CE − forward KL (paired over seeds)", fontsize=9.5)
+    handles = [Patch(facecolor=LOSS_STYLE[loss]["color"], edgecolor="black", linewidth=0.4,
+                     hatch="//" if LOSS_STYLE[loss]["linestyle"] == "--" else None,
+                     label=f"simulated, practice: {LOSS_STYLE[loss]['label']}") for loss in PAPER_LOSS_ORDER]
+    handles += [Line2D([], [], label="simulated, exact minimiser", **exact_style),
+                Line2D([], [], label=paper_label, **paper_style),
+                Line2D([], [], color="0.3", linestyle=":", linewidth=2, label="simulated weak teacher"),
+                Line2D([], [], color="black", linestyle="-.", linewidth=1.3, label="simulated strong ceiling")]
+    fig.legend(handles=handles, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.985), frameon=False)
+    fig.suptitle("The paper's two tables, simulated in their shape (bars) beside the paper's numbers (diamonds)",
+                 y=1.0)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    _caption(fig, caption, -0.005, width=160)
+    return fig
+
+
+def _paper_row_label(table: int, row: str, first) -> str:
+    if table == 1:
+        return f"{row}\n({int(first['weak_dim'])} → {int(first['strong_dim'])} feats)"
+    return row

@@ -9,7 +9,8 @@ import sys
 #: The figure names (as :data:`w2s_theory.figures.FIGURES`; repeated here so that building the CLI does not
 #: import the plotting stack; a test keeps the two equal).
 FIGURES = ("mode_seeking", "gain_vs_misfit", "noise_robustness", "bound_tightness", "guarantee_table",
-           "k_heads", "f_divergences", "loss_comparison", "demo_digits", "phase_diagram", "learning_curves")
+           "k_heads", "f_divergences", "loss_comparison", "demo_digits", "phase_diagram", "learning_curves",
+           "paper_tables")
 
 
 def register(sub) -> None:
