@@ -16,6 +16,9 @@ SOURCES = ["README.md", "docs", "w2s_theory", "paper_checks", "examples", "exper
            "pyproject.toml", ".ci"]
 TEXT_SUFFIXES = {".md", ".py", ".toml", ".txt", ""}
 
+#: The team's notes folder beside the repository, written so that this file does not mention it literally.
+OUTSIDE = "/".join(("..", "shared"))
+
 MD_MENTION = re.compile(r"(?<![\w/.-])((?:\.\.?/)*[\w./-]*[\w-]\.md)\b")
 MD_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -60,8 +63,8 @@ def dangling_references(root: Path = ROOT) -> list[str]:
     for path in _files(root):
         text = path.read_text(errors="replace")
         rel = path.relative_to(root)
-        if "../shared" in text:
-            problems.append(f"{rel}: points outside the repository (../shared)")
+        if OUTSIDE in text:
+            problems.append(f"{rel}: points outside the repository ({OUTSIDE})")
         for m in MD_MENTION.finditer(text):
             ref = m.group(1)
             if ref.startswith(("http", "www.")) or _resolves(ref, path, root) is not None:
@@ -93,15 +96,16 @@ def test_every_markdown_reference_points_into_the_repository():
 
 def test_the_reference_check_catches_a_dangling_reference(tmp_path):
     """The check can fail: a file that cites a notes file outside the repository, a link to a missing
-    heading, and a pointer to ../shared are all reported; a link to a real heading is not."""
+    heading, and a pointer to the team's notes folder outside it are all reported; a link to a real heading
+    is not."""
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "page.md").write_text("# Title\nSee THEORY.md and [x](page.md#no-such-heading), "
+    (tmp_path / "docs" / "page.md").write_text("# Title\nSee MISSING_NOTES.md and [x](page.md#no-such-heading), "
                                                "[y](page.md#title).\n")
     (tmp_path / "w2s_theory").mkdir()
-    (tmp_path / "w2s_theory" / "mod.py").write_text('"""See ../shared/DESIGN.md."""\n')
+    (tmp_path / "w2s_theory" / "mod.py").write_text(f'"""See {OUTSIDE}/notes."""\n')
     problems = dangling_references(tmp_path)
-    assert any("../shared" in p for p in problems)
-    assert any("THEORY.md" in p for p in problems)
+    assert any(OUTSIDE in p for p in problems)
+    assert any("MISSING_NOTES.md" in p for p in problems)
     assert any("no-such-heading" in p for p in problems)
     assert not any("#title" in p for p in problems)
 
