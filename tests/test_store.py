@@ -116,16 +116,7 @@ def test_a_run_shared_by_two_studies_is_computed_once_and_listed_in_both(store):
 
 def test_a_schema_1_store_is_upgraded_in_place(tmp_path):
     path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    db.executescript("""
-        CREATE TABLE runs (run_id TEXT PRIMARY KEY, study TEXT NOT NULL, spec TEXT NOT NULL, metrics TEXT NOT NULL,
-                           finished_at REAL NOT NULL);
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        INSERT INTO meta VALUES ('schema_version', '1');
-        INSERT INTO runs VALUES ('x', 'old', '{}', '{"run_id": "x", "gain_test": 0.25}', 0.0);
-    """)
-    db.commit()
-    db.close()
+    _schema_1_store(path)
     with ResultsStore(path) as store:
         assert store.rows("old") == [{"study": "old", "run_id": "x", "gain_test": 0.25}]
         assert store.done_ids(["x"], study="old") == {"x"}
