@@ -195,3 +195,25 @@ def test_cli_fit_rejects_an_unknown_generator_or_f_with_exit_2(loss, tmp_path, c
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("w2s-theory fit: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("loss", ["js", "jeffreys", "hellinger", "chi2", "reverse_chi2", "bregman:itakura_saito",
+                                  "bregman:generalized_kl", "bregman:squared_norm"])
+def test_linear_head_fit_on_the_constant_class_agrees_with_an_independent_optimum_within_its_certificate(loss):
+    """The linear head's batched barrier solver takes the separable field losses; on the constant class its
+    certified student agrees with scipy's optimum (an independent solver)."""
+    rng = np.random.default_rng(7)
+    teacher = 0.9 * rng.dirichlet(np.ones(3), size=(2, 12)) + 0.1 / 3
+    student = fit(np.full((12, 1), 2.5), teacher, loss=loss, head="linear")
+    for b in range(2):
+        reference = _scipy_constant_optimum(get_loss(loss), teacher[b])
+        objective, gap = float(student.objective[b]), float(student.gap[b])
+        assert np.isfinite(gap) and gap <= 1e-9
+        assert objective - gap <= reference + 1e-9
+        assert objective <= reference + 1e-9
+
+
+def test_linear_head_with_teacher_zeros_under_a_support_pinning_field_loss_is_a_one_line_error():
+    teacher = np.array([[0.0, 1.0], [0.5, 0.5], [0.3, 0.7]])
+    with pytest.raises(InputError, match="teacher zeros on the linear head"):
+        fit(np.array([[0.1], [0.5], [0.9]]), teacher, loss="chi2", head="linear")

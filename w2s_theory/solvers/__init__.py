@@ -34,7 +34,10 @@ _FIELD_LOSSES = ("js", "jeffreys", "hellinger", "chi2", "reverse_chi2", "tv", "b
                  "bregman:squared_norm", "bregman:itakura_saito", "bregman:generalized_kl", "bregman:mahalanobis")
 SOLVABLE = {
     "mixture": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared") + _FIELD_LOSSES,
-    "linear": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared"),
+    # The linear head's barrier solver takes any loss that is separable over the classes; TV (not smooth) and
+    # the Mahalanobis generator (not separable) stay on the mixture head.
+    "linear": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared")
+    + tuple(name for name in _FIELD_LOSSES if name not in ("tv", "bregman:mahalanobis")),
     "softmax": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce") + _FIELD_LOSSES,
     "mixture_of_softmax": ("forward_kl", "reverse_kl") + _FIELD_LOSSES,
     "squared": ("squared",),

@@ -480,6 +480,10 @@ def _fit_face(X, Q, loss, gamma) -> FitResult:
         if gamma > 0:
             res = _infeasible(X.shape[2], n, k, loss, X.device)
         else:
+            if loss.name not in ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared"):
+                raise ValueError(f"loss {loss.name!r} with teacher zeros on the linear head: the feasible set is a "
+                                 "face that only the cvxpy reference finds, and it has no formulation of this loss; "
+                                 "use the mixture head, or floor the teacher")
             res = fit_reference(X[b].cpu().numpy(), Q[b].cpu().numpy(), loss.name, "linear", gamma=0.0)
             # The reference's predictions are feasible only to its interior-point tolerance: the returned head
             # does not reproduce them to rounding (seen: 4.6e-13 off), so its gap is not a proof for the head.
