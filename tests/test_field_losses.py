@@ -217,3 +217,16 @@ def test_linear_head_with_teacher_zeros_under_a_support_pinning_field_loss_is_a_
     teacher = np.array([[0.0, 1.0], [0.5, 0.5], [0.3, 0.7]])
     with pytest.raises(InputError, match="teacher zeros on the linear head"):
         fit(np.array([[0.1], [0.5], [0.9]]), teacher, loss="chi2", head="linear")
+
+
+def test_tv_on_the_linear_head_is_certified_through_its_smoothing_against_cvxpy():
+    """TV is not smooth: the linear head minimises a smoothing whose error is paid in the certificate
+    (gap = smoothed gap + k mu / 2); the bound must hold against cvxpy's exact TV optimum on the constant class."""
+    rng = np.random.default_rng(5)
+    teacher = rng.dirichlet(np.ones(3), size=(2, 15))
+    student = fit(np.ones((15, 1)), teacher, loss="tv", head="linear")
+    for b in range(2):
+        reference = _cvxpy_tv_constant(teacher[b])
+        objective, gap = float(student.objective[b]), float(student.gap[b])
+        assert np.isfinite(gap) and gap < 1e-6
+        assert objective - gap <= reference + 1e-9 <= objective + 1e-9 + 2e-9  # a bound, and attained to rounding

@@ -34,10 +34,11 @@ _FIELD_LOSSES = ("js", "jeffreys", "hellinger", "chi2", "reverse_chi2", "tv", "b
                  "bregman:squared_norm", "bregman:itakura_saito", "bregman:generalized_kl", "bregman:mahalanobis")
 SOLVABLE = {
     "mixture": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared") + _FIELD_LOSSES,
-    # The linear head's barrier solver takes any loss that is separable over the classes; TV (not smooth) and
-    # the Mahalanobis generator (not separable) stay on the mixture head.
+    # The linear head's barrier solver takes any loss that is separable over the classes (TV through its
+    # smoothing, with a certificate that pays for it); the Mahalanobis generator (not separable) stays on the
+    # mixture head.
     "linear": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared")
-    + tuple(name for name in _FIELD_LOSSES if name not in ("tv", "bregman:mahalanobis")),
+    + tuple(name for name in _FIELD_LOSSES if name != "bregman:mahalanobis"),
     "softmax": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce") + _FIELD_LOSSES,
     "mixture_of_softmax": ("forward_kl", "reverse_kl") + _FIELD_LOSSES,
     "squared": ("squared",),
@@ -139,6 +140,10 @@ def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bi
         from .reference import fit_reference_batch
 
         return fit_reference_batch(X, Q, loss_obj.name, head, gamma=gamma, radius=radius, bias=bias)
+    if head == "linear" and loss_obj.name == "tv":
+        from .linear import fit_tv_linear
+
+        return fit_tv_linear(X, Q, gamma=gamma, tol=tol, max_iter=max_iter)
     if head == "linear":
         from .linear import fit_linear_batched
 
