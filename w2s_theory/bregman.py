@@ -255,7 +255,8 @@ def itakura_saito(x, y):
     safe_x = o.where(both | one, 1 + 0 * x, x)
     safe_y = o.where(both | one, 1 + 0 * y, y)
     r = safe_x / safe_y
-    term = r - o.log(r) - 1
+    # log(x/y) as a difference of logs: the ratio may overflow to inf (y subnormal), where inf - log(inf) is NaN.
+    term = r - (o.log(safe_x) - o.log(safe_y)) - 1
     term = o.where(one, o.inf + 0 * term, term)
     return o.sum(o.where(both, 0 * term, term), axis=-1)
 
