@@ -33,7 +33,8 @@ Theorem 2 to every generator) for the generators of :data:`w2s_theory.bregman.LO
 
 ``tv`` is not differentiable; its solvers smooth it and certify the gap of TV itself
 (:mod:`w2s_theory.solvers.frank_wolfe`). ``bregman:mahalanobis`` is not separable over classes
-(:data:`NON_SEPARABLE`).
+(:data:`NON_SEPARABLE`); it is quadratic, which the linear head's barrier solver uses
+(:data:`w2s_theory.solvers.linear.QUADRATIC_LOSSES`).
 """
 
 from __future__ import annotations

@@ -35,10 +35,8 @@ _FIELD_LOSSES = ("js", "jeffreys", "hellinger", "chi2", "reverse_chi2", "tv", "b
 SOLVABLE = {
     "mixture": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared") + _FIELD_LOSSES,
     # The linear head's barrier solver takes any loss that is separable over the classes (TV through its
-    # smoothing, with a certificate that pays for it); the Mahalanobis generator (not separable) stays on the
-    # mixture head.
-    "linear": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared")
-    + tuple(name for name in _FIELD_LOSSES if name != "bregman:mahalanobis"),
+    # smoothing, with a certificate that pays for it) or quadratic (Mahalanobis: a constant k x k Hessian).
+    "linear": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce", "squared") + _FIELD_LOSSES,
     "softmax": ("forward_kl", "forward_ce", "reverse_kl", "reverse_ce") + _FIELD_LOSSES,
     "mixture_of_softmax": ("forward_kl", "reverse_kl") + _FIELD_LOSSES,
     "squared": ("squared",),

@@ -1,7 +1,8 @@
 r"""Batched, certified fit of the linear head :math:`F(x) = W h(x) + b` on CPU or GPU.
 
 Problem, for each of ``B`` students independently (features :math:`h_i\in\mathbb R^m`, teacher
-:math:`q_i\in\Delta^k`, a loss :math:`\ell` convex and separable over classes, floor :math:`0\le\gamma<1/k`):
+:math:`q_i\in\Delta^k`, a loss :math:`\ell` convex and either separable over classes or quadratic, floor
+:math:`0\le\gamma<1/k`):
 
 .. math::
 
@@ -18,8 +19,10 @@ is :math:`P = \mathbf 1\mathbf 1^\top/k + U D V^\top`, and the centring problems
 .. math:: \min_D\ t\,\Phi(P) - \textstyle\sum_{e}\log(P_e - \gamma)
 
 are solved by Newton steps (the Hessian is :math:`\sum_y V_{ya}V_{yb}\,U^\top\mathrm{diag}(w_y)U` with
-:math:`w = t\ell''/n + (P-\gamma)^{-2}`; Armijo backtracking, full steps once the decrement is small, never
-more than 99% of the way to the floor), with :math:`t` raised 1000-fold once a student is centred, up to
+:math:`w = t\ell''/n + (P-\gamma)^{-2}`; for a quadratic loss that is not separable, ``bregman:mahalanobis``
+with per-sample Hessian :math:`2M`, :math:`w = (P-\gamma)^{-2}` plus the constant block
+:math:`(t/n)\,I\otimes V^\top 2M V`, since :math:`U^\top U = I`; Armijo backtracking, full steps once the
+decrement is small, never more than 99% of the way to the floor), with :math:`t` raised 1000-fold once a student is centred, up to
 :math:`t = 4nk/\mathrm{tol}`. About 7 Newton steps per student at :math:`n = 2000, m = 16, k = 2`.
 
 Certificate (weak LP duality for the Frank–Wolfe gap, Jaggi 2013): for convex :math:`\Phi` and any point
@@ -214,17 +217,41 @@ class _Certifier:
         return torch.where(sigma > 0, num / sigma.clamp_min(1e-300), torch.full_like(num, float("inf")))
 
 
-def _derivative_error(teacher, probs, dphi, n):
+#: Losses that are not separable over the classes but quadratic in the student: their per-sample Hessian is a
+#: constant ``k x k`` matrix (read off the gradient, :func:`_quadratic_loss_hessian`).
+QUADRATIC_LOSSES = ("bregman:mahalanobis",)
+
+
+def _quadratic_loss_hessian(loss: Loss, k: int, dtype, device) -> torch.Tensor | None:
+    r"""The constant per-sample Hessian :math:`\nabla^2_p\ell = 2M` of a loss in :data:`QUADRATIC_LOSSES`
+    (``None`` for the others), read off its gradient: :math:`\ell'(q, p) = 2M(p - q)` at :math:`q = 0`,
+    :math:`p = e_j` is the column :math:`2Me_j`, computed without rounding (products with 0 and 1)."""
+    if loss.name not in QUADRATIC_LOSSES:
+        return None
+    eye = torch.eye(k, dtype=dtype, device=device)
+    H = loss.grad_student(torch.zeros_like(eye), eye)
+    if not torch.equal(H, H.T) or torch.linalg.eigvalsh(H)[0] <= 0:
+        raise ValueError(f"loss {loss.name!r}: its Hessian is not symmetric positive definite")
+    return H
+
+
+def _derivative_error(teacher, probs, dphi, n, hessian=None):
     r"""Entrywise bound on the rounding of :math:`G = \ell'(q, \hat P)/n` at the (exactly given) ``probs``:
     each derivative :math:`-q/p`, :math:`\log p - \log q + 1`, :math:`-\log q`, :math:`2(p - q)` is a few
     correctly rounded operations on its inputs, so :math:`|\hat G - G| \le \gamma_8(|\ell'| + |\log p| +
-    |\log q| + 2)/n` (the logs enter only where they are finite)."""
+    |\log q| + 2)/n` (the logs enter only where they are finite). For a quadratic loss
+    :math:`\ell' = Hp - Hq` (``hessian`` :math:`H = 2M`, two ``k``-term products and a difference):
+    :math:`|\hat G - G| \le (\gamma_k(|p| + |q|)|H| + \gamma_2|\ell'|)(1 + \gamma_2)/n`."""
+    if hessian is not None:
+        k = probs.shape[-1]
+        spread = (probs.abs() + teacher.abs()) @ hessian.abs()
+        return (_gamma_n(k + 1) * spread + _gamma_n(2) * dphi.abs()) * (1 + _gamma_n(k + 4)) / n
     finite = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))  # noqa: E731
     mag = finite(dphi) + finite(torch.log(probs.clamp_min(0))) + finite(torch.log(teacher)) + 2
     return _gamma_n(8) * mag / n
 
 
-def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, dP, allowances=True):
+def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, dP, allowances=True, hessian=None):
     r"""The dual Frank–Wolfe bound at ``probs`` (see the module docstring), with every rounding allowance.
 
     ``dP`` is the barrier's Newton step at ``probs``; the multipliers are the primal–dual estimate
@@ -249,7 +276,7 @@ def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, dP, allowance
         return terms[0] + terms[1] + terms[2] + residual, G
     # Rounding: G_eff = Y + nu 1^T + R differs from the computed G by E (the derivative's own error plus the
     # subtraction's); moving G to G_eff changes <G, P> - min_S <G, S> by at most 2 sum_i max_y |E_iy|.
-    E = _derivative_error(teacher, probs, dphi, n) + _gamma_n(3) * (G.abs() + Y.abs() + nu.abs()[..., None])
+    E = _derivative_error(teacher, probs, dphi, n, hessian) + _gamma_n(3) * (G.abs() + Y.abs() + nu.abs()[..., None])
     magnitudes = (RP.abs().sum(dim=(1, 2)), YS.abs().sum(dim=(1, 2)),
                   (nu.abs() * (rowsum_minus_one.abs() + _gamma_n(probs.shape[2] + 1) * (probs.abs().sum(2) + 1)))
                   .sum(dim=1))
@@ -271,6 +298,10 @@ class _Barrier:
         self._buffer = None
         self.hessian_dtype = _HESSIAN_DTYPE if U.device.type == "cpu" else U.dtype
         self.logQ = torch.log(Q) if loss.name in ("reverse_kl", "reverse_ce") else None
+        # Quadratic non-separable loss: its Hessian in D is (t/n) (U^T U) kron (V^T H V) = (t/n) I kron V^T H V
+        # (U orthonormal), added to the barrier's separable part in :meth:`newton`.
+        H = _quadratic_loss_hessian(loss, k, U.dtype, U.device)
+        self.loss_hessian_D = None if H is None else V.T @ H @ V  # (k-1, k-1)
 
     def probs(self, D):
         return 1.0 / self.k + self.U @ _times(D, self.V.T)
@@ -308,6 +339,9 @@ class _Barrier:
         elif name == "reverse_ce":
             gP = (-self.logQ * c).sub_(inv_s)
             w = inv_s * inv_s
+        elif self.loss_hessian_D is not None:  # quadratic: its Hessian enters the Newton system as a constant block
+            gP = c * self.loss.grad_student(self.Q, P) - inv_s
+            w = inv_s * inv_s
         else:  # generic: the loss's own derivatives
             gP = c * self.loss.grad_student(self.Q, P) - inv_s
             w = (c * self.loss.curvature_student(self.Q, P)).addcmul_(inv_s, inv_s)
@@ -335,6 +369,10 @@ class _Barrier:
             Hy = torch.stack(blocks, dim=1)  # (b, k, r, r)
             H = sum(Hy[:, y, :, None, :, None] * (self.V[y, :, None] * self.V[y, None, :])[None, None, :, None, :]
                     for y in range(k)).reshape(b, r * (k - 1), r * (k - 1))
+        if self.loss_hessian_D is not None:
+            # + (t/n) I_r kron V^T H V: block diagonal in the (r, k-1) ordering of the unknowns.
+            blocks = H.view(b, r, k - 1, r, k - 1).diagonal(dim1=1, dim2=3)  # (b, k-1, k-1, r), a view
+            blocks += (t / self.n)[:, None, None, None] * self.loss_hessian_D[None, :, :, None]
         g = grad.reshape(b, -1)
         free = keep[:, :, None].expand(b, r, k - 1).reshape(b, -1)
         step = _solve_spd(H, -g, free)
@@ -609,14 +647,18 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         low = ((probs - err) < gamma).flatten(1).any(dim=1)
     bar = _Barrier(U, V, Q, gamma, loss, k)
     _, _, dP = bar.newton(probs, t, keep)
-    final_gap, G = _certificate(cert, all_rows, Q, probs, t, gamma, U, loss, n, dP)
+    hessian = _quadratic_loss_hessian(loss, k, dtype, dev)
+    final_gap, G = _certificate(cert, all_rows, Q, probs, t, gamma, U, loss, n, dP, hessian=hessian)
     # The head's exact predictions Z theta differ from probs by at most err: the gap is widened so that it
     # bounds the exact head's suboptimality too (first order plus the curvature on [P - err, P + err], where
     # these losses' curvature is largest at the lower end), and a head whose predictions are reproducible
     # only to more than _REPRODUCIBLE (huge coefficients on near-collinear features) is not certified.
     lower_end = (probs - err).clamp_min(torch.finfo(dtype).tiny)
-    with torch.no_grad():
-        curvature = loss.curvature_student(Q, lower_end) / n
+    if hessian is None:
+        with torch.no_grad():
+            curvature = loss.curvature_student(Q, lower_end) / n
+    else:  # d^T H d <= lambda_max(H) |d|^2 <= (max row sum of |H|) |d|^2 (Gershgorin), rounding included
+        curvature = (hessian.abs().sum(dim=1).amax() * (1 + _gamma_n(k + 2)) / n).expand_as(probs)
     final_gap = final_gap + ((G.abs() * err).sum(dim=(1, 2)) + 0.5 * (curvature * err * err).sum(dim=(1, 2))) * 2
     unreproducible = err.flatten(1).amax(dim=1) > _REPRODUCIBLE
     final_gap = torch.where(low | unreproducible, torch.full_like(final_gap, float("inf")), final_gap)
