@@ -22,8 +22,10 @@ are solved by Newton steps (the Hessian is :math:`\sum_y V_{ya}V_{yb}\,U^\top\ma
 :math:`w = t\ell''/n + (P-\gamma)^{-2}`; for a quadratic loss that is not separable, ``bregman:mahalanobis``
 with per-sample Hessian :math:`2M`, :math:`w = (P-\gamma)^{-2}` plus the constant block
 :math:`(t/n)\,I\otimes V^\top 2M V`, since :math:`U^\top U = I`; Armijo backtracking, full steps once the
-decrement is small, never more than 99% of the way to the floor), with :math:`t` raised 1000-fold once a student is centred, up to
-:math:`t = 4nk/\mathrm{tol}`. About 7 Newton steps per student at :math:`n = 2000, m = 16, k = 2`.
+decrement is small, never more than 99% of the way to the floor), with :math:`t` raised :math:`10^6`-fold once a
+student is centred, up to :math:`t = 4nk/\mathrm{tol}`. About 6 Newton steps per student at
+:math:`n = 2000, m = 16, k = 2`. Students stop once a one-pass estimate of the certificate below
+(:meth:`_Barrier.gap_estimate`) is at most ``tol / 2``; the reported gap is the certificate itself.
 
 Certificate (weak LP duality for the Frank–Wolfe gap, Jaggi 2013): for convex :math:`\Phi` and any point
 :math:`\hat P`, :math:`\Phi(\hat P) - \Phi^\star \le \langle G, \hat P\rangle - \min_{S}\langle G, S\rangle`
@@ -86,8 +88,10 @@ _ARMIJO = 1e-4
 _MAX_BACKTRACK = 50
 #: The barrier parameter starts at about this times the number of floor constraints.
 _T_START = 100.0
-#: The barrier parameter grows by this factor each time a student is centred.
-_T_GROWTH = 1000.0
+#: The barrier parameter grows by this factor each time a student is centred (a long step: two or three
+#: centring stages in all; measured at n = 1000-2000, m = 16, k = 2-3 over dense, sparse and teacher-zero
+#: workloads and five losses, 10-45% fewer Newton passes than a factor of 1000, every student certified).
+_T_GROWTH = 1e6
 #: A student counts as centred once half its squared Newton decrement is below this.
 _CENTRED = 0.05
 #: Fraction of the step to the floor that a Newton step may take.
@@ -307,13 +311,16 @@ class _Barrier:
     def probs(self, D):
         return 1.0 / self.k + self.U @ _times(D, self.V.T)
 
-    def gap_estimate(self, P, t, dP):
+    def gap_estimate(self, P, t, dP, kappa):
         r"""The bound of :func:`_certificate` without its rounding allowances and with :math:`\|\Pi R\|_F` taken as
         :math:`\|U^\top R\|_F` (exact for an orthonormal :math:`U`): with :math:`C = U^\top(G - Y)` and
         :math:`a` its class mean, :math:`U^\top R = C - a\mathbf 1^\top` and
         :math:`\langle R, P\rangle + \langle\nu, P\mathbf 1 - \mathbf 1\rangle = \langle G - Y, P\rangle
-        - \langle U^\top\mathbf 1, a\rangle`. One pass over :math:`U`; an estimate used only to decide when
-        to stop (the reported gap is always :func:`_certificate`'s)."""
+        - \langle U^\top\mathbf 1, a\rangle`. The residual term is multiplied by ``kappa``
+        :math:`=\|M\|_F/\sigma` (:class:`_Certifier`), the most by which the certificate's bound
+        :math:`\|M^\top R\|_F/\sigma` can exceed :math:`\|U^\top R\|_F`, so that a student is not stopped
+        before its certificate can be met. One pass over :math:`U`; an estimate used only to decide when to
+        stop (the reported gap is always :func:`_certificate`'s)."""
         G = self.loss.grad_student(self.Q, P) / self.n
         slack = P - self.gamma
         Y = torch.where(slack > 0, (1.0 - dP / slack).clamp_min(0) / (t[:, None, None] * slack), torch.zeros_like(slack))
@@ -323,7 +330,7 @@ class _Barrier:
         if self._U_sum is None:
             self._U_sum = self.U.sum(dim=1)
         value = (GY * P).sum(dim=(1, 2)) + (Y * slack).sum(dim=(1, 2)) - (self._U_sum * a).sum(dim=1)
-        return value + math.sqrt(self.n) * (C - a[..., None]).flatten(1).norm(dim=1)
+        return value + math.sqrt(self.n) * kappa * (C - a[..., None]).flatten(1).norm(dim=1)
 
     def value(self, P, t):
         """``t Phi(P) - sum log(P - gamma)`` per student, up to a constant (``inf`` outside the domain)."""
@@ -601,6 +608,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     best = torch.full((B,), float("inf"), dtype=dtype, device=dev)
     stale = torch.zeros(B, dtype=torch.long, device=dev)
     dP_final, P_final = torch.zeros_like(Q), torch.ones_like(Q)
+    kappa = torch.where(cert.sigma > 0, cert.M_norm / cert.sigma.clamp_min(1e-300), torch.full_like(cert.sigma, math.inf))
     by_certificate = torch.zeros(B, dtype=torch.bool, device=dev)
     for _ in range(max_iter):
         if not run.any():
@@ -616,7 +624,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         done = ~run
         near = ((tw >= t_final) & run).nonzero()[:, 0]
         if near.numel():
-            g_now = bar.gap_estimate(P, tw, dP)[near]  # every row: indexing would copy U
+            g_now = bar.gap_estimate(P, tw, dP, kappa[ws])[near]  # every row: indexing would copy U
             done[near] = g_now <= 0.5 * tol  # the allowances are far below tol / 2 on O(1) data
             # Students finished by their certificate keep P (step 0 below): their Newton step at P gives the
             # final certificate's multipliers without another Newton pass.
@@ -626,7 +634,10 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
             # At t_final a student whose certificate stopped improving is finished (rounding-limited).
             improved = g_now < 0.5 * best[near]
             best[near] = torch.minimum(best[near], g_now)
-            stale[near] = torch.where(improved, torch.zeros_like(stale[near]), stale[near] + 1)
+            # Only a centred student can be rounding-limited; one still far from the path (a long step in t)
+            # is making Newton progress even where its certificate improves slowly.
+            stuck = ~improved & (decrement[near] <= _CENTRED)
+            stale[near] = torch.where(stuck, stale[near] + 1, torch.zeros_like(stale[near]))
         # Fraction to the boundary, then Armijo backtracking on t Phi - sum log(P - gamma). Once the decrement
         # is small the full Newton step is taken (its quadratic region), because at large t the decrease
         # drowns in the rounding of t Phi; the certificate, not the descent, decides when to stop.
