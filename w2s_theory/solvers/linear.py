@@ -127,10 +127,14 @@ def _scaled_design(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Z = [X, 1]`` with each column multiplied by a power of two (exact) so that its max-abs lies in
     ``[1/2, 1)``; returns ``(Zs, exponent)`` with ``Z = Zs * 2**exponent`` column-wise."""
     B, n, m = X.shape
-    Z = torch.cat([X, torch.ones((B, n, 1), dtype=X.dtype, device=X.device)], dim=2)
-    col_max = torch.maximum(Z.amax(dim=1), -Z.amin(dim=1))
+    low, high = torch.aminmax(X, dim=1)
+    col_max = torch.cat([torch.maximum(high, -low), torch.ones_like(high[:, :1])], dim=1)  # the bias column: 1
     _, exponent = torch.frexp(torch.where(col_max > 0, col_max, torch.ones_like(col_max)))
-    return torch.ldexp(Z, -exponent[:, None, :].to(Z.dtype)), exponent
+    scale = torch.ldexp(torch.ones_like(col_max), -exponent.to(X.dtype))  # 2**-e, exact
+    Zs = torch.empty((B, n, m + 1), dtype=X.dtype, device=X.device)
+    torch.mul(X, scale[:, None, :m], out=Zs[..., :m])  # what ldexp computes, without a copy of [X, 1]
+    Zs[..., m] = scale[:, m:]
+    return Zs, exponent
 
 
 def _smallest_singular_value_lower_bound(M: torch.Tensor) -> torch.Tensor:
@@ -336,15 +340,17 @@ class _Barrier:
         """``t Phi(P) - sum log(P - gamma)`` per student, up to a constant (``inf`` outside the domain)."""
         slack = P - self.gamma
         name = self.loss.name
+        log_slack = torch.log(slack)
+        log_P = log_slack if self.gamma == 0 else None  # slack = P exactly: one pass of log serves both
         if name in ("forward_kl", "forward_ce"):
-            phi = -(self.Q * torch.log(P)).sum(dim=(1, 2))  # the teacher's entropy is a constant
+            phi = -(self.Q * (torch.log(P) if log_P is None else log_P)).sum(dim=(1, 2))  # + a constant
         elif name == "reverse_kl":
             phi = (P * (torch.log(P) - self.logQ)).sum(dim=(1, 2))
         elif name == "reverse_ce":
             phi = -(P * self.logQ).sum(dim=(1, 2))
         else:
             phi = self.loss.per_sample(self.Q, P).sum(dim=1)
-        out = t * phi / self.n - torch.log(slack).sum(dim=(1, 2))
+        out = t * phi / self.n - log_slack.sum(dim=(1, 2))
         feasible = (slack > 0).flatten(1).all(dim=1) & torch.isfinite(out)
         return torch.where(feasible, out, torch.full_like(out, float("inf")))
 
@@ -378,16 +384,26 @@ class _Barrier:
         b, n, k = P.shape
         r = self.U.shape[2]
         gP, w = self.derivatives(P, t)
-        grad = _times(self.U.transpose(1, 2) @ gP, self.V)  # (b, r, k-1)
         if self._buffer is None:  # sqrt(w) U, allocated once (fresh pages every iteration cost more than the product)
             self._U_h = self.U.to(self.hessian_dtype)
-            self._buffer = torch.empty_like(self._U_h)
-        Y, Uh = self._buffer, self._U_h
-        if k == 2:
-            # V = (1, -1)/sqrt 2: the Hessian is U^T diag((w_0 + w_1)/2) U.
+            fused = k == 2 and self.hessian_dtype == P.dtype
+            self._buffer = self._U_h.new_empty((b, n, r + fused))
+        Y, Uh = self._buffer[..., :r], self._U_h
+        if k == 2 and self._buffer.shape[2] == r + 1:
+            # V = (1, -1)/sqrt 2: the Hessian is U^T diag(w') U with w' = (w_0 + w_1)/2, and the gradient is
+            # U^T z with z = g V; one product [sqrt(w') U, z/sqrt(w')]^T (sqrt(w') U) gives both (one pass over U).
+            root = w.sum(dim=2, keepdim=True).mul_(0.5).sqrt_()
+            torch.mul(Uh, root, out=Y)
+            z = gP[..., 0:1] * self.V[0, 0] + gP[..., 1:2] * self.V[1, 0]  # (b, n, 1)
+            torch.div(z, root, out=self._buffer[..., r:])
+            HG = self._buffer.transpose(1, 2) @ Y  # (b, r + 1, r)
+            H, grad = HG[:, :r].contiguous(), HG[:, r, :, None]
+        elif k == 2:
+            grad = _times(self.U.transpose(1, 2) @ gP, self.V)  # (b, r, k-1)
             torch.mul(Uh, w.sum(dim=2, keepdim=True).mul_(0.5).sqrt_().to(Y.dtype), out=Y)
             H = (Y.transpose(1, 2) @ Y).to(P.dtype)
         else:
+            grad = _times(self.U.transpose(1, 2) @ gP, self.V)  # (b, r, k-1)
             blocks = []
             for y in range(k):
                 torch.mul(Uh, w[..., y : y + 1].sqrt().to(Y.dtype), out=Y)
