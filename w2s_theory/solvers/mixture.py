@@ -189,23 +189,160 @@ def _teacher_for_derivatives(design, teacher, allowed, loss: Loss) -> torch.Tens
     return torch.where(reachable, teacher, torch.zeros_like(teacher))
 
 
-def _evaluate(design, teacher, A, loss: Loss):
-    """Student probabilities ``(B, k, n)`` and mean loss per student (``teacher`` class-major too)."""
-    probs = design.predict(A)
-    return probs, loss.per_sample(teacher.transpose(1, 2), probs.transpose(1, 2)).mean(dim=-1)
+class _LossTerms:
+    r"""Per-sample loss, derivative and curvature of ``loss`` on class-major ``(B, k, n)`` predictions.
+
+    ``teacher`` is the real teacher (it defines the objective), ``teacher_d`` the teacher for derivatives
+    (:func:`_teacher_for_derivatives`). This generic version calls the :class:`Loss`; :class:`_KLTerms`
+    computes the same quantities for the KL family with the teacher's logarithms taken once and one
+    logarithm of the predictions per evaluation (``xlogy`` costs several logarithms).
+    """
+
+    def __init__(self, loss: Loss, teacher: torch.Tensor, teacher_d: torch.Tensor):
+        self.loss, self.Q, self.Qd = loss, teacher, teacher_d
+
+    def take(self, keep: torch.Tensor) -> "_LossTerms":
+        return type(self)(self.loss, self.Q[keep], self.Qd[keep])
+
+    def value(self, probs: torch.Tensor) -> torch.Tensor:
+        """Mean loss per student."""
+        return self.loss.per_sample(self.Q.transpose(1, 2), probs.transpose(1, 2)).mean(dim=-1)
+
+    def derivative(self, probs: torch.Tensor) -> torch.Tensor:
+        """Per-sample derivative ``(B, k, n)``, 0 where ``teacher_d`` pins the entry."""
+        return self.loss.grad_student(self.Qd.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
+
+    def magnitude(self, probs: torch.Tensor, dphi: torch.Tensor) -> torch.Tensor:
+        r"""A bound ``M`` with ``|fl(dphi) - dphi| <= gamma_{m+4} M`` entrywise (:func:`_certified_gradient`):
+        for the derivatives :math:`-q/p` and :math:`2(p-q)` it is :math:`|\ell'| + 2`."""
+        return torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
+
+    def curvature(self, probs: torch.Tensor, dphi: torch.Tensor, k2_fast: bool) -> torch.Tensor:
+        """Per-sample curvatures ``(B, k, n)`` (0 where pinned); for ``k = 2`` only their sum enters the
+        reduced Hessian. ``dphi`` is :meth:`derivative` at ``probs``."""
+        curv = self.loss.curvature_student(self.Qd.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
+        if self.loss.pins_student_to_teacher_support:
+            curv = torch.where(self.Qd > 0, curv, torch.zeros_like(curv))
+        return curv[:, :1] + curv[:, 1:2] if k2_fast else curv
+
+    def gradient_is_finite(self, probs: torch.Tensor) -> torch.Tensor:
+        """Reverse losses have an infinite derivative at ``p_y = 0 < q_y``: iterates stay off that boundary."""
+        if not self.loss.pins_student_to_teacher_support or self.loss.linear_in_probabilities:
+            return torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+        bad = (probs <= 0) & (self.Qd > 0)
+        return ~bad.any(dim=2).any(dim=1)
+
+    def stays_off_the_barrier(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Whether no prediction with teacher mass shrinks below ``_SHRINK`` times its value in one step.
+
+        The KL losses have a barrier at ``p_y = 0 < q_y`` (infinite derivative, and for the forward losses
+        an infinite value): their optima keep such predictions positive, but a backtracked projected-Newton
+        step can land within 1e-12 of the barrier, after which Newton's quadratic model only doubles the
+        entry per iteration (tens of iterations). Refusing such a step costs nothing where the model is good."""
+        return ~((new < _SHRINK * old) & (self.Qd > 0)).any(dim=2).any(dim=1)
+
+    def relative_change(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Largest relative change of a prediction that carries curvature (teacher mass > 0), per student;
+        NaN (read: large) where a zero prediction stayed zero.
+
+        The curvatures of the losses here are functions of ``p`` alone up to factors ``q`` (``1/p``,
+        ``q/p^2``, constant), so a reused Hessian is within a factor ``(1 +- r)^2`` of the fresh one."""
+        rel = (new - old).abs_().div_(old)
+        rel = torch.where(self.Qd > 0, rel, torch.zeros_like(rel))
+        return rel.flatten(1).amax(dim=1)
 
 
-def _derivative(teacher, probs, loss: Loss) -> torch.Tensor:
-    """Per-sample derivative of the loss in the student's probabilities, class-major ``(B, k, n)``."""
-    return loss.grad_student(teacher.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
+class _KLTerms(_LossTerms):
+    r""":class:`_LossTerms` for forward KL / forward CE (:math:`\ell = \sum_y q_y\log(q_y/p_y)`, resp.
+    :math:`-\sum_y q_y\log p_y`) and reverse KL (:math:`\ell = \sum_y p_y\log(p_y/q_y)`), with
+    :math:`\log q`, :math:`\sum q\log q` and the pinning masks computed once.
+
+    Where no teacher (of the batch) has a zero, the masks are skipped; the arithmetic of every entry with
+    teacher mass is the same either way, so a student's numbers do not depend on its batch. The values
+    agree with :meth:`Loss.per_sample` (``xlogy`` semantics: :math:`0\log 0 = 0`, NaN propagates) and the
+    derivatives and curvatures with :meth:`Loss.grad_student` / :meth:`Loss.curvature_student`."""
+
+    def __init__(self, loss: Loss, teacher: torch.Tensor, teacher_d: torch.Tensor, _pre=None):
+        super().__init__(loss, teacher, teacher_d)
+        self.reverse = loss.name == "reverse_kl"
+        if _pre is not None:
+            self.zeros, self.log_q, self.log_qd, self.entropy_term = _pre
+            return
+        self.zeros = bool((teacher == 0).any()) or bool((teacher_d == 0).any())
+        if self.reverse:
+            self.log_q = torch.log(teacher)  # -inf at teacher zeros: p log(p / 0) = +inf for p > 0
+            log_qd = torch.log(teacher_d)
+            # log q - 1 (the derivative is log p - that) and |log q| + 2 (its rounding allowance), 0 if pinned
+            self.log_qd = (log_qd - 1, log_qd.abs() + 2)
+            if self.zeros:
+                self.log_qd = tuple(torch.where(teacher_d > 0, t, torch.zeros_like(t)) for t in self.log_qd)
+            self.entropy_term = None
+        else:
+            self.log_q, self.log_qd = None, None
+            self.entropy_term = (torch.special.xlogy(teacher, teacher).sum(dim=(1, 2)) if loss.name == "forward_kl"
+                                 else torch.zeros(teacher.shape[0], dtype=teacher.dtype, device=teacher.device))
+
+    def take(self, keep: torch.Tensor) -> "_KLTerms":
+        pick = lambda t: None if t is None else (tuple(u[keep] for u in t) if isinstance(t, tuple) else t[keep])  # noqa: E731
+        return _KLTerms(self.loss, self.Q[keep], self.Qd[keep],
+                        (self.zeros, pick(self.log_q), pick(self.log_qd), pick(self.entropy_term)))
+
+    def value(self, probs):
+        n = probs.shape[-1]
+        if self.reverse:
+            # p (log p - log q) with 0 log 0 = 0 (also at teacher zeros, where the entry is pinned at 0)
+            terms = probs * (torch.log(probs) - self.log_q)
+            terms = torch.where(probs == 0, torch.zeros_like(terms), terms)
+            return terms.sum(dim=(1, 2)) / n
+        # q log q - q log p, where q log p is xlogy(q, p): 0 where q = 0 (NaN if p is)
+        cross = self.Q * torch.log(probs)
+        if self.zeros:
+            cross = torch.where(self.Q > 0, cross, 0 * probs)
+        return (self.entropy_term - cross.sum(dim=(1, 2))) / n
+
+    def derivative(self, probs):
+        if self.reverse:
+            dphi = torch.log(probs) - self.log_qd[0]  # log(p / q) + 1
+        else:
+            dphi = -self.Qd / probs
+        return torch.where(self.Qd > 0, dphi, torch.zeros_like(dphi)) if self.zeros else dphi
+
+    def magnitude(self, probs, dphi):
+        if not self.reverse:
+            return dphi.abs() + 2
+        # log p - (log q - 1): the rounding of each logarithm is relative to |log p|, |log q|, not to their
+        # difference (p = q = 1e-300: derivative 1, logarithms -690).
+        M = dphi.abs() + torch.log(probs).abs_() + self.log_qd[1]
+        return torch.where(self.Qd > 0, M, torch.zeros_like(M)) if self.zeros else M
+
+    def curvature(self, probs, dphi, k2_fast):
+        curv = (1 / probs) if self.reverse else (-dphi / probs)  # 1/p, resp. q/p^2 = (-q/p)/p
+        if self.zeros:
+            curv = torch.where(self.Qd > 0, curv, torch.zeros_like(curv))
+        return curv[:, :1] + curv[:, 1:2] if k2_fast else curv
+
+    def gradient_is_finite(self, probs):
+        if not self.reverse:
+            return super().gradient_is_finite(probs)
+        if self.zeros:
+            return super().gradient_is_finite(probs)
+        return probs.flatten(1).amin(dim=1) > 0
+
+    def stays_off_the_barrier(self, old, new):
+        if self.zeros:
+            return super().stays_off_the_barrier(old, new)
+        return ~(new < _SHRINK * old).flatten(1).any(dim=1)
+
+    def relative_change(self, old, new):
+        if self.zeros:
+            return super().relative_change(old, new)
+        return (new - old).abs_().div_(old).flatten(1).amax(dim=1)
 
 
-def _curvature_weights(teacher, probs, loss: Loss, k2_fast: bool):
-    """Per-sample curvatures ``(B, k, n)``; for ``k = 2`` only their sum enters the reduced Hessian."""
-    curv = loss.curvature_student(teacher.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
-    if loss.pins_student_to_teacher_support:
-        curv = torch.where(teacher > 0, curv, torch.zeros_like(curv))
-    return curv[:, :1] + curv[:, 1:2] if k2_fast else curv
+def _loss_terms(loss: Loss, teacher, teacher_d) -> _LossTerms:
+    if loss.name in ("reverse_kl", "forward_kl", "forward_ce"):
+        return _KLTerms(loss, teacher, teacher_d)
+    return _LossTerms(loss, teacher, teacher_d)
 
 
 def _gamma(count: int, dtype) -> float:
@@ -213,29 +350,31 @@ def _gamma(count: int, dtype) -> float:
     return count * u / (1 - count * u)
 
 
-def _certified_gradient(design, teacher_d, A, probs, loss: Loss, allowed):
-    r"""Gradient ``G`` ``(B, k, m)`` at ``A`` and its certified Frank–Wolfe gap ``(B,)``.
+def _certified_gradient(design, terms: _LossTerms, A, probs, allowed):
+    r"""Gradient ``G`` ``(B, k, m)`` at ``A``, its certified Frank–Wolfe gap ``(B,)`` and the per-sample
+    derivatives ``(B, k, n)``.
 
     The gap :math:`g(A) = \max_S\langle G, A - S\rangle \ge \Phi(A) - \Phi^\star` is increased by a
     bound on the floating-point error of its own evaluation, so that it bounds the *exact* gap of ``A``
     (Higham, *Accuracy and Stability*, §3.1). :math:`G = \frac1n\sum_i \ell'(q_i, p_i)h_i^\top` with
     :math:`p_i = Ah_i` a sum of :math:`m` non-negative products (relative error :math:`\le\gamma_m`); each
-    derivative :math:`\ell'\in\{\log(p/q)+1, -q/p, -\log q, 2(p-q)\}` is then off by at most
-    :math:`\gamma_{m+4}(|\ell'| + 2)`, so :math:`G` by :math:`\varepsilon = \gamma_{n+m+4}\frac1n\sum_i
-    (|\ell'_i| + 2)h_i^\top` entrywise (computed in the same product as ``G``: one pass over the features).
-    The columns of :math:`A` lie in the simplex, so the gap moves by at most
-    :math:`2\sum_j\max_y\varepsilon_{yj}`, plus :math:`\gamma_{k+m}` times itself for its own sums.
+    derivative is then off by at most :math:`\gamma_{m+4}M_i` with :math:`M_i = |\ell'_i| + 2` for
+    :math:`\ell'\in\{-q/p, -\log q, 2(p-q)\}` and :math:`M_i = |\ell'_i| + |\log p_i| + |\log q_i| + 2`
+    for :math:`\ell' = \log p - (\log q - 1)` (:meth:`_LossTerms.magnitude`), so :math:`G` by
+    :math:`\varepsilon = \gamma_{n+m+4}\frac1n\sum_i M_ih_i^\top` entrywise (computed in the same product
+    as ``G``: one pass over the features). The columns of :math:`A` lie in the simplex, so the gap moves by
+    at most :math:`2\sum_j\max_y\varepsilon_{yj}`, plus :math:`\gamma_{k+m}` times itself for its own sums.
     Without it an interior optimum, where Theorem 2 is an equality, is undecidable: slack and gap both sit at
     the level of rounding. A non-finite gradient gives an infinite gap.
     """
     k = A.shape[1]
-    dphi = _derivative(teacher_d, probs, loss)
-    magnitude = torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
-    both = design.gradient(torch.cat([dphi, magnitude], dim=1))
+    dphi = terms.derivative(probs)
+    both = torch.cat([dphi, terms.magnitude(probs, dphi)], dim=1)
+    both = design.gradient(both)
     G, eps_G = both[:, :k], both[:, k:] * _gamma(design.n + design.m + 4, dphi.dtype)
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
     gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + design.m, dphi.dtype) * gap
-    return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
+    return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap), dphi
 
 
 def _reduced_hessian_general(H, basis_onehot):
@@ -341,26 +480,8 @@ def _project_step(A, D, allowed, alpha, floor=None):
     return torch.where(floor[:, None, None], raised, V)
 
 
-def _gradient_is_finite(teacher, probs, loss: Loss):
-    """Reverse losses have an infinite derivative at ``p_y = 0 < q_y``: iterates stay off that boundary."""
-    if not loss.pins_student_to_teacher_support or loss.linear_in_probabilities:
-        return torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
-    bad = (probs <= 0) & (teacher > 0)
-    return ~bad.any(dim=2).any(dim=1)
-
-
 _FLOOR = 1e-2
 _SHRINK = _FLOOR / 2
-
-
-def _stays_off_the_barrier(old, new, teacher):
-    """Whether no prediction with teacher mass shrinks below ``_SHRINK`` times its value in one step.
-
-    The KL losses have a barrier at ``p_y = 0 < q_y`` (infinite derivative, and for the forward losses an
-    infinite value): their optima keep such predictions positive, but a backtracked projected-Newton step
-    can land within 1e-12 of the barrier, after which Newton's quadratic model only doubles the entry per
-    iteration (tens of iterations). Refusing such a step costs nothing where the model is good."""
-    return ~((new < _SHRINK * old) & (teacher > 0)).any(dim=2).any(dim=1)
 
 
 def _em_step(A, G, column_mass, allowed):
@@ -395,17 +516,6 @@ def _entropic_step(A, G, column_mass, allowed):
 #: Majorise–minimise steps by loss: monotone, cheap (no Hessian), and multiplicative, so they complement
 #: projected Newton where its quadratic model is poor (entries orders of magnitude from their optimum).
 _MM_STEPS = {"forward_kl": _em_step, "forward_ce": _em_step, "reverse_kl": _entropic_step}
-
-
-def _relative_change(old, new, teacher):
-    """Largest relative change of a prediction that carries curvature (teacher mass > 0), per student.
-
-    The curvatures of the losses here are functions of ``p`` alone up to factors ``q`` (``1/p``, ``q/p^2``,
-    constant), so a reused Hessian is within a factor ``(1 +- r)^2`` of the fresh one."""
-    diff = (new - old).abs()
-    rel = torch.where(old > 0, diff / old, torch.where(diff > 0, float("inf"), 0.0))
-    rel = torch.where(teacher > 0, rel, torch.zeros_like(rel))
-    return rel.flatten(1).amax(dim=1)
 
 
 def fit_mixture_batched(
@@ -470,6 +580,7 @@ def fit_mixture_batched(
     allowed = _allowed_entries(design, Qt, loss)
     feasible_problem = allowed.any(dim=1).all(dim=1)  # every column has a class it may use
     Qd = _teacher_for_derivatives(design, Qt, allowed, loss)
+    terms = _loss_terms(loss, Qt, Qd)
 
     if A0 is None:
         A = allowed.to(dtype)
@@ -480,14 +591,16 @@ def fit_mixture_batched(
 
     if loss.linear_in_probabilities:
         # Reverse CE: Phi is linear in A, so one call of the linear-minimisation oracle is exact.
-        G = design.gradient(_derivative(Qd, design.predict(A), loss))
+        G = design.gradient(terms.derivative(design.predict(A)))
         A = MixtureHead.lmo(G, allowed)
         iterations += 1
-        probs, value = _evaluate(design, Qt, A, loss)
-        G, gap = _certified_gradient(design, Qd, A, probs, loss, allowed)
+        probs = design.predict(A)
+        value = terms.value(probs)
+        G, gap, _ = _certified_gradient(design, terms, A, probs, allowed)
         return _result(design, loss, A, probs, value, G, gap, allowed, feasible_problem, iterations, tol)
 
-    probs, value = _evaluate(design, Qt, A, loss)
+    probs = design.predict(A)
+    value = terms.value(probs)
     G_all = torch.zeros_like(A)
     gap_all = torch.full_like(value, float("inf"))
     k2_fast = k == 2
@@ -495,12 +608,13 @@ def fit_mixture_batched(
     mm_step = _MM_STEPS.get(loss.name)
     has_mm = mm_step is not None
     mm_start = mm_start if has_mm else 0
-    mass = (features.sum(dim=-2) / n).expand(B, -1)[:, None, :]  # w_j = mean_i h_ij, (B, 1, m)
+    # w_j = mean_i h_ij (B, 1, m), for the entropic step only: a pass over the features, taken when first needed
+    mass = None
     # Working set: the students still iterating. Compaction copies the per-student features, so for that
     # layout it waits until the set has thinned out; shared features cost nothing to compact.
     compact_below = 1.0 if shared else 0.6
     ws = torch.arange(B, device=dev)
-    d, Q, Qdw, al, cm, Aw, Pw, Vw = design, Qt, Qd, allowed, mass, A.clone(), probs.clone(), value.clone()
+    d, tw, al, Aw, Pw, Vw = design, terms, allowed, A.clone(), probs.clone(), value.clone()
     running = feasible_problem.clone()
     H = None
     need_hessian = torch.ones(B, dtype=torch.bool, device=dev)
@@ -515,24 +629,28 @@ def fit_mixture_batched(
         idx = torch.arange(Aw.shape[0], device=dev) if full else students
         pick = (lambda t: t) if idx.numel() == Aw.shape[0] else (lambda t: t[idx])  # noqa: E731
         trial = candidate(pick)
-        Pt, Vt = _evaluate(d if idx.numel() == Aw.shape[0] else d.take(idx), pick(Q), trial, loss)
-        ok = torch.isfinite(Vt) & _gradient_is_finite(pick(Qdw), Pt, loss)
+        sub = idx.numel() != Aw.shape[0]
+        Pt = (d.take(idx) if sub else d).predict(trial)
+        t = tw.take(idx) if sub else tw
+        Vt = t.value(Pt)
+        ok = torch.isfinite(Vt) & t.gradient_is_finite(Pt)
         if newton and not barrier_free:
-            ok &= _stays_off_the_barrier(pick(Pw), Pt, pick(Qdw))
+            ok &= t.stays_off_the_barrier(pick(Pw), Pt)
         return idx, trial, Pt, Vt, ok
 
     for it in range(max_iter + 1):
         if running.sum() < compact_below * running.numel():
             A[ws], probs[ws], value[ws] = Aw, Pw, Vw
             keep = running.nonzero()[:, 0]
-            ws, Q, Qdw, al, cm, Aw, Pw, Vw = (t[keep] for t in (ws, Q, Qdw, al, cm, Aw, Pw, Vw))
-            d = d.take(keep)
+            ws, al, Aw, Pw, Vw = (t[keep] for t in (ws, al, Aw, Pw, Vw))
+            mass = mass[keep] if mass is not None else None
+            d, tw = d.take(keep), tw.take(keep)
             H = H[keep] if H is not None else None
             need_hessian, running, mm_next, newton_failed = (
                 t[keep] for t in (need_hessian, running, mm_next, newton_failed))
         # The certificate of every student in the working set at its current point: the returned gap of a
         # student is the one computed here at its last point.
-        G, gap = _certified_gradient(d, Qdw, Aw, Pw, loss, al)
+        G, gap, dphi = _certified_gradient(d, tw, Aw, Pw, al)
         G_all[ws], gap_all[ws] = G, gap
         running = running & ~(gap <= tol)
         if it == max_iter or not running.any():
@@ -552,11 +670,11 @@ def fit_mixture_batched(
             fresh = need_hessian & newton
             if fresh.any() or H is None:
                 if H is None or fresh.sum() > 0.5 * fresh.numel():
-                    H_new = d.curvature_blocks(_curvature_weights(Qdw, Pw, loss, k2_fast))
+                    H_new = d.curvature_blocks(tw.curvature(Pw, dphi, k2_fast))
                     H = H_new if H is None else torch.where(fresh[:, None, None, None], H_new, H)
                 else:
                     sel = fresh.nonzero()[:, 0]
-                    H[sel] = d.curvature_blocks(_curvature_weights(Qdw[sel], Pw[sel], loss, k2_fast), sel)
+                    H[sel] = d.curvature_blocks(tw.take(sel).curvature(Pw[sel], dphi[sel], k2_fast), sel)
             D = _newton_direction(G, Aw, H, al, gap.clamp(max=1e-2))
             D = D * newton[:, None, None]
             # Armijo backtracking along the projected arc; a rounding allowance keeps the test meaningful once
@@ -578,6 +696,9 @@ def fit_mixture_batched(
                 alpha[idx[~ok & ~to_floor & pending[idx]]] *= 0.5
         mm_failed = torch.zeros_like(running)
         if use_mm.any():
+            if mass is None:
+                mass = (d.X.sum(dim=-2) / n).expand(Aw.shape[0], -1)[:, None, :]
+            cm = mass
             idx, trial, Pt, Vt, ok = evaluate_some(
                 use_mm.nonzero()[:, 0], lambda pick: mm_step(pick(A_old), pick(G), pick(cm), pick(al)), False)
             ok &= use_mm[idx] & (Vt <= V_old[idx] + slack[idx])
@@ -593,7 +714,7 @@ def fit_mixture_batched(
         step = (Aw - A_old).abs().amax(dim=(1, 2))
         need_hessian = (alpha < 1) | (use_mm & need_hessian) | (step > hessian_reuse_step)
         if not bool(need_hessian.all()):  # the relative test only decides between the remaining students
-            need_hessian |= _relative_change(P_old, Pw, Qdw) > hessian_reuse_change
+            need_hessian |= ~(tw.relative_change(P_old, Pw) <= hessian_reuse_change)
         iterations[ws[running | stalled]] += 1
     A[ws], probs[ws], value[ws] = Aw, Pw, Vw
     return _result(design, loss, A, probs, value, G_all, gap_all, allowed, feasible_problem, iterations, tol)
