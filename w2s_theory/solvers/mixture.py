@@ -73,8 +73,14 @@ class _StudentFeatures:
         self.hessian_dtype = hessian_dtype
         # The features in the Hessian's dtype, converted once (not once per Hessian).
         self.Xh = X.to(hessian_dtype) if Xh is None else Xh
-        # Scratch space for sqrt(curvature) * X. Allocating B x n x m afresh every iteration costs more than
-        # the product itself on CPU (page faults), so it is allocated once and sliced after compaction.
+        # Scratch space for sqrt(curvature) * X, allocated once. On CPU the Hessians are formed a few students
+        # at a time, so that this scratch stays in the core's cache between its write and the product that
+        # reads it (one pass over the features from memory instead of three); on a GPU all at once.
+        if X.device.type == "cpu":
+            per_student = self.n * self.m * torch.finfo(hessian_dtype).bits // 8
+            self._chunk = max(1, torch.get_num_threads() * 2**20 // per_student)
+        else:
+            self._chunk = None
         self._buffer = buffer
 
     def take(self, keep: torch.Tensor) -> "_StudentFeatures":
@@ -100,24 +106,30 @@ class _StudentFeatures:
         In a low-precision ``hessian_dtype`` the products of a student whose curvatures are extreme (a
         prediction near a barrier: ``n max w`` near the dtype's range) would overflow or lose their range;
         those students are recomputed in float64, so the choice depends on the student alone."""
-        X = self.Xh if rows is None else self.Xh[rows]
         b, c = weights.shape[0], weights.shape[1]
-        if self._buffer is None:
-            self._buffer = torch.empty(self.Xh.shape, dtype=self.hessian_dtype, device=self.X.device)
-        Y = self._buffer[:b]
-        roots = weights.clamp_min(0).sqrt()
-        H = torch.empty((b, c, self.m, self.m), dtype=torch.float64, device=self.X.device)
-        for y in range(c):
-            torch.mul(X, roots[:, y, :, None].to(Y.dtype), out=Y)
-            H[:, y] = torch.bmm(Y.transpose(1, 2), Y)
+        chunk = self._chunk or b
+        if self._buffer is None or self._buffer.shape[0] < min(chunk, b):
+            self._buffer = torch.empty((min(chunk, b), self.n, self.m), dtype=self.hessian_dtype, device=self.X.device)
+        roots = weights.clamp_min(0).sqrt().to(self.hessian_dtype)
+        Hh = torch.empty((b, c, self.m, self.m), dtype=self.hessian_dtype, device=self.X.device)
+        for start in range(0, b, chunk):
+            stop = min(start + chunk, b)
+            X = self.Xh[start:stop] if rows is None else self.Xh[rows[start:stop]]
+            Y = self._buffer[: stop - start]
+            for y in range(c):
+                torch.mul(X, roots[start:stop, y, :, None], out=Y)
+                torch.bmm(Y.transpose(1, 2), Y, out=Hh[start:stop, y])
+        H = Hh.to(torch.float64)
         if self.hessian_dtype != torch.float64:
             limit = torch.finfo(self.hessian_dtype).max * 1e-3
-            extreme = (weights.amax(dim=(1, 2)) * self.n >= limit) | ~torch.isfinite(H).all(dim=3).all(dim=2).all(dim=1)
+            # all entries finite <=> their sum is (float32 entries cannot overflow a float64 sum)
+            extreme = (weights.amax(dim=(1, 2)) * self.n >= limit) | ~torch.isfinite(H.sum(dim=(1, 2, 3)))
             if extreme.any():
                 idx = extreme.nonzero()[:, 0]
                 X64 = (self.X if rows is None else self.X[rows])[idx]
+                roots64 = weights[idx].clamp_min(0).sqrt()
                 for y in range(c):
-                    Y64 = X64 * roots[idx, y, :, None]
+                    Y64 = X64 * roots64[:, y, :, None]
                     H[idx, y] = torch.bmm(Y64.transpose(1, 2), Y64)
         return H.div_(self.n)
 
