@@ -67,25 +67,24 @@ class _StudentFeatures:
 
     shared = False
 
-    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, Xh: torch.Tensor | None = None, buffer=None):
+    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, buffers=None):
         self.X = X
         self.n, self.m = X.shape[-2], X.shape[-1]
         self.hessian_dtype = hessian_dtype
-        # The features in the Hessian's dtype, converted once (not once per Hessian).
-        self.Xh = X.to(hessian_dtype) if Xh is None else Xh
-        # Scratch space for sqrt(curvature) * X, allocated once. On CPU the Hessians are formed a few students
-        # at a time, so that this scratch stays in the core's cache between its write and the product that
-        # reads it (one pass over the features from memory instead of three); on a GPU all at once.
+        # Scratch space for X and sqrt(curvature) * X in the Hessian's dtype, allocated once. On CPU the
+        # Hessians are formed a few students at a time, so that the scratch stays in the core's cache between
+        # its write and the product that reads it (one pass over the features from memory instead of three, and
+        # no full low-precision copy of the features, whose fresh pages cost more than the conversion); on a
+        # GPU all at once.
         if X.device.type == "cpu":
             per_student = self.n * self.m * torch.finfo(hessian_dtype).bits // 8
             self._chunk = max(1, torch.get_num_threads() * 2**20 // per_student)
         else:
             self._chunk = None
-        self._buffer = buffer
+        self._buffers = buffers
 
     def take(self, keep: torch.Tensor) -> "_StudentFeatures":
-        X = self.X[keep]
-        return _StudentFeatures(X, self.hessian_dtype, None if self.Xh is self.X else self.Xh[keep], self._buffer)
+        return _StudentFeatures(self.X[keep], self.hessian_dtype, self._buffers)
 
     def support_products(self, zero_teacher: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         support = (self.X[rows] > 0).to(zero_teacher.dtype)
@@ -108,14 +107,17 @@ class _StudentFeatures:
         those students are recomputed in float64, so the choice depends on the student alone."""
         b, c = weights.shape[0], weights.shape[1]
         chunk = self._chunk or b
-        if self._buffer is None or self._buffer.shape[0] < min(chunk, b):
-            self._buffer = torch.empty((min(chunk, b), self.n, self.m), dtype=self.hessian_dtype, device=self.X.device)
+        if self._buffers is None or self._buffers[0].shape[0] < min(chunk, b):
+            shape = (min(chunk, b), self.n, self.m)
+            self._buffers = tuple(torch.empty(shape, dtype=self.hessian_dtype, device=self.X.device) for _ in "XY")
         roots = weights.clamp_min(0).sqrt().to(self.hessian_dtype)
         Hh = torch.empty((b, c, self.m, self.m), dtype=self.hessian_dtype, device=self.X.device)
         for start in range(0, b, chunk):
             stop = min(start + chunk, b)
-            X = self.Xh[start:stop] if rows is None else self.Xh[rows[start:stop]]
-            Y = self._buffer[: stop - start]
+            X = self.X[start:stop] if rows is None else self.X[rows[start:stop]]
+            if self.hessian_dtype != X.dtype:
+                X = self._buffers[0][: stop - start].copy_(X)
+            Y = self._buffers[1][: stop - start]
             for y in range(c):
                 torch.mul(X, roots[start:stop, y, :, None], out=Y)
                 torch.bmm(Y.transpose(1, 2), Y, out=Hh[start:stop, y])
@@ -229,6 +231,12 @@ class _LossTerms:
         for the derivatives :math:`-q/p` and :math:`2(p-q)` it is :math:`|\ell'| + 2`."""
         return torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
 
+    def derivative_and_magnitude(self, probs: torch.Tensor) -> torch.Tensor:
+        """:meth:`derivative` and :meth:`magnitude` stacked, ``(B, 2k, n)``: one product with the features
+        gives the gradient and its rounding allowance."""
+        dphi = self.derivative(probs)
+        return torch.cat([dphi, self.magnitude(probs, dphi)], dim=1)
+
     def curvature(self, probs: torch.Tensor, dphi: torch.Tensor, k2_fast: bool) -> torch.Tensor:
         """Per-sample curvatures ``(B, k, n)`` (0 where pinned); for ``k = 2`` only their sum enters the
         reduced Hessian. ``dphi`` is :meth:`derivative` at ``probs``."""
@@ -278,9 +286,10 @@ class _KLTerms(_LossTerms):
         super().__init__(loss, teacher, teacher_d)
         self.reverse = loss.name == "reverse_kl"
         if _pre is not None:
-            self.zeros, self.log_q, self.log_qd, self.entropy_term = _pre
+            self.zeros, self.pinned, self.log_q, self.log_qd, self.entropy_term = _pre
             return
         self.zeros = bool((teacher == 0).any()) or bool((teacher_d == 0).any())
+        self.pinned = teacher_d == 0 if self.zeros else None
         if self.reverse:
             self.log_q = torch.log(teacher)  # -inf at teacher zeros: p log(p / 0) = +inf for p > 0
             log_qd = torch.log(teacher_d)
@@ -296,8 +305,8 @@ class _KLTerms(_LossTerms):
 
     def take(self, keep: torch.Tensor) -> "_KLTerms":
         pick = lambda t: None if t is None else (tuple(u[keep] for u in t) if isinstance(t, tuple) else t[keep])  # noqa: E731
-        return _KLTerms(self.loss, self.Q[keep], self.Qd[keep],
-                        (self.zeros, pick(self.log_q), pick(self.log_qd), pick(self.entropy_term)))
+        return _KLTerms(self.loss, self.Q[keep], self.Qd[keep], (self.zeros, pick(self.pinned), pick(self.log_q),
+                                                                pick(self.log_qd), pick(self.entropy_term)))
 
     def value(self, probs):
         n = probs.shape[-1]
@@ -327,10 +336,29 @@ class _KLTerms(_LossTerms):
         M = dphi.abs() + torch.log(probs).abs_() + self.log_qd[1]
         return torch.where(self.Qd > 0, M, torch.zeros_like(M)) if self.zeros else M
 
+    def derivative_and_magnitude(self, probs):
+        B, k, n = probs.shape
+        both = torch.empty((B, 2 * k, n), dtype=probs.dtype, device=probs.device)
+        dphi, M = both[:, :k], both[:, k:]
+        if self.reverse:
+            log_p = torch.log(probs)
+            torch.sub(log_p, self.log_qd[0], out=dphi)
+            torch.add(log_p.abs_(), self.log_qd[1], out=M)
+            M.add_(dphi.abs())
+            if self.zeros:
+                dphi.masked_fill_(self.pinned, 0)
+                M.masked_fill_(self.pinned, 0)
+        else:
+            torch.div(self.Qd, probs, out=dphi).neg_()
+            if self.zeros:
+                dphi.masked_fill_(self.pinned, 0)
+            torch.abs(dphi, out=M).add_(2)
+        return both
+
     def curvature(self, probs, dphi, k2_fast):
         curv = (1 / probs) if self.reverse else (-dphi / probs)  # 1/p, resp. q/p^2 = (-q/p)/p
         if self.zeros:
-            curv = torch.where(self.Qd > 0, curv, torch.zeros_like(curv))
+            curv.masked_fill_(self.pinned, 0)
         return curv[:, :1] + curv[:, 1:2] if k2_fast else curv
 
     def gradient_is_finite(self, probs):
@@ -380,8 +408,8 @@ def _certified_gradient(design, terms: _LossTerms, A, probs, allowed):
     the level of rounding. A non-finite gradient gives an infinite gap.
     """
     k = A.shape[1]
-    dphi = terms.derivative(probs)
-    both = torch.cat([dphi, terms.magnitude(probs, dphi)], dim=1)
+    both = terms.derivative_and_magnitude(probs)
+    dphi = both[:, :k]
     both = design.gradient(both)
     G, eps_G = both[:, :k], both[:, k:] * _gamma(design.n + design.m + 4, dphi.dtype)
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
@@ -403,16 +431,18 @@ def _reduced_hessian_general(H, basis_onehot):
     return T.reshape(B, k * m, k * m)
 
 
-def _masked_newton_solve(H, rhs, free):
-    """Solve ``H_FF d_F = rhs_F`` (``d = 0`` off ``free``) for a batch, by Cholesky of the Jacobi-scaled
+def _masked_newton_solve(H, rhs, free, sign=None):
+    """Solve ``H_FF d_F = rhs_F`` (``d = 0`` off ``free``) for a batch, where ``H`` is ``S H S`` with the
+    diagonal signs ``S = diag(sign)`` when given (no pass over ``H`` for them), by Cholesky of the Jacobi-scaled
     matrix (unit diagonal, so the solve does not depend on the scale of each coordinate: curvatures near a
     barrier reach 1e20 and more while others stay O(1)) with a tiny ridge that makes exactly singular blocks
     (features never used) solvable; failures get more damping."""
     f = free.to(torch.float64)
     diag = torch.diagonal(H, dim1=1, dim2=2) * f
     inv_root = torch.where(diag > 0, diag, torch.ones_like(diag)).rsqrt() * f
-    M = H * inv_root[:, :, None]
-    M.mul_(inv_root[:, None, :])
+    v = inv_root if sign is None else inv_root * sign
+    M = H * v[:, :, None]
+    M.mul_(v[:, None, :])
     rhs = rhs * inv_root
     y = rhs.clone()  # scaled gradient step: the fallback if every damping fails
     todo = None
@@ -435,7 +465,9 @@ def _masked_newton_solve(H, rhs, free):
 def _newton_direction(G, A, H, allowed, eps):
     """Projected-Newton direction ``D`` (``B, k, m``) with ``sum_y D[:, y, j] = 0``. ``H`` holds the curvature blocks (``B, k, m, m``; ``B, 1, m, m`` summed for ``k = 2``)."""
     B, k, m = A.shape
-    basis = torch.where(allowed, A, torch.full_like(A, -1.0)).argmax(dim=1)  # largest allowed entry
+    V = torch.where(allowed, A, torch.full_like(A, -1.0))
+    # largest allowed entry (the first on ties); for k = 2 a comparison (argmax over 2 rows is a slow reduction)
+    basis = (V[:, 1] > V[:, 0]).long() if k == 2 else V.argmax(dim=1)
     is_basis = torch.zeros_like(allowed).scatter_(1, basis[:, None, :], True)
     R = G - torch.gather(G, 1, basis[:, None, :])  # reduced gradient, 0 on the basis
     nonbasic = allowed & ~is_basis
@@ -448,8 +480,7 @@ def _newton_direction(G, A, H, allowed, eps):
         r = torch.gather(R, 1, other)[:, 0]
         f = torch.gather(free, 1, other)[:, 0]
         s = torch.where(basis == 1, 1.0, -1.0).to(torch.float64)
-        Hm = H[:, 0] * s[:, :, None] * s[:, None, :]
-        u = _masked_newton_solve(Hm, -r, f)
+        u = _masked_newton_solve(H[:, 0], -r, f, sign=s)
         D = torch.zeros_like(A).scatter_(1, other, u[:, None, :].to(A.dtype))
     else:
         H_red = _reduced_hessian_general(H, is_basis)
