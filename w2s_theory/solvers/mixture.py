@@ -431,6 +431,12 @@ def _reduced_hessian_general(H, basis_onehot):
     return T.reshape(B, k * m, k * m)
 
 
+def _diagonal_share(H):
+    """Share of the curvature blocks' total mass on their diagonals, per student: about ``sum_i |h_i|^2 / n``,
+    near 1 for one-hot features and near ``1/m`` for spread ones (NaN where the blocks are 0)."""
+    return torch.diagonal(H, dim1=-2, dim2=-1).sum(dim=(1, 2)) / H.sum(dim=(1, 2, 3))
+
+
 def _masked_newton_solve(H, rhs, free, sign=None):
     """Solve ``H_FF d_F = rhs_F`` (``d = 0`` off ``free``) for a batch, where ``H`` is ``S H S`` with the
     diagonal signs ``S = diag(sign)`` when given (no pass over ``H`` for them), by Cholesky of the Jacobi-scaled
@@ -703,6 +709,14 @@ def fit_mixture_batched(
         # was cut short (its quadratic model is poor there: typically an entry orders of magnitude above a
         # tiny optimum, which the barrier lets Newton only halve per iteration); Newton otherwise.
         use_mm = running & (mm_next | (it < mm_start))
+        if it == 0 and has_mm and mm_start == 0 and A0 is None and H is None:
+            # First step of a student whose features are close to one-hot (most of its curvature on the
+            # diagonal of X^T diag(w) X): majorise-minimise, exact in one step on one-hot features, where
+            # Newton's first steps from the uniform start are cut short (measured: 8.0 -> 6.3 iterations on
+            # near one-hot features). The Hessian is needed for the others anyway.
+            H = d.curvature_blocks(tw.curvature(Pw, dphi, k2_fast))
+            use_mm |= running & (_diagonal_share(H) >= 0.5)
+            need_hessian = use_mm.clone()
         newton = running & ~use_mm
         A_old, P_old, V_old = Aw.clone(), Pw.clone(), Vw.clone()
         alpha = torch.ones(Aw.shape[0], dtype=dtype, device=dev)
