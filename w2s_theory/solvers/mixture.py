@@ -96,31 +96,73 @@ class _StudentFeatures:
 
     def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
         """``dphi X / n`` for ``dphi`` ``(B, c, n)``."""
-        return torch.bmm(dphi, self.X) / self.n
+        return self.gradient_and_curvature(dphi)[0]
+
+    def gradient_and_curvature(self, dphi: torch.Tensor, weights: torch.Tensor | None = None,
+                               rows: torch.Tensor | None = None):
+        """``dphi X / n`` for every student and :meth:`curvature_blocks` of ``weights`` for the students
+        ``rows`` (sorted) in the same sweep over the features: each chunk of features is read from memory
+        once for both products. The gradient is always formed chunk by chunk, so that its arithmetic does
+        not depend on which students also get a Hessian."""
+        b = dphi.shape[0]
+        grad = torch.empty((b, dphi.shape[1], self.m), dtype=dphi.dtype, device=dphi.device)
+        chunk = self._chunk or b
+        hessian = rows is not None and rows.numel() > 0
+        if hessian:
+            roots, Hh = self._hessian_scratch(weights, chunk)
+            wanted = torch.zeros(b, dtype=torch.bool)
+            wanted[rows.cpu()] = True
+            wanted, done = wanted.tolist(), 0
+        for start in range(0, b, chunk):
+            stop = min(start + chunk, b)
+            X = self.X[start:stop]
+            torch.bmm(dphi[start:stop], X, out=grad[start:stop])
+            if hessian:
+                local = [i - start for i in range(start, stop) if wanted[i]]
+                if local:
+                    if len(local) < stop - start:
+                        X = X[torch.tensor(local, device=X.device)]
+                    self._hessian_chunk(X, roots[done : done + len(local)], Hh[done : done + len(local)])
+                    done += len(local)
+        grad.div_(self.n)
+        return grad, (self._finish_hessian(Hh, weights, rows) if hessian else None)
 
     def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         r""":math:`\frac1n X^\top\mathrm{diag}(w_c)X` for each row ``c`` of ``weights`` ``(b, c, n)``, as
-        :math:`Y^\top Y` with :math:`Y = \sqrt{w_c}X` (weights are curvatures of convex losses, >= 0).
+        :math:`Y^\top Y` with :math:`Y = \sqrt{w_c}X` (weights are curvatures of convex losses, >= 0), for
+        the students ``rows`` (all if ``None``).
 
         In a low-precision ``hessian_dtype`` the products of a student whose curvatures are extreme (a
         prediction near a barrier: ``n max w`` near the dtype's range) would overflow or lose their range;
         those students are recomputed in float64, so the choice depends on the student alone."""
-        b, c = weights.shape[0], weights.shape[1]
+        b = weights.shape[0]
         chunk = self._chunk or b
+        roots, Hh = self._hessian_scratch(weights, chunk)
+        for start in range(0, b, chunk):
+            stop = min(start + chunk, b)
+            X = self.X[start:stop] if rows is None else self.X[rows[start:stop]]
+            self._hessian_chunk(X, roots[start:stop], Hh[start:stop])
+        return self._finish_hessian(Hh, weights, rows)
+
+    def _hessian_scratch(self, weights, chunk):
+        b, c = weights.shape[0], weights.shape[1]
         if self._buffers is None or self._buffers[0].shape[0] < min(chunk, b):
             shape = (min(chunk, b), self.n, self.m)
             self._buffers = tuple(torch.empty(shape, dtype=self.hessian_dtype, device=self.X.device) for _ in "XY")
         roots = weights.clamp_min(0).sqrt().to(self.hessian_dtype)
-        Hh = torch.empty((b, c, self.m, self.m), dtype=self.hessian_dtype, device=self.X.device)
-        for start in range(0, b, chunk):
-            stop = min(start + chunk, b)
-            X = self.X[start:stop] if rows is None else self.X[rows[start:stop]]
-            if self.hessian_dtype != X.dtype:
-                X = self._buffers[0][: stop - start].copy_(X)
-            Y = self._buffers[1][: stop - start]
-            for y in range(c):
-                torch.mul(X, roots[start:stop, y, :, None], out=Y)
-                torch.bmm(Y.transpose(1, 2), Y, out=Hh[start:stop, y])
+        return roots, torch.empty((b, c, self.m, self.m), dtype=self.hessian_dtype, device=self.X.device)
+
+    def _hessian_chunk(self, X, roots, out):
+        """``out[:, y] = Y^T Y`` with ``Y = roots[:, y] * X`` for a chunk of students, in the scratch space."""
+        if self.hessian_dtype != X.dtype:
+            X = self._buffers[0][: X.shape[0]].copy_(X)
+        Y = self._buffers[1][: X.shape[0]]
+        for y in range(roots.shape[1]):
+            torch.mul(X, roots[:, y, :, None], out=Y)
+            torch.bmm(Y.transpose(1, 2), Y, out=out[:, y])
+
+    def _finish_hessian(self, Hh, weights, rows):
+        c = weights.shape[1]
         H = Hh.to(torch.float64)
         if self.hessian_dtype != torch.float64:
             limit = torch.finfo(self.hessian_dtype).max * 1e-3
@@ -163,6 +205,11 @@ class _SharedFeatures:
     def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
         B, c, n = dphi.shape
         return (dphi.reshape(B * c, n) @ self.X).reshape(B, c, self.m) / n
+
+    def gradient_and_curvature(self, dphi, weights=None, rows=None):
+        """:meth:`gradient`, and :meth:`curvature_blocks` of ``weights`` if ``rows`` is given."""
+        hessian = rows is not None and rows.numel() > 0
+        return self.gradient(dphi), (self.curvature_blocks(weights) if hessian else None)
 
     def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         b, c, n = weights.shape
@@ -390,9 +437,10 @@ def _gamma(count: int, dtype) -> float:
     return count * u / (1 - count * u)
 
 
-def _certified_gradient(design, terms: _LossTerms, A, probs, allowed):
-    r"""Gradient ``G`` ``(B, k, m)`` at ``A``, its certified Frank–Wolfe gap ``(B,)`` and the per-sample
-    derivatives ``(B, k, n)``.
+def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_rows=None, k2_fast=False):
+    r"""Gradient ``G`` ``(B, k, m)`` at ``A``, its certified Frank–Wolfe gap ``(B,)``, the per-sample
+    derivatives ``(B, k, n)`` and, for the students ``hessian_rows`` (sorted; ``None`` for none), the
+    curvature blocks at ``A``, formed in the same sweep over the features as the gradient.
 
     The gap :math:`g(A) = \max_S\langle G, A - S\rangle \ge \Phi(A) - \Phi^\star` is increased by a
     bound on the floating-point error of its own evaluation, so that it bounds the *exact* gap of ``A``
@@ -410,11 +458,14 @@ def _certified_gradient(design, terms: _LossTerms, A, probs, allowed):
     k = A.shape[1]
     both = terms.derivative_and_magnitude(probs)
     dphi = both[:, :k]
-    both = design.gradient(both)
+    weights = None
+    if hessian_rows is not None and hessian_rows.numel():
+        weights = terms.take(hessian_rows).curvature(probs[hessian_rows], dphi[hessian_rows], k2_fast)
+    both, H = design.gradient_and_curvature(both, weights, hessian_rows)
     G, eps_G = both[:, :k], both[:, k:] * _gamma(design.n + design.m + 4, dphi.dtype)
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
     gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + design.m, dphi.dtype) * gap
-    return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap), dphi
+    return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap), dphi, H
 
 
 def _reduced_hessian_general(H, basis_onehot):
@@ -645,7 +696,7 @@ def fit_mixture_batched(
         iterations += 1
         probs = design.predict(A)
         value = terms.value(probs)
-        G, gap, _ = _certified_gradient(design, terms, A, probs, allowed)
+        G, gap, _, _ = _certified_gradient(design, terms, A, probs, allowed)
         return _result(design, loss, A, probs, value, G, gap, allowed, feasible_problem, iterations, tol)
 
     probs = design.predict(A)
@@ -699,7 +750,13 @@ def fit_mixture_batched(
                 t[keep] for t in (need_hessian, running, mm_next, newton_failed))
         # The certificate of every student in the working set at its current point: the returned gap of a
         # student is the one computed here at its last point.
-        G, gap, dphi = _certified_gradient(d, tw, Aw, Pw, al)
+        # Students that will take a Newton step with a fresh Hessian unless this certificate stops them get
+        # their Hessian in the certificate's sweep over the features (one pass instead of two). Guessed from
+        # the last gap: with Newton's quadratic convergence a gap above 1e3 tol is not followed by one below
+        # tol; a wrong guess costs time only.
+        fused = running & need_hessian & ~mm_next & (it >= mm_start) & (gap_all[ws] > 1e3 * tol)
+        rows = fused.nonzero()[:, 0] if bool(fused.any()) else None
+        G, gap, dphi, H_fused = _certified_gradient(d, tw, Aw, Pw, al, rows, k2_fast)
         G_all[ws], gap_all[ws] = G, gap
         running = running & ~(gap <= tol)
         if it == max_iter or not running.any():
@@ -709,14 +766,19 @@ def fit_mixture_batched(
         # was cut short (its quadratic model is poor there: typically an entry orders of magnitude above a
         # tiny optimum, which the barrier lets Newton only halve per iteration); Newton otherwise.
         use_mm = running & (mm_next | (it < mm_start))
-        if it == 0 and has_mm and mm_start == 0 and A0 is None and H is None:
+        if H_fused is not None:
+            if H is None:
+                H = torch.zeros((Aw.shape[0], *H_fused.shape[1:]), dtype=H_fused.dtype, device=dev)
+            H[rows] = H_fused
+            need_hessian = need_hessian & ~fused
+        if it == 0 and has_mm and mm_start == 0 and A0 is None and H_fused is not None:
             # First step of a student whose features are close to one-hot (most of its curvature on the
             # diagonal of X^T diag(w) X): majorise-minimise, exact in one step on one-hot features, where
             # Newton's first steps from the uniform start are cut short (measured: 8.0 -> 6.3 iterations on
-            # near one-hot features). The Hessian is needed for the others anyway.
-            H = d.curvature_blocks(tw.curvature(Pw, dphi, k2_fast))
-            use_mm |= running & (_diagonal_share(H) >= 0.5)
-            need_hessian = use_mm.clone()
+            # near one-hot features).
+            near_one_hot = fused & running & (_diagonal_share(H) >= 0.5)
+            use_mm |= near_one_hot
+            need_hessian |= near_one_hot
         newton = running & ~use_mm
         A_old, P_old, V_old = Aw.clone(), Pw.clone(), Vw.clone()
         alpha = torch.ones(Aw.shape[0], dtype=dtype, device=dev)
