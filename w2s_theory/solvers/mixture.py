@@ -40,6 +40,14 @@ in a sweep, where many teachers (tasks, noise levels, losses) are fitted on one 
 every product is a single large matrix product, and the ``B`` Hessians come from one product with the
 precomputed symmetric outer products :math:`\mathrm{vec}_{\le}(h_ih_i^\top)`.
 
+Cost (per-student features, CPU): the products are limited by reading the features from memory, so an
+iteration reads them twice: once for the predictions of the line search's trial, once for the gradient, its
+certificate and, where a fresh Newton step will follow, the Hessian, formed a few students at a time so that
+:math:`\sqrt w X` (in ``hessian_dtype``) stays in cache (:meth:`_StudentFeatures.gradient_and_curvature`).
+The per-sample terms of the KL losses take the teacher's logarithms once and one logarithm of the
+predictions per evaluation (:class:`_KLTerms`). A student whose curvature sits mostly on the diagonal of
+:math:`X^\top\mathrm{diag}(w)X` (near one-hot features) starts with the majorise–minimise step.
+
 Reverse cross-entropy is linear in the student's probabilities, so its minimiser is a vertex given by one
 call of the linear-minimisation oracle (gap exactly 0 up to rounding).
 """
