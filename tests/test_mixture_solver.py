@@ -210,3 +210,82 @@ def test_sub_batches_give_bit_identical_students():
     assert pieces.batch_size == 30
     assert torch.equal(whole.params["A"], pieces.params["A"]) and torch.equal(whole.gap, pieces.gap)
     assert torch.equal(whole.params["A"][11:12], alone.params["A"])
+
+
+def _kl_terms_inputs(k, seed):
+    rng = np.random.default_rng(seed)
+    Q = torch.tensor(rng.dirichlet(np.ones(k), size=(4, 50))).transpose(1, 2).contiguous()  # (B, k, n)
+    P = torch.tensor(rng.dirichlet(np.ones(k), size=(4, 50))).transpose(1, 2).contiguous()
+    Q[1, 0, :10] = 0  # teacher zeros: pinned entries (student 0 there) and free ones (student > 0)
+    Q[1] /= Q[1].sum(0)
+    P[1, 0, :5] = 0
+    P[1] /= P[1].sum(0)
+    P[2, 1, 3] = 0  # a student 0 where the teacher has mass: infinite forward loss, finite reverse loss
+    P[2] /= P[2].sum(0)
+    return Q, P
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl", "forward_ce"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_kl_terms_agree_with_the_loss_definitions(loss, k):
+    # The solver's fused KL terms (teacher logarithms taken once, no xlogy) against the Loss's own value,
+    # derivative and curvature, with teacher zeros and student zeros; with and without zeros in the batch.
+    from w2s_theory.solvers.mixture import _KLTerms, _LossTerms
+
+    L = get_loss(loss)
+    Q, P = _kl_terms_inputs(k, 11)
+    for rows in (torch.arange(4), torch.tensor([0, 3])):  # with zeros in the batch, and without
+        q, p = Q[rows], P[rows]
+        fast, slow = _KLTerms(L, q, q), _LossTerms(L, q, q)
+        assert fast.zeros == bool(len(rows) == 4)
+        assert torch.allclose(fast.value(p), slow.value(p), rtol=1e-13, atol=0, equal_nan=False) or (
+            torch.equal(torch.isinf(fast.value(p)), torch.isinf(slow.value(p)))
+            and torch.allclose(*(v.value(p)[torch.isfinite(slow.value(p))] for v in (fast, slow)), rtol=1e-13))
+        finite = torch.isfinite(slow.derivative(p))
+        both = fast.derivative_and_magnitude(p)
+        assert torch.equal(torch.isfinite(both[:, :k]), finite)
+        assert torch.allclose(both[:, :k][finite], slow.derivative(p)[finite], rtol=1e-13, atol=1e-15)
+        ok = finite & (p > 0)
+        d = slow.derivative(p)
+        assert torch.allclose(fast.curvature(p, both[:, :k], False)[ok], slow.curvature(p, d, False)[ok], rtol=1e-13)
+
+
+def test_reverse_kl_rounding_allowance_covers_tiny_probabilities():
+    # The derivative log p - (log q - 1) at p ~ q ~ 1e-300 is O(1) but its logarithms are -690: their
+    # rounding must be paid for. Checked against mpmath on the exact float inputs (so gamma_4, not m + 4);
+    # the former allowance |l'| + 2 is too small on some of these inputs.
+    import mpmath
+
+    from w2s_theory.solvers.mixture import _KLTerms, _gamma
+
+    rng = np.random.default_rng(5)
+    p = torch.tensor(10.0 ** rng.uniform(-305, -250, size=200))
+    q = p * torch.tensor(rng.uniform(0.5, 2.0, size=200))
+    P, Q = torch.stack([p, 1 - p])[None], torch.stack([q, 1 - q])[None]  # (1, 2, 200)
+    both = _KLTerms(get_loss("reverse_kl"), Q, Q).derivative_and_magnitude(P)
+    dphi, M = both[0, 0], both[0, 2]
+    with mpmath.workdps(60):
+        err = torch.tensor([float(abs(mpmath.mpf(d) - (mpmath.log(mpmath.mpf(a)) - mpmath.log(mpmath.mpf(b)) + 1)))
+                            for d, a, b in zip(dphi.tolist(), p.tolist(), q.tolist())], dtype=torch.float64)
+    assert (err <= _gamma(4, torch.float64) * M).all()
+    assert (err > _gamma(4, torch.float64) * (dphi.abs() + 2)).any()
+
+
+@pytest.mark.parametrize("loss, kinds", [("reverse_kl", ("dense", "near_one_hot", "dirichlet")),
+                                         ("forward_kl", ("dense", "teacher_zeros"))])
+def test_students_are_bit_identical_alone_and_in_a_batch_of_mixed_workloads(loss, kinds):
+    # At the benchmark's sizes the Hessians and gradients are formed a few students at a time, near one-hot
+    # students start with a majorise-minimise step, and teacher zeros switch on masks for the whole batch:
+    # none of it may change a student's numbers.
+    from w2s_theory.bench import workload
+
+    parts = [workload(2, n=600, m=64, seed=3, kind=kind) for kind in kinds]
+    X = torch.cat([f for f, _ in parts])
+    Q = torch.cat([t for _, t in parts])
+    L = get_loss(loss)
+    whole = fit_mixture_batched(X, Q, L, tol=1e-9)
+    assert whole.converged.all()
+    for b in range(X.shape[0]):
+        alone = fit_mixture_batched(X[b : b + 1], Q[b : b + 1], L, tol=1e-9)
+        assert torch.equal(alone.params["A"][0], whole.params["A"][b]), b
+        assert torch.equal(alone.gap[0], whole.gap[b]) and alone.iterations[0] == whole.iterations[b]

@@ -40,6 +40,14 @@ in a sweep, where many teachers (tasks, noise levels, losses) are fitted on one 
 every product is a single large matrix product, and the ``B`` Hessians come from one product with the
 precomputed symmetric outer products :math:`\mathrm{vec}_{\le}(h_ih_i^\top)`.
 
+Cost (per-student features, CPU): the products are limited by reading the features from memory, so an
+iteration reads them twice: once for the predictions of the line search's trial, once for the gradient, its
+certificate and, where a fresh Newton step will follow, the Hessian, formed a few students at a time so that
+:math:`\sqrt w X` (in ``hessian_dtype``) stays in cache (:meth:`_StudentFeatures.gradient_and_curvature`).
+The per-sample terms of the KL losses take the teacher's logarithms once and one logarithm of the
+predictions per evaluation (:class:`_KLTerms`). A student whose curvature sits mostly on the diagonal of
+:math:`X^\top\mathrm{diag}(w)X` (near one-hot features) starts with the majorise–minimise step.
+
 Reverse cross-entropy is linear in the student's probabilities, so its minimiser is a vertex given by one
 call of the linear-minimisation oracle (gap exactly 0 up to rounding).
 """
@@ -67,19 +75,24 @@ class _StudentFeatures:
 
     shared = False
 
-    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, Xh: torch.Tensor | None = None, buffer=None):
+    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, buffers=None):
         self.X = X
         self.n, self.m = X.shape[-2], X.shape[-1]
         self.hessian_dtype = hessian_dtype
-        # The features in the Hessian's dtype, converted once (not once per Hessian).
-        self.Xh = X.to(hessian_dtype) if Xh is None else Xh
-        # Scratch space for sqrt(curvature) * X. Allocating B x n x m afresh every iteration costs more than
-        # the product itself on CPU (page faults), so it is allocated once and sliced after compaction.
-        self._buffer = buffer
+        # Scratch space for X and sqrt(curvature) * X in the Hessian's dtype, allocated once. On CPU the
+        # Hessians are formed a few students at a time, so that the scratch stays in the core's cache between
+        # its write and the product that reads it (one pass over the features from memory instead of three, and
+        # no full low-precision copy of the features, whose fresh pages cost more than the conversion); on a
+        # GPU all at once.
+        if X.device.type == "cpu":
+            per_student = self.n * self.m * torch.finfo(hessian_dtype).bits // 8
+            self._chunk = max(1, torch.get_num_threads() * 2**20 // per_student)
+        else:
+            self._chunk = None
+        self._buffers = buffers
 
     def take(self, keep: torch.Tensor) -> "_StudentFeatures":
-        X = self.X[keep]
-        return _StudentFeatures(X, self.hessian_dtype, None if self.Xh is self.X else self.Xh[keep], self._buffer)
+        return _StudentFeatures(self.X[keep], self.hessian_dtype, self._buffers)
 
     def support_products(self, zero_teacher: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         support = (self.X[rows] > 0).to(zero_teacher.dtype)
@@ -91,33 +104,84 @@ class _StudentFeatures:
 
     def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
         """``dphi X / n`` for ``dphi`` ``(B, c, n)``."""
-        return torch.bmm(dphi, self.X) / self.n
+        return self.gradient_and_curvature(dphi)[0]
+
+    def gradient_and_curvature(self, dphi: torch.Tensor, weights: torch.Tensor | None = None,
+                               rows: torch.Tensor | None = None):
+        """``dphi X / n`` for every student and :meth:`curvature_blocks` of ``weights`` for the students
+        ``rows`` (sorted) in the same sweep over the features: each chunk of features is read from memory
+        once for both products. The gradient is always formed chunk by chunk, so that its arithmetic does
+        not depend on which students also get a Hessian."""
+        b = dphi.shape[0]
+        grad = torch.empty((b, dphi.shape[1], self.m), dtype=dphi.dtype, device=dphi.device)
+        chunk = self._chunk or b
+        hessian = rows is not None and rows.numel() > 0
+        if hessian:
+            roots, Hh = self._hessian_scratch(weights, chunk)
+            wanted = torch.zeros(b, dtype=torch.bool)
+            wanted[rows.cpu()] = True
+            wanted, done = wanted.tolist(), 0
+        for start in range(0, b, chunk):
+            stop = min(start + chunk, b)
+            X = self.X[start:stop]
+            torch.bmm(dphi[start:stop], X, out=grad[start:stop])
+            if hessian:
+                local = [i - start for i in range(start, stop) if wanted[i]]
+                if local:
+                    if len(local) < stop - start:
+                        X = X[torch.tensor(local, device=X.device)]
+                    self._hessian_chunk(X, roots[done : done + len(local)], Hh[done : done + len(local)])
+                    done += len(local)
+        grad.div_(self.n)
+        return grad, (self._finish_hessian(Hh, weights, rows) if hessian else None)
 
     def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         r""":math:`\frac1n X^\top\mathrm{diag}(w_c)X` for each row ``c`` of ``weights`` ``(b, c, n)``, as
-        :math:`Y^\top Y` with :math:`Y = \sqrt{w_c}X` (weights are curvatures of convex losses, >= 0).
+        :math:`Y^\top Y` with :math:`Y = \sqrt{w_c}X` (weights are curvatures of convex losses, >= 0), for
+        the students ``rows`` (all if ``None``).
 
         In a low-precision ``hessian_dtype`` the products of a student whose curvatures are extreme (a
         prediction near a barrier: ``n max w`` near the dtype's range) would overflow or lose their range;
         those students are recomputed in float64, so the choice depends on the student alone."""
-        X = self.Xh if rows is None else self.Xh[rows]
+        b = weights.shape[0]
+        chunk = self._chunk or b
+        roots, Hh = self._hessian_scratch(weights, chunk)
+        for start in range(0, b, chunk):
+            stop = min(start + chunk, b)
+            X = self.X[start:stop] if rows is None else self.X[rows[start:stop]]
+            self._hessian_chunk(X, roots[start:stop], Hh[start:stop])
+        return self._finish_hessian(Hh, weights, rows)
+
+    def _hessian_scratch(self, weights, chunk):
         b, c = weights.shape[0], weights.shape[1]
-        if self._buffer is None:
-            self._buffer = torch.empty(self.Xh.shape, dtype=self.hessian_dtype, device=self.X.device)
-        Y = self._buffer[:b]
-        roots = weights.clamp_min(0).sqrt()
-        H = torch.empty((b, c, self.m, self.m), dtype=torch.float64, device=self.X.device)
-        for y in range(c):
-            torch.mul(X, roots[:, y, :, None].to(Y.dtype), out=Y)
-            H[:, y] = torch.bmm(Y.transpose(1, 2), Y)
+        if self._buffers is None or self._buffers[0].shape[0] < min(chunk, b):
+            shape = (min(chunk, b), self.n, self.m)
+            self._buffers = tuple(torch.empty(shape, dtype=self.hessian_dtype, device=self.X.device) for _ in "XY")
+        roots = weights.clamp_min(0).sqrt().to(self.hessian_dtype)
+        return roots, torch.empty((b, c, self.m, self.m), dtype=self.hessian_dtype, device=self.X.device)
+
+    def _hessian_chunk(self, X, roots, out):
+        """``out[:, y] = Y^T Y`` with ``Y = roots[:, y] * X`` for a chunk of students, in the scratch space."""
+        if self.hessian_dtype != X.dtype:
+            X = self._buffers[0][: X.shape[0]].copy_(X)
+        Y = self._buffers[1][: X.shape[0]]
+        for y in range(roots.shape[1]):
+            torch.mul(X, roots[:, y, :, None], out=Y)
+            torch.bmm(Y.transpose(1, 2), Y, out=out[:, y])
+
+    def _finish_hessian(self, Hh, weights, rows):
+        c = weights.shape[1]
+        H = Hh.to(torch.float64)
         if self.hessian_dtype != torch.float64:
             limit = torch.finfo(self.hessian_dtype).max * 1e-3
-            extreme = (weights.amax(dim=(1, 2)) * self.n >= limit) | ~torch.isfinite(H).all(dim=3).all(dim=2).all(dim=1)
+            # all entries finite <=> their sum is (float32 entries cannot overflow a float64 sum)
+            extreme = (weights.amax(dim=(1, 2)) * self.n >= limit) | ~torch.isfinite(H.sum(dim=(1, 2, 3)))
             if extreme.any():
                 idx = extreme.nonzero()[:, 0]
                 X64 = (self.X if rows is None else self.X[rows])[idx]
+                roots64 = weights[idx].clamp_min(0).sqrt()
                 for y in range(c):
-                    Y64 = X64 * roots[idx, y, :, None]
+                    Y64 = X64 * roots64[:, y, :, None]
                     H[idx, y] = torch.bmm(Y64.transpose(1, 2), Y64)
         return H.div_(self.n)
 
@@ -149,6 +213,11 @@ class _SharedFeatures:
     def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
         B, c, n = dphi.shape
         return (dphi.reshape(B * c, n) @ self.X).reshape(B, c, self.m) / n
+
+    def gradient_and_curvature(self, dphi, weights=None, rows=None):
+        """:meth:`gradient`, and :meth:`curvature_blocks` of ``weights`` if ``rows`` is given."""
+        hessian = rows is not None and rows.numel() > 0
+        return self.gradient(dphi), (self.curvature_blocks(weights) if hessian else None)
 
     def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         b, c, n = weights.shape
@@ -189,23 +258,186 @@ def _teacher_for_derivatives(design, teacher, allowed, loss: Loss) -> torch.Tens
     return torch.where(reachable, teacher, torch.zeros_like(teacher))
 
 
-def _evaluate(design, teacher, A, loss: Loss):
-    """Student probabilities ``(B, k, n)`` and mean loss per student (``teacher`` class-major too)."""
-    probs = design.predict(A)
-    return probs, loss.per_sample(teacher.transpose(1, 2), probs.transpose(1, 2)).mean(dim=-1)
+class _LossTerms:
+    r"""Per-sample loss, derivative and curvature of ``loss`` on class-major ``(B, k, n)`` predictions.
+
+    ``teacher`` is the real teacher (it defines the objective), ``teacher_d`` the teacher for derivatives
+    (:func:`_teacher_for_derivatives`). This generic version calls the :class:`Loss`; :class:`_KLTerms`
+    computes the same quantities for the KL family with the teacher's logarithms taken once and one
+    logarithm of the predictions per evaluation (``xlogy`` costs several logarithms).
+    """
+
+    def __init__(self, loss: Loss, teacher: torch.Tensor, teacher_d: torch.Tensor):
+        self.loss, self.Q, self.Qd = loss, teacher, teacher_d
+
+    def take(self, keep: torch.Tensor) -> "_LossTerms":
+        return type(self)(self.loss, self.Q[keep], self.Qd[keep])
+
+    def value(self, probs: torch.Tensor) -> torch.Tensor:
+        """Mean loss per student."""
+        return self.loss.per_sample(self.Q.transpose(1, 2), probs.transpose(1, 2)).mean(dim=-1)
+
+    def derivative(self, probs: torch.Tensor) -> torch.Tensor:
+        """Per-sample derivative ``(B, k, n)``, 0 where ``teacher_d`` pins the entry."""
+        return self.loss.grad_student(self.Qd.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
+
+    def magnitude(self, probs: torch.Tensor, dphi: torch.Tensor) -> torch.Tensor:
+        r"""A bound ``M`` with ``|fl(dphi) - dphi| <= gamma_{m+4} M`` entrywise (:func:`_certified_gradient`):
+        for the derivatives :math:`-q/p` and :math:`2(p-q)` it is :math:`|\ell'| + 2`."""
+        return torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
+
+    def derivative_and_magnitude(self, probs: torch.Tensor) -> torch.Tensor:
+        """:meth:`derivative` and :meth:`magnitude` stacked, ``(B, 2k, n)``: one product with the features
+        gives the gradient and its rounding allowance."""
+        dphi = self.derivative(probs)
+        return torch.cat([dphi, self.magnitude(probs, dphi)], dim=1)
+
+    def curvature(self, probs: torch.Tensor, dphi: torch.Tensor, k2_fast: bool) -> torch.Tensor:
+        """Per-sample curvatures ``(B, k, n)`` (0 where pinned); for ``k = 2`` only their sum enters the
+        reduced Hessian. ``dphi`` is :meth:`derivative` at ``probs``."""
+        curv = self.loss.curvature_student(self.Qd.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
+        if self.loss.pins_student_to_teacher_support:
+            curv = torch.where(self.Qd > 0, curv, torch.zeros_like(curv))
+        return curv[:, :1] + curv[:, 1:2] if k2_fast else curv
+
+    def gradient_is_finite(self, probs: torch.Tensor) -> torch.Tensor:
+        """Reverse losses have an infinite derivative at ``p_y = 0 < q_y``: iterates stay off that boundary."""
+        if not self.loss.pins_student_to_teacher_support or self.loss.linear_in_probabilities:
+            return torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+        bad = (probs <= 0) & (self.Qd > 0)
+        return ~bad.any(dim=2).any(dim=1)
+
+    def stays_off_the_barrier(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Whether no prediction with teacher mass shrinks below ``_SHRINK`` times its value in one step.
+
+        The KL losses have a barrier at ``p_y = 0 < q_y`` (infinite derivative, and for the forward losses
+        an infinite value): their optima keep such predictions positive, but a backtracked projected-Newton
+        step can land within 1e-12 of the barrier, after which Newton's quadratic model only doubles the
+        entry per iteration (tens of iterations). Refusing such a step costs nothing where the model is good."""
+        return ~((new < _SHRINK * old) & (self.Qd > 0)).any(dim=2).any(dim=1)
+
+    def relative_change(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Largest relative change of a prediction that carries curvature (teacher mass > 0), per student;
+        NaN (read: large) where a zero prediction stayed zero.
+
+        The curvatures of the losses here are functions of ``p`` alone up to factors ``q`` (``1/p``,
+        ``q/p^2``, constant), so a reused Hessian is within a factor ``(1 +- r)^2`` of the fresh one."""
+        rel = (new - old).abs_().div_(old)
+        rel = torch.where(self.Qd > 0, rel, torch.zeros_like(rel))
+        return rel.flatten(1).amax(dim=1)
 
 
-def _derivative(teacher, probs, loss: Loss) -> torch.Tensor:
-    """Per-sample derivative of the loss in the student's probabilities, class-major ``(B, k, n)``."""
-    return loss.grad_student(teacher.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
+class _KLTerms(_LossTerms):
+    r""":class:`_LossTerms` for forward KL / forward CE (:math:`\ell = \sum_y q_y\log(q_y/p_y)`, resp.
+    :math:`-\sum_y q_y\log p_y`) and reverse KL (:math:`\ell = \sum_y p_y\log(p_y/q_y)`), with
+    :math:`\log q`, :math:`\sum q\log q` and the pinning masks computed once.
+
+    Where no teacher (of the batch) has a zero, the masks are skipped; the arithmetic of every entry with
+    teacher mass is the same either way, so a student's numbers do not depend on its batch. The values
+    agree with :meth:`Loss.per_sample` (``xlogy`` semantics: :math:`0\log 0 = 0`, NaN propagates) and the
+    derivatives and curvatures with :meth:`Loss.grad_student` / :meth:`Loss.curvature_student`."""
+
+    def __init__(self, loss: Loss, teacher: torch.Tensor, teacher_d: torch.Tensor, _pre=None):
+        super().__init__(loss, teacher, teacher_d)
+        self.reverse = loss.name == "reverse_kl"
+        if _pre is not None:
+            self.zeros, self.pinned, self.log_q, self.log_qd, self.entropy_term = _pre
+            return
+        self.zeros = bool((teacher == 0).any()) or bool((teacher_d == 0).any())
+        self.pinned = teacher_d == 0 if self.zeros else None
+        if self.reverse:
+            self.log_q = torch.log(teacher)  # -inf at teacher zeros: p log(p / 0) = +inf for p > 0
+            log_qd = torch.log(teacher_d)
+            # log q - 1 (the derivative is log p - that) and |log q| + 2 (its rounding allowance), 0 if pinned
+            self.log_qd = (log_qd - 1, log_qd.abs() + 2)
+            if self.zeros:
+                self.log_qd = tuple(torch.where(teacher_d > 0, t, torch.zeros_like(t)) for t in self.log_qd)
+            self.entropy_term = None
+        else:
+            self.log_q, self.log_qd = None, None
+            self.entropy_term = (torch.special.xlogy(teacher, teacher).sum(dim=(1, 2)) if loss.name == "forward_kl"
+                                 else torch.zeros(teacher.shape[0], dtype=teacher.dtype, device=teacher.device))
+
+    def take(self, keep: torch.Tensor) -> "_KLTerms":
+        pick = lambda t: None if t is None else (tuple(u[keep] for u in t) if isinstance(t, tuple) else t[keep])  # noqa: E731
+        return _KLTerms(self.loss, self.Q[keep], self.Qd[keep], (self.zeros, pick(self.pinned), pick(self.log_q),
+                                                                pick(self.log_qd), pick(self.entropy_term)))
+
+    def value(self, probs):
+        n = probs.shape[-1]
+        if self.reverse:
+            # p (log p - log q) with 0 log 0 = 0 (also at teacher zeros, where the entry is pinned at 0)
+            terms = probs * (torch.log(probs) - self.log_q)
+            terms = torch.where(probs == 0, torch.zeros_like(terms), terms)
+            return terms.sum(dim=(1, 2)) / n
+        # q log q - q log p, where q log p is xlogy(q, p): 0 where q = 0 (NaN if p is)
+        cross = self.Q * torch.log(probs)
+        if self.zeros:
+            cross = torch.where(self.Q > 0, cross, 0 * probs)
+        return (self.entropy_term - cross.sum(dim=(1, 2))) / n
+
+    def derivative(self, probs):
+        if self.reverse:
+            dphi = torch.log(probs) - self.log_qd[0]  # log(p / q) + 1
+        else:
+            dphi = -self.Qd / probs
+        return torch.where(self.Qd > 0, dphi, torch.zeros_like(dphi)) if self.zeros else dphi
+
+    def magnitude(self, probs, dphi):
+        if not self.reverse:
+            return dphi.abs() + 2
+        # log p - (log q - 1): the rounding of each logarithm is relative to |log p|, |log q|, not to their
+        # difference (p = q = 1e-300: derivative 1, logarithms -690).
+        M = dphi.abs() + torch.log(probs).abs_() + self.log_qd[1]
+        return torch.where(self.Qd > 0, M, torch.zeros_like(M)) if self.zeros else M
+
+    def derivative_and_magnitude(self, probs):
+        B, k, n = probs.shape
+        both = torch.empty((B, 2 * k, n), dtype=probs.dtype, device=probs.device)
+        dphi, M = both[:, :k], both[:, k:]
+        if self.reverse:
+            log_p = torch.log(probs)
+            torch.sub(log_p, self.log_qd[0], out=dphi)
+            torch.add(log_p.abs_(), self.log_qd[1], out=M)
+            M.add_(dphi.abs())
+            if self.zeros:
+                dphi.masked_fill_(self.pinned, 0)
+                M.masked_fill_(self.pinned, 0)
+        else:
+            torch.div(self.Qd, probs, out=dphi).neg_()
+            if self.zeros:
+                dphi.masked_fill_(self.pinned, 0)
+            torch.abs(dphi, out=M).add_(2)
+        return both
+
+    def curvature(self, probs, dphi, k2_fast):
+        curv = (1 / probs) if self.reverse else (-dphi / probs)  # 1/p, resp. q/p^2 = (-q/p)/p
+        if self.zeros:
+            curv.masked_fill_(self.pinned, 0)
+        return curv[:, :1] + curv[:, 1:2] if k2_fast else curv
+
+    def gradient_is_finite(self, probs):
+        if not self.reverse:
+            return super().gradient_is_finite(probs)
+        if self.zeros:
+            return super().gradient_is_finite(probs)
+        return probs.flatten(1).amin(dim=1) > 0
+
+    def stays_off_the_barrier(self, old, new):
+        if self.zeros:
+            return super().stays_off_the_barrier(old, new)
+        return ~(new < _SHRINK * old).flatten(1).any(dim=1)
+
+    def relative_change(self, old, new):
+        if self.zeros:
+            return super().relative_change(old, new)
+        return (new - old).abs_().div_(old).flatten(1).amax(dim=1)
 
 
-def _curvature_weights(teacher, probs, loss: Loss, k2_fast: bool):
-    """Per-sample curvatures ``(B, k, n)``; for ``k = 2`` only their sum enters the reduced Hessian."""
-    curv = loss.curvature_student(teacher.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
-    if loss.pins_student_to_teacher_support:
-        curv = torch.where(teacher > 0, curv, torch.zeros_like(curv))
-    return curv[:, :1] + curv[:, 1:2] if k2_fast else curv
+def _loss_terms(loss: Loss, teacher, teacher_d) -> _LossTerms:
+    if loss.name in ("reverse_kl", "forward_kl", "forward_ce"):
+        return _KLTerms(loss, teacher, teacher_d)
+    return _LossTerms(loss, teacher, teacher_d)
 
 
 def _gamma(count: int, dtype) -> float:
@@ -213,29 +445,36 @@ def _gamma(count: int, dtype) -> float:
     return count * u / (1 - count * u)
 
 
-def _certified_gradient(design, teacher_d, A, probs, loss: Loss, allowed):
-    r"""Gradient ``G`` ``(B, k, m)`` at ``A`` and its certified Frank–Wolfe gap ``(B,)``.
+def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_rows=None, k2_fast=False):
+    r"""Gradient ``G`` ``(B, k, m)`` at ``A``, its certified Frank–Wolfe gap ``(B,)``, the per-sample
+    derivatives ``(B, k, n)`` and, for the students ``hessian_rows`` (sorted; ``None`` for none), the
+    curvature blocks at ``A``, formed in the same sweep over the features as the gradient.
 
     The gap :math:`g(A) = \max_S\langle G, A - S\rangle \ge \Phi(A) - \Phi^\star` is increased by a
     bound on the floating-point error of its own evaluation, so that it bounds the *exact* gap of ``A``
     (Higham, *Accuracy and Stability*, §3.1). :math:`G = \frac1n\sum_i \ell'(q_i, p_i)h_i^\top` with
     :math:`p_i = Ah_i` a sum of :math:`m` non-negative products (relative error :math:`\le\gamma_m`); each
-    derivative :math:`\ell'\in\{\log(p/q)+1, -q/p, -\log q, 2(p-q)\}` is then off by at most
-    :math:`\gamma_{m+4}(|\ell'| + 2)`, so :math:`G` by :math:`\varepsilon = \gamma_{n+m+4}\frac1n\sum_i
-    (|\ell'_i| + 2)h_i^\top` entrywise (computed in the same product as ``G``: one pass over the features).
-    The columns of :math:`A` lie in the simplex, so the gap moves by at most
-    :math:`2\sum_j\max_y\varepsilon_{yj}`, plus :math:`\gamma_{k+m}` times itself for its own sums.
+    derivative is then off by at most :math:`\gamma_{m+4}M_i` with :math:`M_i = |\ell'_i| + 2` for
+    :math:`\ell'\in\{-q/p, -\log q, 2(p-q)\}` and :math:`M_i = |\ell'_i| + |\log p_i| + |\log q_i| + 2`
+    for :math:`\ell' = \log p - (\log q - 1)` (:meth:`_LossTerms.magnitude`), so :math:`G` by
+    :math:`\varepsilon = \gamma_{n+m+4}\frac1n\sum_i M_ih_i^\top` entrywise (computed in the same product
+    as ``G``: one pass over the features). The columns of :math:`A` lie in the simplex, so the gap moves by
+    at most :math:`2\sum_j\max_y\varepsilon_{yj}`, plus :math:`\gamma_{k+m}` times itself for its own sums.
     Without it an interior optimum, where Theorem 2 is an equality, is undecidable: slack and gap both sit at
     the level of rounding. A non-finite gradient gives an infinite gap.
     """
     k = A.shape[1]
-    dphi = _derivative(teacher_d, probs, loss)
-    magnitude = torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
-    both = design.gradient(torch.cat([dphi, magnitude], dim=1))
+    both = terms.derivative_and_magnitude(probs)
+    dphi = both[:, :k]
+    weights = None
+    if hessian_rows is not None and hessian_rows.numel():
+        weights = terms.curvature(probs, dphi, k2_fast)  # elementwise: cheaper for all than indexing the inputs
+        weights = weights if hessian_rows.numel() == weights.shape[0] else weights[hessian_rows]
+    both, H = design.gradient_and_curvature(both, weights, hessian_rows)
     G, eps_G = both[:, :k], both[:, k:] * _gamma(design.n + design.m + 4, dphi.dtype)
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
     gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + design.m, dphi.dtype) * gap
-    return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
+    return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap), dphi, H
 
 
 def _reduced_hessian_general(H, basis_onehot):
@@ -252,16 +491,24 @@ def _reduced_hessian_general(H, basis_onehot):
     return T.reshape(B, k * m, k * m)
 
 
-def _masked_newton_solve(H, rhs, free):
-    """Solve ``H_FF d_F = rhs_F`` (``d = 0`` off ``free``) for a batch, by Cholesky of the Jacobi-scaled
+def _diagonal_share(H):
+    """Share of the curvature blocks' total mass on their diagonals, per student: about ``sum_i |h_i|^2 / n``,
+    near 1 for one-hot features and near ``1/m`` for spread ones (NaN where the blocks are 0)."""
+    return torch.diagonal(H, dim1=-2, dim2=-1).sum(dim=(1, 2)) / H.sum(dim=(1, 2, 3))
+
+
+def _masked_newton_solve(H, rhs, free, sign=None):
+    """Solve ``H_FF d_F = rhs_F`` (``d = 0`` off ``free``) for a batch, where ``H`` is ``S H S`` with the
+    diagonal signs ``S = diag(sign)`` when given (no pass over ``H`` for them), by Cholesky of the Jacobi-scaled
     matrix (unit diagonal, so the solve does not depend on the scale of each coordinate: curvatures near a
     barrier reach 1e20 and more while others stay O(1)) with a tiny ridge that makes exactly singular blocks
     (features never used) solvable; failures get more damping."""
     f = free.to(torch.float64)
     diag = torch.diagonal(H, dim1=1, dim2=2) * f
     inv_root = torch.where(diag > 0, diag, torch.ones_like(diag)).rsqrt() * f
-    M = H * inv_root[:, :, None]
-    M.mul_(inv_root[:, None, :])
+    v = inv_root if sign is None else inv_root * sign
+    M = H * v[:, :, None]
+    M.mul_(v[:, None, :])
     rhs = rhs * inv_root
     y = rhs.clone()  # scaled gradient step: the fallback if every damping fails
     todo = None
@@ -284,7 +531,9 @@ def _masked_newton_solve(H, rhs, free):
 def _newton_direction(G, A, H, allowed, eps):
     """Projected-Newton direction ``D`` (``B, k, m``) with ``sum_y D[:, y, j] = 0``. ``H`` holds the curvature blocks (``B, k, m, m``; ``B, 1, m, m`` summed for ``k = 2``)."""
     B, k, m = A.shape
-    basis = torch.where(allowed, A, torch.full_like(A, -1.0)).argmax(dim=1)  # largest allowed entry
+    V = torch.where(allowed, A, torch.full_like(A, -1.0))
+    # largest allowed entry (the first on ties); for k = 2 a comparison (argmax over 2 rows is a slow reduction)
+    basis = (V[:, 1] > V[:, 0]).long() if k == 2 else V.argmax(dim=1)
     is_basis = torch.zeros_like(allowed).scatter_(1, basis[:, None, :], True)
     R = G - torch.gather(G, 1, basis[:, None, :])  # reduced gradient, 0 on the basis
     nonbasic = allowed & ~is_basis
@@ -297,8 +546,7 @@ def _newton_direction(G, A, H, allowed, eps):
         r = torch.gather(R, 1, other)[:, 0]
         f = torch.gather(free, 1, other)[:, 0]
         s = torch.where(basis == 1, 1.0, -1.0).to(torch.float64)
-        Hm = H[:, 0] * s[:, :, None] * s[:, None, :]
-        u = _masked_newton_solve(Hm, -r, f)
+        u = _masked_newton_solve(H[:, 0], -r, f, sign=s)
         D = torch.zeros_like(A).scatter_(1, other, u[:, None, :].to(A.dtype))
     else:
         H_red = _reduced_hessian_general(H, is_basis)
@@ -341,26 +589,8 @@ def _project_step(A, D, allowed, alpha, floor=None):
     return torch.where(floor[:, None, None], raised, V)
 
 
-def _gradient_is_finite(teacher, probs, loss: Loss):
-    """Reverse losses have an infinite derivative at ``p_y = 0 < q_y``: iterates stay off that boundary."""
-    if not loss.pins_student_to_teacher_support or loss.linear_in_probabilities:
-        return torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
-    bad = (probs <= 0) & (teacher > 0)
-    return ~bad.any(dim=2).any(dim=1)
-
-
 _FLOOR = 1e-2
 _SHRINK = _FLOOR / 2
-
-
-def _stays_off_the_barrier(old, new, teacher):
-    """Whether no prediction with teacher mass shrinks below ``_SHRINK`` times its value in one step.
-
-    The KL losses have a barrier at ``p_y = 0 < q_y`` (infinite derivative, and for the forward losses an
-    infinite value): their optima keep such predictions positive, but a backtracked projected-Newton step
-    can land within 1e-12 of the barrier, after which Newton's quadratic model only doubles the entry per
-    iteration (tens of iterations). Refusing such a step costs nothing where the model is good."""
-    return ~((new < _SHRINK * old) & (teacher > 0)).any(dim=2).any(dim=1)
 
 
 def _em_step(A, G, column_mass, allowed):
@@ -395,17 +625,6 @@ def _entropic_step(A, G, column_mass, allowed):
 #: Majorise–minimise steps by loss: monotone, cheap (no Hessian), and multiplicative, so they complement
 #: projected Newton where its quadratic model is poor (entries orders of magnitude from their optimum).
 _MM_STEPS = {"forward_kl": _em_step, "forward_ce": _em_step, "reverse_kl": _entropic_step}
-
-
-def _relative_change(old, new, teacher):
-    """Largest relative change of a prediction that carries curvature (teacher mass > 0), per student.
-
-    The curvatures of the losses here are functions of ``p`` alone up to factors ``q`` (``1/p``, ``q/p^2``,
-    constant), so a reused Hessian is within a factor ``(1 +- r)^2`` of the fresh one."""
-    diff = (new - old).abs()
-    rel = torch.where(old > 0, diff / old, torch.where(diff > 0, float("inf"), 0.0))
-    rel = torch.where(teacher > 0, rel, torch.zeros_like(rel))
-    return rel.flatten(1).amax(dim=1)
 
 
 def fit_mixture_batched(
@@ -470,6 +689,7 @@ def fit_mixture_batched(
     allowed = _allowed_entries(design, Qt, loss)
     feasible_problem = allowed.any(dim=1).all(dim=1)  # every column has a class it may use
     Qd = _teacher_for_derivatives(design, Qt, allowed, loss)
+    terms = _loss_terms(loss, Qt, Qd)
 
     if A0 is None:
         A = allowed.to(dtype)
@@ -480,14 +700,16 @@ def fit_mixture_batched(
 
     if loss.linear_in_probabilities:
         # Reverse CE: Phi is linear in A, so one call of the linear-minimisation oracle is exact.
-        G = design.gradient(_derivative(Qd, design.predict(A), loss))
+        G = design.gradient(terms.derivative(design.predict(A)))
         A = MixtureHead.lmo(G, allowed)
         iterations += 1
-        probs, value = _evaluate(design, Qt, A, loss)
-        G, gap = _certified_gradient(design, Qd, A, probs, loss, allowed)
+        probs = design.predict(A)
+        value = terms.value(probs)
+        G, gap, _, _ = _certified_gradient(design, terms, A, probs, allowed)
         return _result(design, loss, A, probs, value, G, gap, allowed, feasible_problem, iterations, tol)
 
-    probs, value = _evaluate(design, Qt, A, loss)
+    probs = design.predict(A)
+    value = terms.value(probs)
     G_all = torch.zeros_like(A)
     gap_all = torch.full_like(value, float("inf"))
     k2_fast = k == 2
@@ -495,12 +717,13 @@ def fit_mixture_batched(
     mm_step = _MM_STEPS.get(loss.name)
     has_mm = mm_step is not None
     mm_start = mm_start if has_mm else 0
-    mass = (features.sum(dim=-2) / n).expand(B, -1)[:, None, :]  # w_j = mean_i h_ij, (B, 1, m)
+    # w_j = mean_i h_ij (B, 1, m), for the entropic step only: a pass over the features, taken when first needed
+    mass = None
     # Working set: the students still iterating. Compaction copies the per-student features, so for that
     # layout it waits until the set has thinned out; shared features cost nothing to compact.
     compact_below = 1.0 if shared else 0.6
     ws = torch.arange(B, device=dev)
-    d, Q, Qdw, al, cm, Aw, Pw, Vw = design, Qt, Qd, allowed, mass, A.clone(), probs.clone(), value.clone()
+    d, tw, al, Aw, Pw, Vw = design, terms, allowed, A.clone(), probs.clone(), value.clone()
     running = feasible_problem.clone()
     H = None
     need_hessian = torch.ones(B, dtype=torch.bool, device=dev)
@@ -515,24 +738,34 @@ def fit_mixture_batched(
         idx = torch.arange(Aw.shape[0], device=dev) if full else students
         pick = (lambda t: t) if idx.numel() == Aw.shape[0] else (lambda t: t[idx])  # noqa: E731
         trial = candidate(pick)
-        Pt, Vt = _evaluate(d if idx.numel() == Aw.shape[0] else d.take(idx), pick(Q), trial, loss)
-        ok = torch.isfinite(Vt) & _gradient_is_finite(pick(Qdw), Pt, loss)
+        sub = idx.numel() != Aw.shape[0]
+        Pt = (d.take(idx) if sub else d).predict(trial)
+        t = tw.take(idx) if sub else tw
+        Vt = t.value(Pt)
+        ok = torch.isfinite(Vt) & t.gradient_is_finite(Pt)
         if newton and not barrier_free:
-            ok &= _stays_off_the_barrier(pick(Pw), Pt, pick(Qdw))
+            ok &= t.stays_off_the_barrier(pick(Pw), Pt)
         return idx, trial, Pt, Vt, ok
 
     for it in range(max_iter + 1):
         if running.sum() < compact_below * running.numel():
             A[ws], probs[ws], value[ws] = Aw, Pw, Vw
             keep = running.nonzero()[:, 0]
-            ws, Q, Qdw, al, cm, Aw, Pw, Vw = (t[keep] for t in (ws, Q, Qdw, al, cm, Aw, Pw, Vw))
-            d = d.take(keep)
+            ws, al, Aw, Pw, Vw = (t[keep] for t in (ws, al, Aw, Pw, Vw))
+            mass = mass[keep] if mass is not None else None
+            d, tw = d.take(keep), tw.take(keep)
             H = H[keep] if H is not None else None
             need_hessian, running, mm_next, newton_failed = (
                 t[keep] for t in (need_hessian, running, mm_next, newton_failed))
         # The certificate of every student in the working set at its current point: the returned gap of a
         # student is the one computed here at its last point.
-        G, gap = _certified_gradient(d, Qdw, Aw, Pw, loss, al)
+        # Students that will take a Newton step with a fresh Hessian unless this certificate stops them get
+        # their Hessian in the certificate's sweep over the features (one pass instead of two). Guessed from
+        # the last gap: with Newton's quadratic convergence a gap above 1e3 tol is not followed by one below
+        # tol; a wrong guess costs time only.
+        fused = running & need_hessian & ~mm_next & (it >= mm_start) & (gap_all[ws] > 1e3 * tol)
+        rows = fused.nonzero()[:, 0] if bool(fused.any()) else None
+        G, gap, dphi, H_fused = _certified_gradient(d, tw, Aw, Pw, al, rows, k2_fast)
         G_all[ws], gap_all[ws] = G, gap
         running = running & ~(gap <= tol)
         if it == max_iter or not running.any():
@@ -542,6 +775,19 @@ def fit_mixture_batched(
         # was cut short (its quadratic model is poor there: typically an entry orders of magnitude above a
         # tiny optimum, which the barrier lets Newton only halve per iteration); Newton otherwise.
         use_mm = running & (mm_next | (it < mm_start))
+        if H_fused is not None:
+            if H is None:
+                H = torch.zeros((Aw.shape[0], *H_fused.shape[1:]), dtype=H_fused.dtype, device=dev)
+            H[rows] = H_fused
+            need_hessian = need_hessian & ~fused
+        if it == 0 and has_mm and mm_start == 0 and A0 is None and H_fused is not None:
+            # First step of a student whose features are close to one-hot (most of its curvature on the
+            # diagonal of X^T diag(w) X): majorise-minimise, exact in one step on one-hot features, where
+            # Newton's first steps from the uniform start are cut short (measured: 8.0 -> 6.3 iterations on
+            # near one-hot features).
+            near_one_hot = fused & running & (_diagonal_share(H) >= 0.5)
+            use_mm |= near_one_hot
+            need_hessian |= near_one_hot
         newton = running & ~use_mm
         A_old, P_old, V_old = Aw.clone(), Pw.clone(), Vw.clone()
         alpha = torch.ones(Aw.shape[0], dtype=dtype, device=dev)
@@ -552,11 +798,11 @@ def fit_mixture_batched(
             fresh = need_hessian & newton
             if fresh.any() or H is None:
                 if H is None or fresh.sum() > 0.5 * fresh.numel():
-                    H_new = d.curvature_blocks(_curvature_weights(Qdw, Pw, loss, k2_fast))
+                    H_new = d.curvature_blocks(tw.curvature(Pw, dphi, k2_fast))
                     H = H_new if H is None else torch.where(fresh[:, None, None, None], H_new, H)
                 else:
                     sel = fresh.nonzero()[:, 0]
-                    H[sel] = d.curvature_blocks(_curvature_weights(Qdw[sel], Pw[sel], loss, k2_fast), sel)
+                    H[sel] = d.curvature_blocks(tw.curvature(Pw, dphi, k2_fast)[sel], sel)
             D = _newton_direction(G, Aw, H, al, gap.clamp(max=1e-2))
             D = D * newton[:, None, None]
             # Armijo backtracking along the projected arc; a rounding allowance keeps the test meaningful once
@@ -578,6 +824,9 @@ def fit_mixture_batched(
                 alpha[idx[~ok & ~to_floor & pending[idx]]] *= 0.5
         mm_failed = torch.zeros_like(running)
         if use_mm.any():
+            if mass is None:
+                mass = (d.X.sum(dim=-2) / n).expand(Aw.shape[0], -1)[:, None, :]
+            cm = mass
             idx, trial, Pt, Vt, ok = evaluate_some(
                 use_mm.nonzero()[:, 0], lambda pick: mm_step(pick(A_old), pick(G), pick(cm), pick(al)), False)
             ok &= use_mm[idx] & (Vt <= V_old[idx] + slack[idx])
@@ -593,7 +842,7 @@ def fit_mixture_batched(
         step = (Aw - A_old).abs().amax(dim=(1, 2))
         need_hessian = (alpha < 1) | (use_mm & need_hessian) | (step > hessian_reuse_step)
         if not bool(need_hessian.all()):  # the relative test only decides between the remaining students
-            need_hessian |= _relative_change(P_old, Pw, Qdw) > hessian_reuse_change
+            need_hessian |= ~(tw.relative_change(P_old, Pw) <= hessian_reuse_change)
         iterations[ws[running | stalled]] += 1
     A[ws], probs[ws], value[ws] = Aw, Pw, Vw
     return _result(design, loss, A, probs, value, G_all, gap_all, allowed, feasible_problem, iterations, tol)
