@@ -101,6 +101,18 @@ class _LogitBasis:
                            self.redundant[index])
 
 
+def _scaled_design(X: torch.Tensor):
+    r"""The scaled design :math:`Z_s = [h, 1]D` (:mod:`.conditioning`: columns divided by powers of two near their
+    norms, exactly redundant columns zeroed). Returns ``(Z, Zs, scales, redundant)``; ``scales`` is 0 on
+    redundant columns."""
+    ones = torch.ones((*X.shape[:-1], 1), dtype=X.dtype, device=X.device)
+    Z = torch.cat([X, ones], dim=-1)
+    scales = power_of_two_scales(Z)
+    Zs = Z * scales[..., None, :]
+    redundant = exactly_redundant_columns(Zs)
+    return Z, Zs, scales, redundant
+
+
 def _logit_basis(features: torch.Tensor, k: int) -> _LogitBasis:
     """Thin SVD of the scaled design ``Z_s = [h, 1] D`` (:mod:`.conditioning`: columns divided by powers of two
     near their norms, exactly redundant columns zeroed), so that the rank decision does not depend on the
@@ -109,11 +121,7 @@ def _logit_basis(features: torch.Tensor, k: int) -> _LogitBasis:
     B, n, m = features.shape
     shared = B == 1 or features.stride(0) == 0
     X = features[:1] if shared else features
-    ones = torch.ones((*X.shape[:-1], 1), dtype=X.dtype, device=X.device)
-    Z = torch.cat([X, ones], dim=-1)
-    scales = power_of_two_scales(Z)
-    Zs = Z * scales[..., None, :]
-    redundant = exactly_redundant_columns(Zs)
+    Z, Zs, scales, redundant = _scaled_design(X)
     Zs = Zs.masked_fill(redundant[..., None, :], 0.0)
     scales = scales.masked_fill(redundant, 0.0)
     U, S, Vh = torch.linalg.svd(Zs, full_matrices=False)
@@ -316,6 +324,62 @@ def _forward_evaluation_error(teacher, differences, per_sample, count):
     return 2 * (per.mean(dim=-1) + unit_roundoff_gamma(count + 2) * per_sample.abs().mean(dim=-1))
 
 
+def _design_hessian(Z: torch.Tensor, curvature: torch.Tensor, redundant: torch.Tensor) -> torch.Tensor:
+    r""":math:`H = \frac1n\sum_i A_i\otimes z_iz_i^\top` in the coordinates of the scaled design's columns, with the
+    largest kept diagonal entry put on the diagonal of the (zero) redundant columns' coordinates, which are
+    decoupled from the rest: ``(B, p(k-1), p(k-1))``."""
+    kc = curvature.shape[-1]
+    H = _parameter_hessian(Z, curvature, torch.zeros(1, dtype=Z.dtype, device=Z.device))
+    fill = redundant.to(Z.dtype)[..., :, None].expand(*redundant.shape, kc).reshape(redundant.shape[0], -1)
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    scale = (diag * (1 - fill)).abs().amax(dim=-1).clamp_min(1e-300)
+    diag.add_(fill * scale[:, None])
+    return H
+
+
+def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kappa: bool, H=None, Zabs=None):
+    r"""Step 2 of :func:`_forward_certificate` (tall design, :math:`n \ge` kept columns) for the computed
+    probabilities ``s`` of the point, in the basis ``Zs`` ``(B or 1, n, p)``: ``(gap, decrement bound, proved)``.
+
+    ``H`` (optional) is the Hessian :func:`_design_hessian` of ``qsum * curvature(s)`` in that basis, when
+    the caller has it already. :math:`\kappa` (the logit-range constant of Bach's bound) is bounded either
+    from the computed inverse (``exact_kappa``: :math:`\hat\kappa^2 = \max_i\max_{y\ne y'} v^\top Xv` plus its
+    rounding) or, without a pass over the sample, by
+    :math:`\kappa^2 \le \|H^{-1}\|_2\max_{i,y,y'}\|v_{iyy'}\|^2 \le \Lambda\cdot 2\max_i\|z_i\|^2/(1-\rho)`
+    (:math:`v_{iyy'} = J_i^\top(e_y-e_{y'})` has squared norm :math:`\|z_i\|^2` or :math:`2\|z_i\|^2`, and
+    :math:`H\succeq(1-\rho)LL^\top`, :math:`\|(LL^\top)^{-1}\|_2\le\Lambda`, from
+    :func:`~.conditioning.positive_definite_bound`). Both are upper bounds, and the gap is increasing in
+    :math:`\kappa`; the second is looser (it only matters once :math:`\lambda\kappa` is not small)."""
+    n, k = teacher.shape[-2], teacher.shape[-1]
+    kc = k - 1
+    dt = teacher.dtype
+    c = n + 2 * k + 12
+    g = _parameter_gradient(Zs, logit_grad)
+    if Zabs is None:
+        Zabs = Zs.abs()
+    dg = unit_roundoff_gamma(c) * _parameter_gradient(Zabs, (qsum[..., None] * s + teacher)[..., :-1])
+    if H is None:
+        H = _design_hessian(Zs, qsum[..., None, None] * _softmax_curvature(s), redundant)
+    frob2 = frobenius_norm_squared(Zs)
+    H_error = 4 * unit_roundoff_gamma(c) * qsum.amax(dim=-1) * frob2 / n
+    bound = positive_definite_bound(H, H_error)
+    w = torch.linalg.solve_triangular(bound.L, g[..., None], upper=False)[..., 0].norm(dim=-1)
+    one_minus_rho = 1 - bound.rho.clamp(max=0.5)
+    lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg.norm(dim=-1)) / one_minus_rho.sqrt()
+    p = H.shape[-1]
+    row2 = (Zs**2).sum(dim=-1).amax(dim=-1) * (1 + unit_roundoff_gamma(p))
+    if exact_kappa:
+        kappa_hat = _logit_range_constant(Zs, bound.X, kc)
+        kappa2 = (kappa_hat**2 * (1 + unit_roundoff_gamma(2 * p + 2))
+                  + (bound.eta + unit_roundoff_gamma(2 * p + 2)) * bound.inverse_bound * 2 * row2)
+    else:
+        kappa2 = bound.inverse_bound * 2 * row2 * (1 + unit_roundoff_gamma(4))
+    kappa = (kappa2 / one_minus_rho).sqrt()
+    value = _self_concordance_gap(lam, kappa)
+    inf = torch.full_like(value, float("inf"))
+    return torch.where(bound.ok, value, inf), torch.where(bound.ok, lam, inf), bound.ok
+
+
 def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torch.Tensor, logit_error: torch.Tensor):
     r"""Proven bound on :math:`\Phi(W, b) - \inf\Phi` for the forward losses, for the problem as stated: the exact
     column space of :math:`[h, 1]`, the exact logits of the returned parameters, rounding included. Returns
@@ -352,8 +416,8 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
     log_s = torch.log_softmax(differences, dim=-1)
     s = log_s.exp()
     logit_grad = (qsum[..., None] * s - teacher)[..., :-1]
-    grad_norm = _parameter_gradient(basis.U, logit_grad).norm(dim=-1)
     Zs = basis.Zs
+    grad_norm = _parameter_gradient(Zs, logit_grad).norm(dim=-1) * math.sqrt(n)
     shared = Zs.shape[0] == 1 and B > 1
     kept = (~basis.redundant).sum(dim=-1).expand(B)
     frob2 = frobenius_norm_squared(Zs).expand(B)
@@ -364,31 +428,12 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
     if bool(tall.any()):
         idx = tall.nonzero()[:, 0]
         Zt = Zs if shared else Zs[idx]
-        Zt = Zt.expand(idx.numel(), *Zt.shape[1:])
-        red = basis.redundant.expand(B, -1)[idx]
-        c = n + 2 * k + 12
-        g = _parameter_gradient(Zt, logit_grad[idx])
-        dg = unit_roundoff_gamma(c) * _parameter_gradient(Zt.abs(), (qsum[idx, :, None] * s[idx] + teacher[idx])[..., :-1])
-        curvature = qsum[idx, :, None, None] * _softmax_curvature(s[idx])
-        H = _parameter_hessian(Zt, curvature, torch.zeros_like(g))
-        diag = H.diagonal(dim1=-2, dim2=-1)
-        fill = red.to(dt)[..., :, None].expand(-1, -1, kc).reshape(idx.numel(), -1)
-        scale = (diag * (1 - fill)).abs().amax(dim=-1).clamp_min(1e-300)
-        diag.add_(fill * scale[:, None])
-        H_error = 4 * unit_roundoff_gamma(c) * qsum[idx].amax(dim=-1) * frob2[idx] / n
-        bound = positive_definite_bound(H, H_error)
-        w = torch.linalg.solve_triangular(bound.L, g[..., None], upper=False)[..., 0].norm(dim=-1)
-        lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg.norm(dim=-1)) / (1 - bound.rho.clamp(max=0.5)).sqrt()
-        kappa_hat = _logit_range_constant(Zt, bound.X, kc)
-        p = H.shape[-1]
-        row2 = (Zt**2).sum(dim=-1).amax(dim=-1) * (1 + unit_roundoff_gamma(p))
-        kappa2 = (kappa_hat**2 * (1 + unit_roundoff_gamma(2 * p + 2))
-                  + (bound.eta + unit_roundoff_gamma(2 * p + 2)) * bound.trace_inverse * 2 * row2)
-        kappa = (kappa2 / (1 - bound.rho.clamp(max=0.5))).sqrt()
-        value = _self_concordance_gap(lam, kappa)
-        gap[idx] = torch.where(bound.ok, value, gap[idx])
-        decrement[idx] = torch.where(bound.ok, lam, decrement[idx])
-        singular[idx] = ~bound.ok
+        red = basis.redundant if shared else basis.redundant[idx]
+        value, lam, ok = _tall_certificate(Zt, red, teacher[idx], qsum[idx], s[idx], logit_grad[idx],
+                                           exact_kappa=True)
+        gap[idx] = value
+        decrement[idx] = lam
+        singular[idx] = ~ok
     wide = ~tall
     if bool(wide.any()):
         idx = wide.nonzero()[:, 0]
@@ -622,6 +667,179 @@ def _newton(basis: _LogitBasis, model, theta0: torch.Tensor, *, tol: float, max_
     return _NewtonRun(theta=theta, iterations=iterations)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Forward losses in the scaled design's own coordinates (the fast path)
+# --------------------------------------------------------------------------------------------------------
+
+#: Students are solved in chunks whose design copy is about this size, so that the per-iteration temporaries
+#: (as large as the design) are reused from the allocator's cache instead of being faulted in each time.
+_DIRECT_CHUNK_BYTES = 24 * 2**20
+#: Newton iterations the direct path tries before handing a student to the SVD-basis solver.
+_DIRECT_MAX_ITER = 40
+_TINY = torch.finfo(torch.float64).tiny
+
+
+@dataclass
+class _DirectFit:
+    certified: torch.Tensor  # (B,) bool: solved and proven here (gap <= tol)
+    W: torch.Tensor
+    b: torch.Tensor
+    probs: torch.Tensor
+    objective: torch.Tensor
+    gap: torch.Tensor
+    grad_norm: torch.Tensor
+    iterations: torch.Tensor
+    rank: torch.Tensor
+
+
+def _direct_objective(eta, teacher, qsum):
+    r""":math:`\frac1n\sum_i (\textstyle\sum_y q_{iy})\,\mathrm{lse}(\eta_i) - q_i^\top\eta_i` (forward CE, up to rows
+    that do not sum to 1 exactly; its gradient and Hessian are the certificate's)."""
+    return (qsum * torch.logsumexp(eta, dim=-1) - (teacher * eta).sum(dim=-1)).mean(dim=-1)
+
+
+def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
+    r"""Newton on the forward loss in the coordinates :math:`\beta` of the scaled design :math:`Z_s` (logits
+    :math:`Z_s\beta_c`, reference class 0), for one chunk of students; the certificate is evaluated at the
+    point where a student stops, from that iteration's own gradient and Hessian.
+
+    Why this is the certificate of :func:`_forward_certificate` for the problem as stated: the returned head
+    is :math:`[W_c, b_c] = D\beta_c` with :math:`D` the powers of two of the scaling, and both
+    :math:`Z_s = [h, 1]D` and :math:`D\beta` are checked to be exact (no under/overflow), so the exact logits
+    of the returned :math:`(W, b)` are :math:`Z_s\beta` exactly and the computed ones
+    :math:`\hat\eta = \mathrm{fl}(Z_s\beta)` differ from them by at most :math:`\gamma_p|Z_s||\beta|`
+    (:math:`p = m+1`); the gradient and Hessian of the stopping test are those of the certificate at
+    :math:`\hat\eta` (:func:`_tall_certificate`, :math:`\kappa` from the inverse's norm). Students this path
+    cannot prove (wide or numerically collinear designs, a Hessian that needs damping, scaling that is not
+    exact, a certified gap not reached within ``min(max_iter, 40)`` iterations) are left to the SVD-basis
+    solver (``certified`` False). Nothing here depends on the other students of the chunk."""
+    c, n, k = teacher.shape
+    kc = k - 1
+    dt, dev = teacher.dtype, teacher.device
+    Z, Zs, scales, redundant = _scaled_design(X)
+    exact = (Zs / scales[..., None, :] == Z).flatten(1).all(dim=-1)
+    del Z
+    Zs = Zs.masked_fill(redundant[..., None, :], 0.0)
+    scales = scales.masked_fill(redundant, 0.0)
+    p = Zs.shape[-1]
+    kept = (~redundant).sum(dim=-1)
+    eligible = (exact & (kept <= n)).expand(c).clone()
+    Zabs = Zs.abs()
+    qsum = teacher.sum(dim=-1)
+    shared = Zs.shape[0] == 1
+    fill = redundant.to(dt)[..., :, None].expand(*redundant.shape, kc).reshape(redundant.shape[0], -1)
+
+    beta = torch.zeros((c, p, kc), dtype=dt, device=dev)
+    certified = torch.zeros(c, dtype=torch.bool, device=dev)
+    gap_out = torch.full((c,), float("inf"), dtype=dt, device=dev)
+    grad_out = torch.full((c,), float("nan"), dtype=dt, device=dev)
+    objective = torch.full((c,), float("nan"), dtype=dt, device=dev)
+    logits = torch.zeros((c, n, k), dtype=dt, device=dev)
+    iterations = torch.zeros(c, dtype=torch.long, device=dev)
+    u = 2.0**-53
+    gamma_p = unit_roundoff_gamma(p)
+
+    ws = eligible.nonzero()[:, 0]
+    take = (lambda t: t) if shared else (lambda t: t[ws])
+    Z_w, Zabs_w, red_w, fill_w = take(Zs), take(Zabs), take(redundant), take(fill)
+    q_w, qs_w, th = teacher[ws], qsum[ws], beta[ws]
+    eta = _logits(Z_w, th)
+    f = _direct_objective(eta, q_w, qs_w)
+    limit = min(max_iter, _DIRECT_MAX_ITER)
+    for it in range(limit + 1):
+        if ws.numel() == 0:
+            break
+        log_s = torch.log_softmax(eta, dim=-1)
+        s = log_s.exp()
+        logit_grad = (qs_w[..., None] * s - q_w)[..., :-1]
+        g = _parameter_gradient(Z_w, logit_grad)
+        H = _design_hessian(Z_w, qs_w[..., None, None] * _softmax_curvature(s), red_w)
+        L, info = torch.linalg.cholesky_ex(H)
+        factored = info == 0
+        direction = -torch.cholesky_solve(g[..., None], L)[..., 0] * (1 - fill_w)
+        dec2 = -(g * direction).sum(dim=-1)
+        alive = factored & torch.isfinite(dec2)
+        done = torch.zeros_like(alive)
+        cand = alive & (dec2 / 2 <= tol)
+        if bool(cand.any()):
+            idx = cand.nonzero()[:, 0]
+            pick = (lambda t: t) if shared else (lambda t: t[idx])
+            value, _, ok = _tall_certificate(pick(Z_w), pick(red_w), q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
+                                             exact_kappa=False, H=H[idx], Zabs=pick(Zabs_w))
+            # The point: computed logits against the exact logits Z_s beta of the returned head.
+            logit_error = gamma_p * _logits(pick(Zabs_w), th[idx].abs())
+            diff_error = logit_error + u * eta[idx].abs()
+            shift = 4 * (1 + unit_roundoff_gamma(k)) * (qs_w[idx] * diff_error.amax(dim=-1)).mean(dim=-1)
+            value_at, per_sample, count = _objective_from_logits(loss_name, q_w[idx], eta[idx])
+            total = value + shift + _forward_evaluation_error(q_w[idx], eta[idx], per_sample, count)
+            proved = ok & (total <= tol)
+            rows = ws[idx[proved]]
+            certified[rows] = True
+            gap_out[rows] = total[proved]
+            grad_out[rows] = g[idx[proved]].norm(dim=-1) * math.sqrt(n)
+            beta[rows] = th[idx[proved]]
+            logits[rows] = eta[idx[proved]]
+            objective[rows] = value_at[proved]
+            iterations[rows] = it
+            done[idx] = proved | ~ok  # not provable here (ill-conditioned): the SVD-basis solver takes it
+        slack = 16 * torch.finfo(dt).eps * (f.abs() + 1)
+        go = alive & ~done & ~(dec2 / 2 <= 1e-3 * slack)
+        if it == limit:
+            break
+        # Armijo backtracking on the same objective, trial logits fl(Z_s beta) (never updated incrementally).
+        alpha = torch.ones_like(f)
+        pending = go.clone()
+        slope = (g * direction).sum(dim=-1)
+        step = direction.reshape(th.shape)
+        for _bt in range(_MAX_BACKTRACK):
+            if not bool(pending.any()):
+                break
+            trial = th + alpha[:, None, None] * step
+            eta_t = _logits(Z_w, trial)
+            ft = _direct_objective(eta_t, q_w, qs_w)
+            ok_ls = pending & torch.isfinite(ft) & (ft <= f + _ARMIJO * alpha * slope + slack)
+            th = torch.where(ok_ls[:, None, None], trial, th)
+            eta = torch.where(ok_ls[:, None, None], eta_t, eta)
+            f = torch.where(ok_ls, ft, f)
+            pending = pending & ~ok_ls
+            alpha = torch.where(pending, alpha * 0.5, alpha)
+        go = go & ~pending
+        keep = go.nonzero()[:, 0]
+        if keep.numel() < ws.numel():
+            ws, th, eta, f, q_w, qs_w = ws[keep], th[keep], eta[keep], f[keep], q_w[keep], qs_w[keep]
+            if not shared:
+                Z_w, Zabs_w, red_w, fill_w = Z_w[keep], Zabs_w[keep], red_w[keep], fill_w[keep]
+
+    # The returned head D beta must be exact (no under/overflow) for the certificate to be about it.
+    coef = scales[..., :, None] * beta  # (c, p, kc)
+    representable = (torch.isfinite(coef) & ((coef.abs() >= _TINY) | (beta == 0))).flatten(1).all(dim=-1)
+    certified = certified & representable
+    W = torch.zeros((c, k, p - 1), dtype=dt, device=dev)
+    b = torch.zeros((c, k), dtype=dt, device=dev)
+    W[:, :kc] = coef[:, : p - 1].mT
+    b[:, :kc] = coef[:, p - 1]
+    probs = torch.softmax(logits, dim=-1)
+    return _DirectFit(certified=certified, W=W, b=b, probs=probs, objective=objective, gap=gap_out,
+                      grad_norm=grad_out, iterations=iterations, rank=kept.expand(c))
+
+
+def _forward_direct(features, teacher, loss_name: str, tol: float, max_iter: int) -> _DirectFit:
+    """:func:`_direct_chunk` over chunks of about :data:`_DIRECT_CHUNK_BYTES` of design each (one shared design
+    when the features are an expanded view)."""
+    B, n, m = features.shape
+    shared = B == 1 or features.stride(0) == 0
+    chunk = max(1, _DIRECT_CHUNK_BYTES // (n * (m + 1) * 8))
+    parts = []
+    for start in range(0, B, chunk):
+        stop = min(B, start + chunk)
+        X = features[:1] if shared else features[start:stop]
+        parts.append(_direct_chunk(X, teacher[start:stop], loss_name, tol, max_iter))
+    if len(parts) == 1:
+        return parts[0]
+    return _DirectFit(**{name: torch.cat([getattr(part, name) for part in parts])
+                         for name in _DirectFit.__dataclass_fields__})
+
+
 _SINGULAR_REASON = (
     "features numerically collinear after scaling their columns (with the bias column; e.g. duplicated in other "
     "units, near-duplicates, or rows in the simplex): the exact problem has directions a rank cut would drop, "
@@ -638,6 +856,49 @@ def _certified_forward(basis, teacher, W, b, features, loss_name):
     differences = logits - logits[..., -1:]
     gap = gap + _forward_evaluation_error(teacher, differences, per_sample, count)
     return objective, gap, grad_norm, singular
+
+
+_FORWARD_METHOD = ("newton with backtracking in the scaled design's coordinates (the whitened SVD basis for "
+                   "students that path cannot certify), self-concordance certificate")
+
+
+def _fit_forward_basis(features, teacher, loss_name: str, tol: float, max_iter: int):
+    """Forward loss through the whitened SVD basis (any design, collinear included):
+    ``(W, b, probs, objective, gap, grad_norm, iterations, rank, singular)``."""
+    k = teacher.shape[-1]
+    B, _, m = features.shape
+    basis = _logit_basis(features, k)
+    theta0 = torch.zeros((B, basis.U.shape[-1], k - 1), dtype=torch.float64, device=features.device)
+    forward = _newton(basis, _ForwardCrossEntropy(teacher), theta0, tol=tol, max_iter=max_iter)
+    W, b = _head_parameters(basis, forward.theta, m)
+    probs = SoftmaxHead.predict(W, b, features)
+    objective, gap, grad_norm, singular = _certified_forward(basis, teacher, W, b, features, loss_name)
+    return W, b, probs, objective, gap, grad_norm, forward.iterations, basis.rank.expand(B), singular
+
+
+def _fit_forward(features, teacher, loss_name: str, tol: float, max_iter: int) -> FitResult:
+    """Forward losses: the direct path (:func:`_forward_direct`) for every student, then the whitened SVD basis
+    (:func:`_fit_forward_basis`) for those it did not certify; each student's numbers depend on it alone."""
+    B, n, m = features.shape
+    direct = _forward_direct(features, teacher, loss_name, tol, max_iter)
+    W, b, probs, objective = direct.W, direct.b, direct.probs, direct.objective
+    gap, grad_norm, iterations, rank = direct.gap, direct.grad_norm, direct.iterations, direct.rank.clone()
+    singular = torch.zeros(B, dtype=torch.bool, device=features.device)
+    rest = (~direct.certified).nonzero()[:, 0]
+    if rest.numel():
+        shared = B == 1 or features.stride(0) == 0
+        X = features[:1].expand(rest.numel(), n, m) if shared else features[rest]
+        values = _fit_forward_basis(X, teacher[rest], loss_name, tol, max_iter)
+        for target, value in zip((W, b, probs, objective, gap, grad_norm, iterations, rank, singular), values):
+            target[rest] = value
+    info = {"rank": rank, "tol": tol, "singular": singular, "direct": direct.certified}
+    if bool(singular.any()):
+        info["uncertified_reason"] = _SINGULAR_REASON
+    return FitResult(
+        head="softmax", loss=loss_name, params={"W": W, "b": b}, probs=probs, objective=objective, gap=gap,
+        certificate="self_concordance", grad_norm=grad_norm, iterations=iterations, converged=gap <= tol,
+        method=_FORWARD_METHOD, info=info,
+    )
 
 
 def fit_softmax_batched(
@@ -712,25 +973,14 @@ def fit_softmax_batched(
             method="trivial (k = 1)",
         )
 
+    if not reverse_loss:
+        return _fit_forward(features, teacher, loss.name, tol, max_iter)
+
     basis = _logit_basis(features, k)
     D = basis.U.shape[-1]
     theta0 = torch.zeros((B, D, k - 1), dtype=torch.float64, device=dev)
     forward = _newton(basis, _ForwardCrossEntropy(teacher), theta0, tol=tol, max_iter=max_iter)
     info = {"rank": basis.rank.expand(B).clone(), "tol": tol}
-
-    if not reverse_loss:
-        W, b = _head_parameters(basis, forward.theta, m)
-        probs = SoftmaxHead.predict(W, b, features)
-        objective, gap, grad_norm, singular = _certified_forward(basis, teacher, W, b, features, loss.name)
-        info["singular"] = singular
-        if bool(singular.any()):
-            info["uncertified_reason"] = _SINGULAR_REASON
-        return FitResult(
-            head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs, objective=objective, gap=gap,
-            certificate="self_concordance", grad_norm=grad_norm, iterations=forward.iterations,
-            converged=gap <= tol,
-            method="newton (whitened logit basis, backtracking, self-concordance certificate)", info=info,
-        )
 
     model = _ReverseDivergence(torch.log(teacher), with_entropy=loss.name == "reverse_kl")
     start_objective = _objective_from_logits(loss.name, teacher, _logits(basis.U, forward.theta))[0]
