@@ -330,6 +330,8 @@ def _design_hessian(Z: torch.Tensor, curvature: torch.Tensor, redundant: torch.T
     decoupled from the rest: ``(B, p(k-1), p(k-1))``."""
     kc = curvature.shape[-1]
     H = _parameter_hessian(Z, curvature, torch.zeros(1, dtype=Z.dtype, device=Z.device))
+    if redundant is None:
+        return H
     fill = redundant.to(Z.dtype)[..., :, None].expand(*redundant.shape, kc).reshape(redundant.shape[0], -1)
     diag = H.diagonal(dim1=-2, dim2=-1)
     scale = (diag * (1 - fill)).abs().amax(dim=-1).clamp_min(1e-300)
@@ -337,14 +339,24 @@ def _design_hessian(Z: torch.Tensor, curvature: torch.Tensor, redundant: torch.T
     return H
 
 
-def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kappa: bool, H=None, Zabs=None):
+def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kappa: bool, H=None, norms=None,
+                      dg_norm=None, drift=None):
     r"""Step 2 of :func:`_forward_certificate` (tall design, :math:`n \ge` kept columns) for the computed
-    probabilities ``s`` of the point, in the basis ``Zs`` ``(B or 1, n, p)``: ``(gap, decrement bound, proved)``.
+    probabilities ``s`` of the point, in the basis ``Zs`` ``(B or 1, n, p)`` (``redundant``: its zeroed columns,
+    or None): ``(gap, decrement bound, proved)``.
 
-    ``H`` (optional) is the Hessian :func:`_design_hessian` of ``qsum * curvature(s)`` in that basis, when
-    the caller has it already. :math:`\kappa` (the logit-range constant of Bach's bound) is bounded either
-    from the computed inverse (``exact_kappa``: :math:`\hat\kappa^2 = \max_i\max_{y\ne y'} v^\top Xv` plus its
-    rounding) or, without a pass over the sample, by
+    Optional inputs the caller may have already: ``H``, the computed Hessian :func:`_design_hessian` of
+    ``qsum * curvature(s)`` in that basis; ``norms = (frob2, row2)``, upper bounds on :math:`\|Z_s\|_F^2` and
+    :math:`\max_i\|z_i\|^2`; ``dg_norm``, an upper bound on :math:`\|\delta g\|` (the gradient's rounding).
+    ``drift`` :math:`R\ge0` (per student): ``H`` was computed at an earlier point whose logits differ from
+    this point's by a range of at most :math:`R` per sample; by the self-concordance of log-sum-exp
+    (:math:`D^3\mathrm{lse}(\eta)[v,w,w] \ge -\mathrm{range}(v)\,D^2\mathrm{lse}(\eta)[w,w]`, Bach 2010),
+    :math:`H_{\text{here}} \succeq e^{-R}H`, so :math:`\lambda` and :math:`\kappa` are multiplied by
+    :math:`e^{R/2}`.
+
+    :math:`\kappa` (the logit-range constant of Bach's bound) is bounded either from the computed inverse
+    (``exact_kappa``: :math:`\hat\kappa^2 = \max_i\max_{y\ne y'} v^\top Xv` plus its rounding) or, without a
+    pass over the sample, by
     :math:`\kappa^2 \le \|H^{-1}\|_2\max_{i,y,y'}\|v_{iyy'}\|^2 \le \Lambda\cdot 2\max_i\|z_i\|^2/(1-\rho)`
     (:math:`v_{iyy'} = J_i^\top(e_y-e_{y'})` has squared norm :math:`\|z_i\|^2` or :math:`2\|z_i\|^2`, and
     :math:`H\succeq(1-\rho)LL^\top`, :math:`\|(LL^\top)^{-1}\|_2\le\Lambda`, from
@@ -352,22 +364,24 @@ def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kapp
     :math:`\kappa`; the second is looser (it only matters once :math:`\lambda\kappa` is not small)."""
     n, k = teacher.shape[-2], teacher.shape[-1]
     kc = k - 1
-    dt = teacher.dtype
     c = n + 2 * k + 12
     g = _parameter_gradient(Zs, logit_grad)
-    if Zabs is None:
-        Zabs = Zs.abs()
-    dg = unit_roundoff_gamma(c) * _parameter_gradient(Zabs, (qsum[..., None] * s + teacher)[..., :-1])
+    if dg_norm is None:
+        dg_norm = (unit_roundoff_gamma(c)
+                   * _parameter_gradient(Zs.abs(), (qsum[..., None] * s + teacher)[..., :-1])).norm(dim=-1)
     if H is None:
         H = _design_hessian(Zs, qsum[..., None, None] * _softmax_curvature(s), redundant)
-    frob2 = frobenius_norm_squared(Zs)
+    p = H.shape[-1]
+    if norms is None:
+        frob2 = frobenius_norm_squared(Zs)
+        row2 = (Zs**2).sum(dim=-1).amax(dim=-1) * (1 + unit_roundoff_gamma(p))
+    else:
+        frob2, row2 = norms
     H_error = 4 * unit_roundoff_gamma(c) * qsum.amax(dim=-1) * frob2 / n
     bound = positive_definite_bound(H, H_error)
     w = torch.linalg.solve_triangular(bound.L, g[..., None], upper=False)[..., 0].norm(dim=-1)
     one_minus_rho = 1 - bound.rho.clamp(max=0.5)
-    lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg.norm(dim=-1)) / one_minus_rho.sqrt()
-    p = H.shape[-1]
-    row2 = (Zs**2).sum(dim=-1).amax(dim=-1) * (1 + unit_roundoff_gamma(p))
+    lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg_norm) / one_minus_rho.sqrt()
     if exact_kappa:
         kappa_hat = _logit_range_constant(Zs, bound.X, kc)
         kappa2 = (kappa_hat**2 * (1 + unit_roundoff_gamma(2 * p + 2))
@@ -375,6 +389,9 @@ def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kapp
     else:
         kappa2 = bound.inverse_bound * 2 * row2 * (1 + unit_roundoff_gamma(4))
     kappa = (kappa2 / one_minus_rho).sqrt()
+    if drift is not None:
+        widen = torch.exp(drift / 2) * (1 + unit_roundoff_gamma(4))
+        lam, kappa = lam * widen, kappa * widen
     value = _self_concordance_gap(lam, kappa)
     inf = torch.full_like(value, float("inf"))
     return torch.where(bound.ok, value, inf), torch.where(bound.ok, lam, inf), bound.ok
@@ -692,42 +709,92 @@ class _DirectFit:
     rank: torch.Tensor
 
 
-def _direct_objective(eta, teacher, qsum):
-    r""":math:`\frac1n\sum_i (\textstyle\sum_y q_{iy})\,\mathrm{lse}(\eta_i) - q_i^\top\eta_i` (forward CE, up to rows
-    that do not sum to 1 exactly; its gradient and Hessian are the certificate's)."""
-    return (qsum * torch.logsumexp(eta, dim=-1) - (teacher * eta).sum(dim=-1)).mean(dim=-1)
+def _class_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the (small) last axis; a loop over its columns, because a reduction over a last axis of two
+    or three entries is a slow kernel (about 20 times slower than the additions)."""
+    if x.shape[-1] > 8:
+        return x.sum(dim=-1)
+    total = x[..., 0]
+    for y in range(1, x.shape[-1]):
+        total = total + x[..., y]
+    return total
+
+
+def _class_max(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] > 8:
+        return x.amax(dim=-1)
+    top = x[..., 0]
+    for y in range(1, x.shape[-1]):
+        top = torch.maximum(top, x[..., y])
+    return top
+
+
+def _free_softmax(t: torch.Tensor):
+    r"""For free logits ``t`` ``(B, n, k-1)`` (the reference class at 0): :math:`\mathrm{lse}` ``(B, n)`` and the
+    probabilities of the free classes ``(B, n, k-1)``, computed as :math:`e^{t - \max}/\sum e^{t-\max}` with
+    the maximum including the reference's 0."""
+    top = _class_max(t).clamp_min(0.0)
+    e = torch.exp(t - top[..., None])
+    total = _class_sum(e) + torch.exp(-top)
+    return top + torch.log(total), e / total[..., None]
+
+
+def _free_curvature(s: torch.Tensor, qsum: torch.Tensor) -> torch.Tensor:
+    r""":math:`(\sum_y q_y)(\mathrm{diag}(s) - ss^\top)` on the free classes, ``(B, n, k-1, k-1)``."""
+    if s.shape[-1] == 1:
+        return (qsum[..., None] * s * (1 - s))[..., None]
+    return qsum[..., None, None] * (torch.diag_embed(s) - s[..., :, None] * s[..., None, :])
+
+
+def _direct_objective(t, teacher, qsum):
+    r""":math:`\frac1n\sum_i (\textstyle\sum_y q_{iy})\,\mathrm{lse}(\eta_i) - q_i^\top\eta_i` from the free logits
+    (forward CE, up to rows that do not sum to 1 exactly; its gradient and Hessian are the certificate's)."""
+    lse, _ = _free_softmax(t)
+    return (qsum * lse - _class_sum(teacher[..., :-1] * t)).mean(dim=-1)
+
+
+def _with_reference(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, torch.zeros_like(t[..., :1])], dim=-1)
+
+
+def _logit_drift(t, t_before):
+    r"""Upper bound on :math:`\max_i\mathrm{range}_y(\eta_{iy} - \eta'_{iy})` for two computed free-logit arrays
+    ``(B, n, k-1)`` (the reference class moves by 0; the subtraction's rounding included)."""
+    v = t - t_before
+    spread = _class_max(v).clamp_min(0) + _class_max(-v).clamp_min(0) + 4 * 2.0**-53 * _class_max(v.abs())
+    return spread.amax(dim=-1) * (1 + 2.0**-51)
 
 
 def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
-    r"""Newton on the forward loss in the coordinates :math:`\beta` of the scaled design :math:`Z_s` (logits
-    :math:`Z_s\beta_c`, reference class 0), for one chunk of students; the certificate is evaluated at the
-    point where a student stops, from that iteration's own gradient and Hessian.
+    r"""Newton on the forward loss in the coordinates :math:`\beta = [W_c, b_c]^\top` of the design
+    :math:`Z = [h, 1]` itself (logits :math:`Z\beta_c`, reference class 0), for one chunk of students; the
+    certificate is evaluated where a student stops.
 
     Why this is the certificate of :func:`_forward_certificate` for the problem as stated: the returned head
-    is :math:`[W_c, b_c] = D\beta_c` with :math:`D` the powers of two of the scaling, and both
-    :math:`Z_s = [h, 1]D` and :math:`D\beta` are checked to be exact (no under/overflow), so the exact logits
-    of the returned :math:`(W, b)` are :math:`Z_s\beta` exactly and the computed ones
-    :math:`\hat\eta = \mathrm{fl}(Z_s\beta)` differ from them by at most :math:`\gamma_p|Z_s||\beta|`
-    (:math:`p = m+1`); the gradient and Hessian of the stopping test are those of the certificate at
-    :math:`\hat\eta` (:func:`_tall_certificate`, :math:`\kappa` from the inverse's norm). Students this path
-    cannot prove (wide or numerically collinear designs, a Hessian that needs damping, scaling that is not
-    exact, a certified gap not reached within ``min(max_iter, 40)`` iterations) are left to the SVD-basis
-    solver (``certified`` False). Nothing here depends on the other students of the chunk."""
+    *is* :math:`\beta` and the basis *is* :math:`[h, 1]`, so the exact logits of the returned :math:`(W, b)` are
+    :math:`Z\beta` and the computed :math:`\hat\eta = \mathrm{fl}(Z\beta)` differ from them by at most
+    :math:`\gamma_p|z_i|^\top|\beta_c| \le \gamma_p\|z_i\|\|\beta_c\|` (:math:`p = m+1`); the gradient's rounding
+    :math:`\gamma_c\frac1n|Z|^\top a` is bounded by :math:`\gamma_c\frac1n\|Z\|_F\|a\|_F`
+    (Cauchy–Schwarz), and the rest is :func:`_tall_certificate` (:math:`\kappa` from the inverse's norm).
+    After a step, the previous iteration's Hessian is tried first, widened by the logits' drift
+    (``drift`` of :func:`_tall_certificate`): a student whose last step was short is certified without
+    forming a new Hessian. Students this path cannot prove (wide, collinear or badly scaled designs, a Hessian
+    whose factorisation fails, a certified gap not reached within ``min(max_iter, 40)`` iterations) are left
+    to the SVD-basis solver (``certified`` False). Nothing here depends on the other students of the chunk."""
     c, n, k = teacher.shape
     kc = k - 1
     dt, dev = teacher.dtype, teacher.device
-    Z, Zs, scales, redundant = _scaled_design(X)
-    exact = (Zs / scales[..., None, :] == Z).flatten(1).all(dim=-1)
-    del Z
-    Zs = Zs.masked_fill(redundant[..., None, :], 0.0)
-    scales = scales.masked_fill(redundant, 0.0)
-    p = Zs.shape[-1]
-    kept = (~redundant).sum(dim=-1)
-    eligible = (exact & (kept <= n)).expand(c).clone()
-    Zabs = Zs.abs()
+    Z = torch.cat([X, torch.ones((*X.shape[:-1], 1), dtype=dt, device=dev)], dim=-1)
+    p = Z.shape[-1]
+    shared = Z.shape[0] == 1
+    row_sq = (Z * Z).sum(dim=-1)  # (c|1, n)
+    frob2 = row_sq.sum(dim=-1) * (1 + unit_roundoff_gamma(n * p + 1))
+    row2 = row_sq.amax(dim=-1) * (1 + unit_roundoff_gamma(p + 1))
+    row_norm = row_sq.sqrt() * (1 + unit_roundoff_gamma(p + 2))
+    frob = frob2.sqrt() * (1 + 2.0**-52)
     qsum = teacher.sum(dim=-1)
-    shared = Zs.shape[0] == 1
-    fill = redundant.to(dt)[..., :, None].expand(*redundant.shape, kc).reshape(redundant.shape[0], -1)
+    eligible = torch.full((c,), p * kc <= n * kc and p <= n, dtype=torch.bool, device=dev)
+    eligible &= torch.isfinite(frob2).expand(c)
 
     beta = torch.zeros((c, p, kc), dtype=dt, device=dev)
     certified = torch.zeros(c, dtype=torch.bool, device=dev)
@@ -737,65 +804,101 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
     logits = torch.zeros((c, n, k), dtype=dt, device=dev)
     iterations = torch.zeros(c, dtype=torch.long, device=dev)
     u = 2.0**-53
-    gamma_p = unit_roundoff_gamma(p)
+    gamma_p = unit_roundoff_gamma(p) * (1 + 2.0**-50)
+    gamma_c = unit_roundoff_gamma(n + 2 * k + 12)
 
     ws = eligible.nonzero()[:, 0]
-    take = (lambda t: t) if shared else (lambda t: t[ws])
-    Z_w, Zabs_w, red_w, fill_w = take(Zs), take(Zabs), take(redundant), take(fill)
+    everyone = ws.numel() == c
+
+    def rows(t):  # per-student design quantities of the working set (shared: one copy)
+        return t if shared or everyone else t[ws]
+
+    Z_w, frob_w, rn_w, norms_w = rows(Z), rows(frob), rows(row_norm), (rows(frob2), rows(row2))
     q_w, qs_w, th = teacher[ws], qsum[ws], beta[ws]
-    eta = _logits(Z_w, th)
+    eta = Z_w @ th  # free logits
     f = _direct_objective(eta, q_w, qs_w)
+    H_prev = eta_prev = None
     limit = min(max_iter, _DIRECT_MAX_ITER)
+
+    def certify(idx, s, g, logit_grad, H, drift, it):
+        """Certificate at the current point of working-set rows ``idx``; records the proven ones. Returns
+        (proved, provable) over ``idx``."""
+        pick = (lambda t: t) if shared else (lambda t: t[idx])
+        a = qs_w[idx, :, None] * s[idx] + q_w[idx, :, :-1]
+        dg_norm = gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) * (1 + unit_roundoff_gamma(n * kc + 2)) / n
+        value, _, ok = _tall_certificate(pick(Z_w), None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
+                                         exact_kappa=False, H=H, norms=tuple(pick(v) for v in norms_w),
+                                         dg_norm=dg_norm, drift=drift)
+        # The point: computed logits against the exact logits Z beta of the returned head.
+        logit_error = gamma_p * pick(rn_w)[..., None] * th[idx].norm(dim=-2)[:, None, :]
+        diff_error = logit_error + u * eta[idx].abs()
+        shift = 4 * (1 + unit_roundoff_gamma(k)) * (qs_w[idx] * _class_max(diff_error)).mean(dim=-1)
+        full = _with_reference(eta[idx])
+        value_at, per_sample, count = _objective_from_logits(loss_name, q_w[idx], full)
+        total = value + shift + _forward_evaluation_error(q_w[idx], full, per_sample, count)
+        proved = ok & (total <= tol)
+        done_rows, local = ws[idx[proved]], idx[proved]
+        certified[done_rows] = True
+        gap_out[done_rows] = total[proved]
+        grad_out[done_rows] = g[local].norm(dim=-1) * math.sqrt(n)
+        beta[done_rows] = th[local]
+        logits[done_rows] = full[proved]
+        objective[done_rows] = value_at[proved]
+        iterations[done_rows] = it
+        return proved, ok
+
     for it in range(limit + 1):
         if ws.numel() == 0:
             break
-        log_s = torch.log_softmax(eta, dim=-1)
-        s = log_s.exp()
-        logit_grad = (qs_w[..., None] * s - q_w)[..., :-1]
+        _, s = _free_softmax(eta)
+        logit_grad = qs_w[..., None] * s - q_w[..., :-1]
         g = _parameter_gradient(Z_w, logit_grad)
-        H = _design_hessian(Z_w, qs_w[..., None, None] * _softmax_curvature(s), red_w)
+        if H_prev is not None:
+            # The previous Hessian, widened by the drift of the logits since it was formed.
+            drift = _logit_drift(eta, eta_prev)
+            L_prev, info = torch.linalg.cholesky_ex(H_prev)
+            dec2 = (g * torch.cholesky_solve(g[..., None], L_prev)[..., 0]).sum(dim=-1) * torch.exp(drift)
+            cand = (info == 0) & (dec2 / 2 <= tol)
+            if bool(cand.any()):
+                idx = cand.nonzero()[:, 0]
+                proved, _ = certify(idx, s, g, logit_grad, H_prev[idx], drift[idx], it)
+                stay = torch.ones(ws.numel(), dtype=torch.bool, device=dev)
+                stay[idx[proved]] = False
+                if not bool(stay.all()):
+                    keep = stay.nonzero()[:, 0]
+                    s, logit_grad, g = s[keep], logit_grad[keep], g[keep]
+                    ws, th, eta, f, q_w, qs_w = ws[keep], th[keep], eta[keep], f[keep], q_w[keep], qs_w[keep]
+                    if not shared:
+                        Z_w, frob_w, rn_w = Z_w[keep], frob_w[keep], rn_w[keep]
+                        norms_w = tuple(v[keep] for v in norms_w)
+                    if ws.numel() == 0:
+                        break
+        H = _design_hessian(Z_w, _free_curvature(s, qs_w), None)
         L, info = torch.linalg.cholesky_ex(H)
-        factored = info == 0
-        direction = -torch.cholesky_solve(g[..., None], L)[..., 0] * (1 - fill_w)
+        direction = -torch.cholesky_solve(g[..., None], L)[..., 0]
         dec2 = -(g * direction).sum(dim=-1)
-        alive = factored & torch.isfinite(dec2)
+        alive = (info == 0) & torch.isfinite(dec2)
         done = torch.zeros_like(alive)
         cand = alive & (dec2 / 2 <= tol)
         if bool(cand.any()):
             idx = cand.nonzero()[:, 0]
-            pick = (lambda t: t) if shared else (lambda t: t[idx])
-            value, _, ok = _tall_certificate(pick(Z_w), pick(red_w), q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
-                                             exact_kappa=False, H=H[idx], Zabs=pick(Zabs_w))
-            # The point: computed logits against the exact logits Z_s beta of the returned head.
-            logit_error = gamma_p * _logits(pick(Zabs_w), th[idx].abs())
-            diff_error = logit_error + u * eta[idx].abs()
-            shift = 4 * (1 + unit_roundoff_gamma(k)) * (qs_w[idx] * diff_error.amax(dim=-1)).mean(dim=-1)
-            value_at, per_sample, count = _objective_from_logits(loss_name, q_w[idx], eta[idx])
-            total = value + shift + _forward_evaluation_error(q_w[idx], eta[idx], per_sample, count)
-            proved = ok & (total <= tol)
-            rows = ws[idx[proved]]
-            certified[rows] = True
-            gap_out[rows] = total[proved]
-            grad_out[rows] = g[idx[proved]].norm(dim=-1) * math.sqrt(n)
-            beta[rows] = th[idx[proved]]
-            logits[rows] = eta[idx[proved]]
-            objective[rows] = value_at[proved]
-            iterations[rows] = it
+            proved, ok = certify(idx, s, g, logit_grad, H[idx], None, it)
             done[idx] = proved | ~ok  # not provable here (ill-conditioned): the SVD-basis solver takes it
         slack = 16 * torch.finfo(dt).eps * (f.abs() + 1)
         go = alive & ~done & ~(dec2 / 2 <= 1e-3 * slack)
-        if it == limit:
+        if it == limit or not bool(go.any()):
             break
-        # Armijo backtracking on the same objective, trial logits fl(Z_s beta) (never updated incrementally).
+        # Armijo backtracking on the same objective, trial logits fl(Z beta) (never updated incrementally).
         alpha = torch.ones_like(f)
         pending = go.clone()
         slope = (g * direction).sum(dim=-1)
         step = direction.reshape(th.shape)
+        eta_before = eta
         for _bt in range(_MAX_BACKTRACK):
             if not bool(pending.any()):
                 break
             trial = th + alpha[:, None, None] * step
-            eta_t = _logits(Z_w, trial)
+            eta_t = Z_w @ trial
             ft = _direct_objective(eta_t, q_w, qs_w)
             ok_ls = pending & torch.isfinite(ft) & (ft <= f + _ARMIJO * alpha * slope + slack)
             th = torch.where(ok_ls[:, None, None], trial, th)
@@ -804,23 +907,24 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
             pending = pending & ~ok_ls
             alpha = torch.where(pending, alpha * 0.5, alpha)
         go = go & ~pending
-        keep = go.nonzero()[:, 0]
-        if keep.numel() < ws.numel():
+        H_prev, eta_prev = H, eta_before
+        if not bool(go.all()):
+            keep = go.nonzero()[:, 0]
             ws, th, eta, f, q_w, qs_w = ws[keep], th[keep], eta[keep], f[keep], q_w[keep], qs_w[keep]
+            H_prev, eta_prev = H_prev[keep], eta_prev[keep]
             if not shared:
-                Z_w, Zabs_w, red_w, fill_w = Z_w[keep], Zabs_w[keep], red_w[keep], fill_w[keep]
+                Z_w, frob_w, rn_w = Z_w[keep], frob_w[keep], rn_w[keep]
+                norms_w = tuple(v[keep] for v in norms_w)
 
-    # The returned head D beta must be exact (no under/overflow) for the certificate to be about it.
-    coef = scales[..., :, None] * beta  # (c, p, kc)
-    representable = (torch.isfinite(coef) & ((coef.abs() >= _TINY) | (beta == 0))).flatten(1).all(dim=-1)
-    certified = certified & representable
     W = torch.zeros((c, k, p - 1), dtype=dt, device=dev)
     b = torch.zeros((c, k), dtype=dt, device=dev)
-    W[:, :kc] = coef[:, : p - 1].mT
-    b[:, :kc] = coef[:, p - 1]
-    probs = torch.softmax(logits, dim=-1)
+    W[:, :kc] = beta[:, : p - 1].mT
+    b[:, :kc] = beta[:, p - 1]
+    top = _class_max(logits)
+    e = torch.exp(logits - top[..., None])
+    probs = e / _class_sum(e)[..., None]
     return _DirectFit(certified=certified, W=W, b=b, probs=probs, objective=objective, gap=gap_out,
-                      grad_norm=grad_out, iterations=iterations, rank=kept.expand(c))
+                      grad_norm=grad_out, iterations=iterations, rank=torch.full((c,), p, device=dev))
 
 
 def _forward_direct(features, teacher, loss_name: str, tol: float, max_iter: int) -> _DirectFit:
