@@ -340,7 +340,7 @@ def _design_hessian(Z: torch.Tensor, curvature: torch.Tensor, redundant: torch.T
 
 
 def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kappa: bool, H=None, norms=None,
-                      dg_norm=None, drift=None):
+                      dg_norm=None, drift=None, g=None):
     r"""Step 2 of :func:`_forward_certificate` (tall design, :math:`n \ge` kept columns) for the computed
     probabilities ``s`` of the point, in the basis ``Zs`` ``(B or 1, n, p)`` (``redundant``: its zeroed columns,
     or None): ``(gap, decrement bound, proved)``.
@@ -365,7 +365,8 @@ def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kapp
     n, k = teacher.shape[-2], teacher.shape[-1]
     kc = k - 1
     c = n + 2 * k + 12
-    g = _parameter_gradient(Zs, logit_grad)
+    if g is None:
+        g = _parameter_gradient(Zs, logit_grad)
     if dg_norm is None:
         dg_norm = (unit_roundoff_gamma(c)
                    * _parameter_gradient(Zs.abs(), (qsum[..., None] * s + teacher)[..., :-1])).norm(dim=-1)
@@ -815,7 +816,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
 
     Z_w, frob_w, rn_w, norms_w = rows(Z), rows(frob), rows(row_norm), (rows(frob2), rows(row2))
     q_w, qs_w, th = teacher[ws], qsum[ws], beta[ws]
-    eta = Z_w @ th  # free logits
+    eta = torch.zeros((ws.numel(), n, kc), dtype=dt, device=dev)  # free logits Z beta at beta = 0
     f = _direct_objective(eta, q_w, qs_w)
     H_prev = eta_prev = None
     limit = min(max_iter, _DIRECT_MAX_ITER)
@@ -828,7 +829,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
         dg_norm = gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) * (1 + unit_roundoff_gamma(n * kc + 2)) / n
         value, _, ok = _tall_certificate(pick(Z_w), None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
                                          exact_kappa=False, H=H, norms=tuple(pick(v) for v in norms_w),
-                                         dg_norm=dg_norm, drift=drift)
+                                         dg_norm=dg_norm, drift=drift, g=g[idx])
         # The point: computed logits against the exact logits Z beta of the returned head.
         logit_error = gamma_p * pick(rn_w)[..., None] * th[idx].norm(dim=-2)[:, None, :]
         diff_error = logit_error + u * eta[idx].abs()
