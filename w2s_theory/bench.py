@@ -30,7 +30,9 @@ linear        forward KL, ``m = 16``       the project's exact cvxpy reference (
                                            with ``backend="cvxpy"``: Clarabel and an LP certificate)
 softmax       forward KL (certified)       scipy L-BFGS-B on :math:`(W, b)` with the exact gradient, stopped
                                            as soon as its objective is within ``tol`` of the batched
-                                           solver's (an oracle stop: it favours the baseline)
+                                           solver's (an oracle stop: it favours the baseline); and
+                                           ``torch.optim.LBFGS`` (strong Wolfe, float64, autograd) with
+                                           the same stop (``ratio_vs_torch_lbfgs``)
 squared       squared (least squares)      ``numpy.linalg.lstsq`` on :math:`[z, 1]`
 ============  ===========================  ==================================================================
 

@@ -191,11 +191,13 @@ def report(result: dict) -> str:
         lines.append(f"mixture FLOP rate at B={B}: {flops['mixture_gflop_per_s']:.2f} GFLOP/s = "
                      f"{100 * flops['mixture_fraction_of_peak']:.1f}% of the float64 matmul peak "
                      f"({flops['mixture_multiply_adds_per_student'] / 1e6:.1f} M multiply-adds per student)")
-    for head, key, name in (("linear", "ratio_vs_cvxpy", "cvxpy"), ("softmax", "ratio_vs_lbfgs", "L-BFGS"),
+    for head, key, name in (("linear", "ratio_vs_cvxpy", "cvxpy"), ("softmax", "ratio_vs_lbfgs", "scipy L-BFGS"),
                             ("squared", "ratio_vs_numpy", "numpy lstsq")):
         h = result["heads"].get(head)
         if h is not None and h.get(key) is not None:
-            lines.append(f"{head} at B={h['B']}: {_times(h[key])} {name}")
+            extra = (f", {_times(h['ratio_vs_torch_lbfgs'])} torch L-BFGS"
+                     if h.get("ratio_vs_torch_lbfgs") is not None else "")
+            lines.append(f"{head} at B={h['B']}: {_times(h[key])} {name}{extra}")
     for name, w in (result.get("sparse") or {}).items():
         lines.append(f"mixture, {name} at B={w['B']}: {_times(w['ratio_vs_cvxpy'])} cvxpy")
     if result.get("practice"):
