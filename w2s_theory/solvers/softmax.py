@@ -827,7 +827,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
         pick = (lambda t: t) if shared else (lambda t: t[idx])
         a = qs_w[idx, :, None] * s[idx] + q_w[idx, :, :-1]
         dg_norm = gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) * (1 + unit_roundoff_gamma(n * kc + 2)) / n
-        value, _, ok = _tall_certificate(pick(Z_w), None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
+        value, _, ok = _tall_certificate(None, None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
                                          exact_kappa=False, H=H, norms=tuple(pick(v) for v in norms_w),
                                          dg_norm=dg_norm, drift=drift, g=g[idx])
         # The point: computed logits against the exact logits Z beta of the returned head.
@@ -853,8 +853,9 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
             break
         _, s = _free_softmax(eta)
         logit_grad = qs_w[..., None] * s - q_w[..., :-1]
-        g = _parameter_gradient(Z_w, logit_grad)
+        g = None
         if H_prev is not None:
+            g = _parameter_gradient(Z_w, logit_grad)
             # The previous Hessian, widened by the drift of the logits since it was formed.
             drift = _logit_drift(eta, eta_prev)
             L_prev, info = torch.linalg.cholesky_ex(H_prev)
@@ -874,7 +875,17 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
                         norms_w = tuple(v[keep] for v in norms_w)
                     if ws.numel() == 0:
                         break
-        H = _design_hessian(Z_w, _free_curvature(s, qs_w), None)
+        if g is None and kc == 1:
+            # Hessian and gradient from one product Z^T [w Z, r] (one pass over the design instead of two).
+            wide = torch.empty((*s.shape[:-1], p + 1), dtype=dt, device=dev)
+            torch.mul(_free_curvature(s, qs_w)[..., 0], Z_w, out=wide[..., :p])
+            wide[..., p:] = logit_grad
+            both = Z_w.mT @ wide / n
+            H, g = both[..., :p].contiguous(), both[..., p].contiguous()
+        else:
+            if g is None:
+                g = _parameter_gradient(Z_w, logit_grad)
+            H = _design_hessian(Z_w, _free_curvature(s, qs_w), None)
         L, info = torch.linalg.cholesky_ex(H)
         direction = -torch.cholesky_solve(g[..., None], L)[..., 0]
         dec2 = -(g * direction).sum(dim=-1)
