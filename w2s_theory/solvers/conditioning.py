@@ -95,7 +95,7 @@ class PositiveDefiniteBound:
         return self.inverse_bound.sqrt()
 
 
-def positive_definite_bound(M: torch.Tensor, error: torch.Tensor) -> PositiveDefiniteBound:
+def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -> PositiveDefiniteBound:
     r"""Prove :math:`M \succ 0` for the exact matrix :math:`M` with :math:`\|M - \hat M\|_2\le` ``error``
     (``M`` is the computed :math:`\hat M`, ``(B, p, p)``).
 
@@ -107,9 +107,10 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor) -> PositiveDef
     \mathrm{tr}(X)/(1-p\eta)` (``inverse_bound``; :math:`+\infty` unless :math:`p\eta < 1`). With :math:`\delta` =
     ``error`` + :math:`\gamma_{p+1}\mathrm{tr}(\hat M)(1+2u)`, :math:`M \succeq LL^\top - \delta I \succeq
     (1-\rho)LL^\top` for :math:`\rho = \delta\Lambda`. Proved (``ok``) when the factorisation succeeded,
-    :math:`\eta\le 0.1`, :math:`p\eta\le 1/2` and :math:`\rho\le 1/2`."""
+    :math:`\eta\le 0.1`, :math:`p\eta\le 1/2` and :math:`\rho\le 1/2`. ``factor``: the output ``(L, info)`` of
+    ``torch.linalg.cholesky_ex(M)`` when the caller has it already."""
     p = M.shape[-1]
-    L, info = torch.linalg.cholesky_ex(M)
+    L, info = torch.linalg.cholesky_ex(M) if factor is None else factor
     factored = info == 0
     safe_L = torch.where(factored[:, None, None], L, torch.eye(p, dtype=M.dtype, device=M.device).expand_as(L))
     X = torch.cholesky_inverse(safe_L)

@@ -340,7 +340,7 @@ def _design_hessian(Z: torch.Tensor, curvature: torch.Tensor, redundant: torch.T
 
 
 def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kappa: bool, H=None, norms=None,
-                      dg_norm=None, drift=None, g=None):
+                      dg_norm=None, drift=None, g=None, factor=None):
     r"""Step 2 of :func:`_forward_certificate` (tall design, :math:`n \ge` kept columns) for the computed
     probabilities ``s`` of the point, in the basis ``Zs`` ``(B or 1, n, p)`` (``redundant``: its zeroed columns,
     or None): ``(gap, decrement bound, proved)``.
@@ -379,7 +379,7 @@ def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kapp
     else:
         frob2, row2 = norms
     H_error = 4 * unit_roundoff_gamma(c) * qsum.amax(dim=-1) * frob2 / n
-    bound = positive_definite_bound(H, H_error)
+    bound = positive_definite_bound(H, H_error, factor)
     w = torch.linalg.solve_triangular(bound.L, g[..., None], upper=False)[..., 0].norm(dim=-1)
     one_minus_rho = 1 - bound.rho.clamp(max=0.5)
     lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg_norm) / one_minus_rho.sqrt()
@@ -788,10 +788,10 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
     Z = torch.cat([X, torch.ones((*X.shape[:-1], 1), dtype=dt, device=dev)], dim=-1)
     p = Z.shape[-1]
     shared = Z.shape[0] == 1
-    row_sq = (Z * Z).sum(dim=-1)  # (c|1, n)
-    frob2 = row_sq.sum(dim=-1) * (1 + unit_roundoff_gamma(n * p + 1))
-    row2 = row_sq.amax(dim=-1) * (1 + unit_roundoff_gamma(p + 1))
-    row_norm = row_sq.sqrt() * (1 + unit_roundoff_gamma(p + 2))
+    # Upper bounds on ||z_i|| (a norm of p terms errs by less than gamma_{p+2} relative), max ||z_i||^2, ||Z||_F^2.
+    row_norm = torch.linalg.vector_norm(Z, dim=-1) * (1 + unit_roundoff_gamma(p + 3))  # (c|1, n)
+    row2 = row_norm.amax(dim=-1) ** 2 * (1 + 2.0**-51)
+    frob2 = (row_norm**2).sum(dim=-1) * (1 + unit_roundoff_gamma(n + 2))
     frob = frob2.sqrt() * (1 + 2.0**-52)
     qsum = teacher.sum(dim=-1)
     eligible = torch.full((c,), p * kc <= n * kc and p <= n, dtype=torch.bool, device=dev)
@@ -821,7 +821,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
     H_prev = eta_prev = None
     limit = min(max_iter, _DIRECT_MAX_ITER)
 
-    def certify(idx, s, g, logit_grad, H, drift, it):
+    def certify(idx, s, g, logit_grad, H, factor, drift, it):
         """Certificate at the current point of working-set rows ``idx``; records the proven ones. Returns
         (proved, provable) over ``idx``."""
         pick = (lambda t: t) if shared else (lambda t: t[idx])
@@ -829,7 +829,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
         dg_norm = gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) * (1 + unit_roundoff_gamma(n * kc + 2)) / n
         value, _, ok = _tall_certificate(None, None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
                                          exact_kappa=False, H=H, norms=tuple(pick(v) for v in norms_w),
-                                         dg_norm=dg_norm, drift=drift, g=g[idx])
+                                         dg_norm=dg_norm, drift=drift, g=g[idx], factor=factor)
         # The point: computed logits against the exact logits Z beta of the returned head.
         logit_error = gamma_p * pick(rn_w)[..., None] * th[idx].norm(dim=-2)[:, None, :]
         diff_error = logit_error + u * eta[idx].abs()
@@ -858,12 +858,12 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
             g = _parameter_gradient(Z_w, logit_grad)
             # The previous Hessian, widened by the drift of the logits since it was formed.
             drift = _logit_drift(eta, eta_prev)
-            L_prev, info = torch.linalg.cholesky_ex(H_prev)
             dec2 = (g * torch.cholesky_solve(g[..., None], L_prev)[..., 0]).sum(dim=-1) * torch.exp(drift)
-            cand = (info == 0) & (dec2 / 2 <= tol)
+            cand = (info_prev == 0) & (dec2 / 2 <= tol)
             if bool(cand.any()):
                 idx = cand.nonzero()[:, 0]
-                proved, _ = certify(idx, s, g, logit_grad, H_prev[idx], drift[idx], it)
+                proved, _ = certify(idx, s, g, logit_grad, H_prev[idx], (L_prev[idx], info_prev[idx]), drift[idx],
+                                    it)
                 stay = torch.ones(ws.numel(), dtype=torch.bool, device=dev)
                 stay[idx[proved]] = False
                 if not bool(stay.all()):
@@ -894,7 +894,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
         cand = alive & (dec2 / 2 <= tol)
         if bool(cand.any()):
             idx = cand.nonzero()[:, 0]
-            proved, ok = certify(idx, s, g, logit_grad, H[idx], None, it)
+            proved, ok = certify(idx, s, g, logit_grad, H[idx], (L[idx], info[idx]), None, it)
             done[idx] = proved | ~ok  # not provable here (ill-conditioned): the SVD-basis solver takes it
         slack = 16 * torch.finfo(dt).eps * (f.abs() + 1)
         go = alive & ~done & ~(dec2 / 2 <= 1e-3 * slack)
@@ -919,11 +919,11 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
             pending = pending & ~ok_ls
             alpha = torch.where(pending, alpha * 0.5, alpha)
         go = go & ~pending
-        H_prev, eta_prev = H, eta_before
+        H_prev, L_prev, info_prev, eta_prev = H, L, info, eta_before
         if not bool(go.all()):
             keep = go.nonzero()[:, 0]
             ws, th, eta, f, q_w, qs_w = ws[keep], th[keep], eta[keep], f[keep], q_w[keep], qs_w[keep]
-            H_prev, eta_prev = H_prev[keep], eta_prev[keep]
+            H_prev, L_prev, info_prev, eta_prev = H_prev[keep], L_prev[keep], info_prev[keep], eta_prev[keep]
             if not shared:
                 Z_w, frob_w, rn_w = Z_w[keep], frob_w[keep], rn_w[keep]
                 norms_w = tuple(v[keep] for v in norms_w)
