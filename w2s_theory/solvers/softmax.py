@@ -18,7 +18,18 @@ modified Newton method whose step matrix is made positive definite (Hessian eige
 absolute values, "saddle-free Newton"), started from the forward-KL solution; no certificate exists
 (``gap = NaN``, ``certificate = "none"``) and ``converged`` means a small gradient.
 
-Reduced parametrisation (why): the logits only depend on :math:`(W, b)` through the design
+**Two paths for the forward losses.** Every student is first solved in the coordinates of its own design
+:math:`Z = [h, 1]` (:func:`_direct_chunk`: logits :math:`Z\beta_c`, so the returned head *is* :math:`\beta` and
+no decomposition is needed): Newton with backtracking, one Hessian :math:`Z^\top\mathrm{diag}(w)Z` per
+iteration (the first fused with the gradient), the certificate evaluated at the stopping point from that
+iteration's own factorisation, or from the previous one widened by the logits' drift. A student it cannot
+prove (collinear, badly scaled or wide design, a Hessian that does not factor, no certified gap within 40
+iterations) is solved again from scratch in the whitened SVD basis below, which handles every design;
+``info["direct"]`` says which path certified each student. Students are processed in chunks of about
+24 MB of design, and nothing a student computes depends on its neighbours (bit-identical alone, in a batch
+or in other chunks).
+
+Reduced parametrisation of the SVD-basis path (why): the logits only depend on :math:`(W, b)` through the design
 :math:`Z = [h, \mathbf 1]` (``n x (m+1)``), which is often rank deficient, and on the differences between
 classes (adding a vector to every class's logits changes nothing). So each student is solved in coordinates
 :math:`\theta\in\mathbb R^{r\times(k-1)}` with logits :math:`\eta_{i,c} = \tilde u_i^\top\theta_c` for
