@@ -351,7 +351,7 @@ def _design_hessian(Z: torch.Tensor, curvature: torch.Tensor, redundant: torch.T
 
 
 def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kappa: bool, H=None, norms=None,
-                      dg_norm=None, drift=None, g=None, factor=None):
+                      dg_norm=None, drift=None, g=None, factor=None, logit_range=None):
     r"""Step 2 of :func:`_forward_certificate` (tall design, :math:`n \ge` kept columns) for the computed
     probabilities ``s`` of the point, in the basis ``Zs`` ``(B or 1, n, p)`` (``redundant``: its zeroed columns,
     or None): ``(gap, decrement bound, proved)``.
@@ -375,12 +375,17 @@ def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kapp
     :math:`\kappa`; the second is looser (it only matters once :math:`\lambda\kappa` is not small)."""
     n, k = teacher.shape[-2], teacher.shape[-1]
     kc = k - 1
+    # Rounding count of the gradient and Hessian entries: the inner product over the sample (n), and the
+    # computed probabilities' relative error, at most (2 x + k + 3) u for logits whose range is x (the
+    # exponent's argument carries an absolute error u x), plus the products and differences around them.
     c = n + 2 * k + 12
+    if logit_range is not None:
+        c = c + 2 * torch.ceil(logit_range)
     if g is None:
         g = _parameter_gradient(Zs, logit_grad)
     if dg_norm is None:
         dg_norm = (unit_roundoff_gamma(c)
-                   * _parameter_gradient(Zs.abs(), (qsum[..., None] * s + teacher)[..., :-1])).norm(dim=-1)
+                   * _parameter_gradient(Zs.abs(), (qsum[..., None] * s + teacher)[..., :-1]).norm(dim=-1))
     if H is None:
         H = _design_hessian(Zs, qsum[..., None, None] * _softmax_curvature(s), redundant)
     p = H.shape[-1]
@@ -458,8 +463,9 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
         idx = tall.nonzero()[:, 0]
         Zt = Zs if shared else Zs[idx]
         red = basis.redundant if shared else basis.redundant[idx]
+        spread = (differences[idx].amax(dim=-1) - differences[idx].amin(dim=-1)).amax(dim=-1)
         value, lam, ok = _tall_certificate(Zt, red, teacher[idx], qsum[idx], s[idx], logit_grad[idx],
-                                           exact_kappa=True)
+                                           exact_kappa=True, logit_range=spread)
         gap[idx] = value
         decrement[idx] = lam
         singular[idx] = ~ok
@@ -817,7 +823,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
     iterations = torch.zeros(c, dtype=torch.long, device=dev)
     u = 2.0**-53
     gamma_p = unit_roundoff_gamma(p) * (1 + 2.0**-50)
-    gamma_c = unit_roundoff_gamma(n + 2 * k + 12)
+
 
     ws = eligible.nonzero()[:, 0]
     everyone = ws.numel() == c
@@ -837,10 +843,13 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
         (proved, provable) over ``idx``."""
         pick = (lambda t: t) if shared else (lambda t: t[idx])
         a = qs_w[idx, :, None] * s[idx] + q_w[idx, :, :-1]
+        spread = (_class_max(eta[idx]).clamp_min(0) + _class_max(-eta[idx]).clamp_min(0)).amax(dim=-1)
+        gamma_c = unit_roundoff_gamma(n + 2 * k + 12 + 2 * torch.ceil(spread))
         dg_norm = gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) * (1 + unit_roundoff_gamma(n * kc + 2)) / n
         value, _, ok = _tall_certificate(None, None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
                                          exact_kappa=False, H=H, norms=tuple(pick(v) for v in norms_w),
-                                         dg_norm=dg_norm, drift=drift, g=g[idx], factor=factor)
+                                         dg_norm=dg_norm, drift=drift, g=g[idx], factor=factor,
+                                         logit_range=spread)
         # The point: computed logits against the exact logits Z beta of the returned head.
         logit_error = gamma_p * pick(rn_w)[..., None] * th[idx].norm(dim=-2)[:, None, :]
         diff_error = logit_error + u * eta[idx].abs()
