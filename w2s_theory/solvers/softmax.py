@@ -810,7 +810,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
     row2 = row_norm.amax(dim=-1) ** 2 * (1 + 2.0**-51)
     frob2 = (row_norm**2).sum(dim=-1) * (1 + unit_roundoff_gamma(n + 2))
     frob = frob2.sqrt() * (1 + 2.0**-52)
-    qsum = teacher.sum(dim=-1)
+    qsum = _class_sum(teacher)
     eligible = torch.full((c,), p * kc <= n * kc and p <= n, dtype=torch.bool, device=dev)
     eligible &= torch.isfinite(frob2).expand(c)
 
