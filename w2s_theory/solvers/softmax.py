@@ -26,7 +26,7 @@ iteration's own factorisation, or from the previous one widened by the logits' d
 prove (collinear, badly scaled or wide design, a Hessian that does not factor, no certified gap within 40
 iterations) is solved again from scratch in the whitened SVD basis below, which handles every design;
 ``info["direct"]`` says which path certified each student. Students are processed in chunks of about
-24 MB of design, and nothing a student computes depends on its neighbours (bit-identical alone, in a batch
+16 MB of design, and nothing a student computes depends on its neighbours (bit-identical alone, in a batch
 or in other chunks).
 
 Reduced parametrisation of the SVD-basis path (why): the logits only depend on :math:`(W, b)` through the design
@@ -708,7 +708,7 @@ def _newton(basis: _LogitBasis, model, theta0: torch.Tensor, *, tol: float, max_
 
 #: Students are solved in chunks whose design copy is about this size, so that the per-iteration temporaries
 #: (as large as the design) are reused from the allocator's cache instead of being faulted in each time.
-_DIRECT_CHUNK_BYTES = 24 * 2**20
+_DIRECT_CHUNK_BYTES = 16 * 2**20
 #: Newton iterations the direct path tries before handing a student to the SVD-basis solver.
 _DIRECT_MAX_ITER = 40
 _TINY = torch.finfo(torch.float64).tiny
