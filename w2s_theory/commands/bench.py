@@ -156,6 +156,9 @@ def report(result: dict) -> str:
         base = h["baseline"]
         rows = [{"solver": base["solver"], "B": 1, "ms": base["s_per_student"] * 1e3,
                  "gap": base.get("worst_gap")}]
+        if h.get("torch_baseline"):
+            rows.append({"solver": h["torch_baseline"]["solver"], "B": 1,
+                         "ms": h["torch_baseline"]["s_per_student"] * 1e3})
         rows += [{"solver": "batched", "B": r["B"], "ms": r["s_per_student"] * 1e3, "rate": r["students_per_s"],
                   "gap": r["worst_gap"], "mem": r["peak_mem_mb"]} for r in h["sizes"]]
         lines.append(format_table(rows, [("solver", "solver"), ("B", "B"), ("ms", "ms/student"),
@@ -164,9 +167,12 @@ def report(result: dict) -> str:
         if not h["batched_available"]:
             lines.append(f"  {h['note']}")
         elif head == "softmax":
-            lines.append(f"  L-BFGS reached the batched objective + tol on every student: "
-                         f"{'yes' if base['reached_objective'] else 'NO'} (worst excess "
-                         f"{base['worst_excess_objective']:.1e}, {base['mean_iterations']:.0f} iterations on average)")
+            for label, b in (("scipy L-BFGS", base), ("torch L-BFGS", h.get("torch_baseline"))):
+                if b:
+                    lines.append(f"  {label} reached the batched objective + tol on every student: "
+                                 f"{'yes' if b['reached_objective'] else 'NO'} (worst excess "
+                                 f"{b['worst_excess_objective']:.1e}, {b['mean_iterations']:.0f} iterations on "
+                                 "average)")
         elif head == "squared":
             lines.append(f"  objective difference to numpy: {base['worst_objective_difference']:.1e}")
     if result.get("sparse"):
