@@ -62,6 +62,9 @@ def test_every_head_is_timed_against_its_baseline_on_the_same_instances():
     # L-BFGS reached the batched objective (it stops within tol of it), and numpy's least squares agrees
     assert out["softmax"]["baseline"]["reached_objective"]
     assert out["softmax"]["baseline"]["worst_excess_objective"] <= 1e-9
+    soft = out["softmax"]
+    assert soft["torch_baseline"]["reached_objective"] and soft["torch_baseline"]["worst_excess_objective"] <= 1e-9
+    assert soft["ratio_vs_torch_lbfgs"] == pytest.approx(soft["torch_lbfgs_s_per_student"] / soft["s_per_student"])
     assert abs(out["squared"]["baseline"]["worst_objective_difference"]) <= 1e-12
 
 
@@ -74,6 +77,9 @@ def test_lbfgs_reaches_the_certified_optimum_of_an_independent_instance():
     lbfgs = bench._baseline_lbfgs(features, teacher, 2, objectives, 1e-9)
     assert lbfgs["reached_objective"]
     assert lbfgs["worst_excess_objective"] >= -float(result.gap.max()) - 1e-12  # not below the optimum
+    torch_lbfgs = bench._baseline_torch_lbfgs(features, teacher, 2, objectives, 1e-9)
+    assert torch_lbfgs["reached_objective"]
+    assert torch_lbfgs["worst_excess_objective"] >= -float(result.gap.max()) - 1e-12
 
 
 def test_workloads_are_seeded_in_the_simplex_and_as_described():

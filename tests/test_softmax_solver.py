@@ -418,3 +418,40 @@ def test_fit_on_cuda_matches_cpu():
         assert gpu.probs.device.type == "cuda"
         assert torch.allclose(gpu.probs.cpu(), cpu.probs, atol=1e-8)
         assert bool(gpu.converged.all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The direct path (coordinates of [h, 1]) and the SVD-basis path: batch independence and hand-over
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_students_forward_fit_is_bit_identical_alone_inside_a_batch_and_across_chunks(monkeypatch):
+    # Sweeps chunk students arbitrarily; a student's numbers must not depend on its neighbours, on either path.
+    from w2s_theory.solvers import softmax
+
+    X, Q = _instance(91, 12, 80, 4, 3, simplex=False)
+    X[3, :, 1] = 3.0 * X[3, :, 0]  # collinear in other units: the direct path cannot prove it, the SVD path solves it
+    whole = fit_softmax_batched(X, Q, FORWARD_KL)
+    assert not bool(whole.info["direct"][3]) and bool(whole.info["direct"][[0, 1, 2, 4, 5, 6, 7]].all())
+    monkeypatch.setattr(softmax, "_DIRECT_CHUNK_BYTES", 5 * 80 * 5 * 8)  # chunks of 5 students
+    pieces = fit_softmax_batched(X, Q, FORWARD_KL)
+    for b in (3, 7):
+        alone = fit_softmax_batched(X[b : b + 1], Q[b : b + 1], FORWARD_KL)
+        for result in (whole, pieces):
+            for name in ("W", "b"):
+                assert torch.equal(result.params[name][b : b + 1], alone.params[name])
+            for name in ("objective", "gap", "grad_norm", "iterations"):
+                assert torch.equal(getattr(result, name)[b : b + 1], getattr(alone, name)), name
+            assert torch.equal(result.probs[b : b + 1], alone.probs)
+
+
+def test_direct_path_agrees_with_the_svd_basis_path_within_their_certificates(monkeypatch):
+    from w2s_theory.solvers import softmax
+
+    X, Q = _instance(92, 6, 120, 5, 3, simplex=False)
+    direct = fit_softmax_batched(X, Q, FORWARD_KL, tol=1e-11)
+    assert bool(direct.info["direct"].all()) and bool(direct.converged.all())
+    monkeypatch.setattr(softmax, "_DIRECT_MAX_ITER", -1)  # every student handed to the SVD basis
+    basis = fit_softmax_batched(X, Q, FORWARD_KL, tol=1e-11)
+    assert not bool(basis.info["direct"].any()) and bool(basis.converged.all())
+    assert bool(((direct.objective - basis.objective).abs() <= direct.gap + basis.gap + ROUNDING).all())

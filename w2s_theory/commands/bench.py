@@ -156,6 +156,9 @@ def report(result: dict) -> str:
         base = h["baseline"]
         rows = [{"solver": base["solver"], "B": 1, "ms": base["s_per_student"] * 1e3,
                  "gap": base.get("worst_gap")}]
+        if h.get("torch_baseline"):
+            rows.append({"solver": h["torch_baseline"]["solver"], "B": 1,
+                         "ms": h["torch_baseline"]["s_per_student"] * 1e3})
         rows += [{"solver": "batched", "B": r["B"], "ms": r["s_per_student"] * 1e3, "rate": r["students_per_s"],
                   "gap": r["worst_gap"], "mem": r["peak_mem_mb"]} for r in h["sizes"]]
         lines.append(format_table(rows, [("solver", "solver"), ("B", "B"), ("ms", "ms/student"),
@@ -164,9 +167,12 @@ def report(result: dict) -> str:
         if not h["batched_available"]:
             lines.append(f"  {h['note']}")
         elif head == "softmax":
-            lines.append(f"  L-BFGS reached the batched objective + tol on every student: "
-                         f"{'yes' if base['reached_objective'] else 'NO'} (worst excess "
-                         f"{base['worst_excess_objective']:.1e}, {base['mean_iterations']:.0f} iterations on average)")
+            for label, b in (("scipy L-BFGS", base), ("torch L-BFGS", h.get("torch_baseline"))):
+                if b:
+                    lines.append(f"  {label} reached the batched objective + tol on every student: "
+                                 f"{'yes' if b['reached_objective'] else 'NO'} (worst excess "
+                                 f"{b['worst_excess_objective']:.1e}, {b['mean_iterations']:.0f} iterations on "
+                                 "average)")
         elif head == "squared":
             lines.append(f"  objective difference to numpy: {base['worst_objective_difference']:.1e}")
     if result.get("sparse"):
@@ -191,11 +197,13 @@ def report(result: dict) -> str:
         lines.append(f"mixture FLOP rate at B={B}: {flops['mixture_gflop_per_s']:.2f} GFLOP/s = "
                      f"{100 * flops['mixture_fraction_of_peak']:.1f}% of the float64 matmul peak "
                      f"({flops['mixture_multiply_adds_per_student'] / 1e6:.1f} M multiply-adds per student)")
-    for head, key, name in (("linear", "ratio_vs_cvxpy", "cvxpy"), ("softmax", "ratio_vs_lbfgs", "L-BFGS"),
+    for head, key, name in (("linear", "ratio_vs_cvxpy", "cvxpy"), ("softmax", "ratio_vs_lbfgs", "scipy L-BFGS"),
                             ("squared", "ratio_vs_numpy", "numpy lstsq")):
         h = result["heads"].get(head)
         if h is not None and h.get(key) is not None:
-            lines.append(f"{head} at B={h['B']}: {_times(h[key])} {name}")
+            extra = (f", {_times(h['ratio_vs_torch_lbfgs'])} torch L-BFGS"
+                     if h.get("ratio_vs_torch_lbfgs") is not None else "")
+            lines.append(f"{head} at B={h['B']}: {_times(h[key])} {name}{extra}")
     for name, w in (result.get("sparse") or {}).items():
         lines.append(f"mixture, {name} at B={w['B']}: {_times(w['ratio_vs_cvxpy'])} cvxpy")
     if result.get("practice"):

@@ -83,28 +83,34 @@ def exactly_redundant_columns(Zs: torch.Tensor) -> torch.Tensor:
 
 class PositiveDefiniteBound:
     r"""Outcome of :func:`positive_definite_bound`, batched: ``ok`` (proved), the Cholesky factor ``L`` and inverse
-    ``X`` of :math:`\hat M`, ``rho`` with :math:`M\succeq(1-\rho)LL^\top`, ``eta`` (relative accuracy of ``X``) and
-    ``trace_inverse`` :math:`\ge\|(LL^\top)^{-1}\|_2/(1+\eta)`."""
+    ``X`` of :math:`\hat M`, ``rho`` with :math:`M\succeq(1-\rho)LL^\top`, ``eta`` (relative accuracy of ``X``),
+    ``trace_inverse`` :math:`\mathrm{tr}(X)` and ``inverse_bound`` :math:`\ge\|(LL^\top)^{-1}\|_2`."""
 
-    def __init__(self, ok, L, X, rho, eta, trace_inverse):
-        self.ok, self.L, self.X, self.rho, self.eta, self.trace_inverse = ok, L, X, rho, eta, trace_inverse
+    def __init__(self, ok, L, X, rho, eta, trace_inverse, inverse_bound):
+        self.ok, self.L, self.X, self.rho, self.eta = ok, L, X, rho, eta
+        self.trace_inverse, self.inverse_bound = trace_inverse, inverse_bound
 
     def inverse_norm(self) -> torch.Tensor:
         r"""Upper bound on :math:`\|L^{-1}\|_2 = \|(LL^\top)^{-1}\|_2^{1/2}`."""
-        return (self.trace_inverse * (1 + self.eta)).sqrt()
+        return self.inverse_bound.sqrt()
 
 
-def positive_definite_bound(M: torch.Tensor, error: torch.Tensor) -> PositiveDefiniteBound:
+def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -> PositiveDefiniteBound:
     r"""Prove :math:`M \succ 0` for the exact matrix :math:`M` with :math:`\|M - \hat M\|_2\le` ``error``
     (``M`` is the computed :math:`\hat M`, ``(B, p, p)``).
 
     With :math:`LL^\top = \hat M + \Delta` (Cholesky), :math:`\|\Delta\|_2 \le \gamma_{p+1}\|L\|_F^2 =
-    \gamma_{p+1}\mathrm{tr}(LL^\top)`; :math:`\lambda_{\min}(LL^\top)\ge 1/\mathrm{tr}((LL^\top)^{-1})
-    \ge 1/(\mathrm{tr}(X)(1+\eta))`. With :math:`\delta` = ``error`` + :math:`\gamma_{p+1}\mathrm{tr}(\hat M)(1+u)`,
-    :math:`M \succeq LL^\top - \delta I \succeq (1-\rho)LL^\top` for :math:`\rho = \delta\,\mathrm{tr}(X)(1+\eta)`.
-    Proved (``ok``) when the factorisation succeeded, :math:`\eta\le 0.1` and :math:`\rho\le 1/2`."""
+    \gamma_{p+1}\mathrm{tr}(LL^\top)`. Bound on :math:`\Lambda = \|(LL^\top)^{-1}\|_2` from the computed inverse
+    :math:`X`: every eigenvalue of :math:`X` is within :math:`\eta\Lambda` of the matching one of
+    :math:`(LL^\top)^{-1}` (Weyl), so the largest is :math:`\ge(1-\eta)\Lambda` and the other :math:`p-1` are
+    :math:`\ge-\eta\Lambda`: :math:`\mathrm{tr}(X)\ge(1-p\eta)\Lambda`, i.e. :math:`\Lambda\le
+    \mathrm{tr}(X)/(1-p\eta)` (``inverse_bound``; :math:`+\infty` unless :math:`p\eta < 1`). With :math:`\delta` =
+    ``error`` + :math:`\gamma_{p+1}\mathrm{tr}(\hat M)(1+2u)`, :math:`M \succeq LL^\top - \delta I \succeq
+    (1-\rho)LL^\top` for :math:`\rho = \delta\Lambda`. Proved (``ok``) when the factorisation succeeded,
+    :math:`\eta\le 0.1`, :math:`p\eta\le 1/2` and :math:`\rho\le 1/2`. ``factor``: the output ``(L, info)`` of
+    ``torch.linalg.cholesky_ex(M)`` when the caller has it already."""
     p = M.shape[-1]
-    L, info = torch.linalg.cholesky_ex(M)
+    L, info = torch.linalg.cholesky_ex(M) if factor is None else factor
     factored = info == 0
     safe_L = torch.where(factored[:, None, None], L, torch.eye(p, dtype=M.dtype, device=M.device).expand_as(L))
     X = torch.cholesky_inverse(safe_L)
@@ -112,10 +118,14 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor) -> PositiveDef
     trace = (safe_L**2).sum(dim=(-2, -1))
     cond_L = (trace * trace_inverse).clamp_min(0).sqrt()
     eta = 4 * p * p * _U * cond_L
+    margin = 1 - p * eta
+    inverse_bound = torch.where(margin > 0, trace_inverse * (1 + 2 * _U) / margin.clamp_min(1e-300),
+                                torch.full_like(trace_inverse, float("inf")))
     delta = error + unit_roundoff_gamma(p + 1) * trace * (1 + 2 * _U)
-    rho = delta * trace_inverse * (1 + eta)
-    ok = factored & torch.isfinite(rho) & (eta <= 0.1) & (rho <= 0.5) & (trace_inverse > 0)
-    return PositiveDefiniteBound(ok, safe_L, X, rho, eta, trace_inverse)
+    rho = delta * inverse_bound * (1 + 2 * _U)
+    ok = (factored & torch.isfinite(rho) & (eta <= 0.1) & (p * eta <= 0.5) & (rho <= 0.5)
+          & (trace_inverse > 0))
+    return PositiveDefiniteBound(ok, safe_L, X, rho, eta, trace_inverse, inverse_bound)
 
 
 def frobenius_norm_squared(Z: torch.Tensor) -> torch.Tensor:

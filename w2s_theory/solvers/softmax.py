@@ -18,7 +18,18 @@ modified Newton method whose step matrix is made positive definite (Hessian eige
 absolute values, "saddle-free Newton"), started from the forward-KL solution; no certificate exists
 (``gap = NaN``, ``certificate = "none"``) and ``converged`` means a small gradient.
 
-Reduced parametrisation (why): the logits only depend on :math:`(W, b)` through the design
+**Two paths for the forward losses.** Every student is first solved in the coordinates of its own design
+:math:`Z = [h, 1]` (:func:`_direct_chunk`: logits :math:`Z\beta_c`, so the returned head *is* :math:`\beta` and
+no decomposition is needed): Newton with backtracking, one Hessian :math:`Z^\top\mathrm{diag}(w)Z` per
+iteration (the first fused with the gradient), the certificate evaluated at the stopping point from that
+iteration's own factorisation, or from the previous one widened by the logits' drift. A student it cannot
+prove (collinear, badly scaled or wide design, a Hessian that does not factor, no certified gap within 40
+iterations) is solved again from scratch in the whitened SVD basis below, which handles every design;
+``info["direct"]`` says which path certified each student. Students are processed in chunks of about
+16 MB of design, and nothing a student computes depends on its neighbours (bit-identical alone, in a batch
+or in other chunks).
+
+Reduced parametrisation of the SVD-basis path (why): the logits only depend on :math:`(W, b)` through the design
 :math:`Z = [h, \mathbf 1]` (``n x (m+1)``), which is often rank deficient, and on the differences between
 classes (adding a vector to every class's logits changes nothing). So each student is solved in coordinates
 :math:`\theta\in\mathbb R^{r\times(k-1)}` with logits :math:`\eta_{i,c} = \tilde u_i^\top\theta_c` for
@@ -101,6 +112,18 @@ class _LogitBasis:
                            self.redundant[index])
 
 
+def _scaled_design(X: torch.Tensor):
+    r"""The scaled design :math:`Z_s = [h, 1]D` (:mod:`.conditioning`: columns divided by powers of two near their
+    norms, exactly redundant columns zeroed). Returns ``(Z, Zs, scales, redundant)``; ``scales`` is 0 on
+    redundant columns."""
+    ones = torch.ones((*X.shape[:-1], 1), dtype=X.dtype, device=X.device)
+    Z = torch.cat([X, ones], dim=-1)
+    scales = power_of_two_scales(Z)
+    Zs = Z * scales[..., None, :]
+    redundant = exactly_redundant_columns(Zs)
+    return Z, Zs, scales, redundant
+
+
 def _logit_basis(features: torch.Tensor, k: int) -> _LogitBasis:
     """Thin SVD of the scaled design ``Z_s = [h, 1] D`` (:mod:`.conditioning`: columns divided by powers of two
     near their norms, exactly redundant columns zeroed), so that the rank decision does not depend on the
@@ -109,11 +132,7 @@ def _logit_basis(features: torch.Tensor, k: int) -> _LogitBasis:
     B, n, m = features.shape
     shared = B == 1 or features.stride(0) == 0
     X = features[:1] if shared else features
-    ones = torch.ones((*X.shape[:-1], 1), dtype=X.dtype, device=X.device)
-    Z = torch.cat([X, ones], dim=-1)
-    scales = power_of_two_scales(Z)
-    Zs = Z * scales[..., None, :]
-    redundant = exactly_redundant_columns(Zs)
+    Z, Zs, scales, redundant = _scaled_design(X)
     Zs = Zs.masked_fill(redundant[..., None, :], 0.0)
     scales = scales.masked_fill(redundant, 0.0)
     U, S, Vh = torch.linalg.svd(Zs, full_matrices=False)
@@ -316,6 +335,85 @@ def _forward_evaluation_error(teacher, differences, per_sample, count):
     return 2 * (per.mean(dim=-1) + unit_roundoff_gamma(count + 2) * per_sample.abs().mean(dim=-1))
 
 
+def _design_hessian(Z: torch.Tensor, curvature: torch.Tensor, redundant: torch.Tensor) -> torch.Tensor:
+    r""":math:`H = \frac1n\sum_i A_i\otimes z_iz_i^\top` in the coordinates of the scaled design's columns, with the
+    largest kept diagonal entry put on the diagonal of the (zero) redundant columns' coordinates, which are
+    decoupled from the rest: ``(B, p(k-1), p(k-1))``."""
+    kc = curvature.shape[-1]
+    H = _parameter_hessian(Z, curvature, torch.zeros(1, dtype=Z.dtype, device=Z.device))
+    if redundant is None:
+        return H
+    fill = redundant.to(Z.dtype)[..., :, None].expand(*redundant.shape, kc).reshape(redundant.shape[0], -1)
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    scale = (diag * (1 - fill)).abs().amax(dim=-1).clamp_min(1e-300)
+    diag.add_(fill * scale[:, None])
+    return H
+
+
+def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kappa: bool, H=None, norms=None,
+                      dg_norm=None, drift=None, g=None, factor=None, logit_range=None):
+    r"""Step 2 of :func:`_forward_certificate` (tall design, :math:`n \ge` kept columns) for the computed
+    probabilities ``s`` of the point, in the basis ``Zs`` ``(B or 1, n, p)`` (``redundant``: its zeroed columns,
+    or None): ``(gap, decrement bound, proved)``.
+
+    Optional inputs the caller may have already: ``H``, the computed Hessian :func:`_design_hessian` of
+    ``qsum * curvature(s)`` in that basis; ``norms = (frob2, row2)``, upper bounds on :math:`\|Z_s\|_F^2` and
+    :math:`\max_i\|z_i\|^2`; ``dg_norm``, an upper bound on :math:`\|\delta g\|` (the gradient's rounding).
+    ``drift`` :math:`R\ge0` (per student): ``H`` was computed at an earlier point whose logits differ from
+    this point's by a range of at most :math:`R` per sample; by the self-concordance of log-sum-exp
+    (:math:`D^3\mathrm{lse}(\eta)[v,w,w] \ge -\mathrm{range}(v)\,D^2\mathrm{lse}(\eta)[w,w]`, Bach 2010),
+    :math:`H_{\text{here}} \succeq e^{-R}H`, so :math:`\lambda` and :math:`\kappa` are multiplied by
+    :math:`e^{R/2}`.
+
+    :math:`\kappa` (the logit-range constant of Bach's bound) is bounded either from the computed inverse
+    (``exact_kappa``: :math:`\hat\kappa^2 = \max_i\max_{y\ne y'} v^\top Xv` plus its rounding) or, without a
+    pass over the sample, by
+    :math:`\kappa^2 \le \|H^{-1}\|_2\max_{i,y,y'}\|v_{iyy'}\|^2 \le \Lambda\cdot 2\max_i\|z_i\|^2/(1-\rho)`
+    (:math:`v_{iyy'} = J_i^\top(e_y-e_{y'})` has squared norm :math:`\|z_i\|^2` or :math:`2\|z_i\|^2`, and
+    :math:`H\succeq(1-\rho)LL^\top`, :math:`\|(LL^\top)^{-1}\|_2\le\Lambda`, from
+    :func:`~.conditioning.positive_definite_bound`). Both are upper bounds, and the gap is increasing in
+    :math:`\kappa`; the second is looser (it only matters once :math:`\lambda\kappa` is not small)."""
+    n, k = teacher.shape[-2], teacher.shape[-1]
+    kc = k - 1
+    # Rounding count of the gradient and Hessian entries: the inner product over the sample (n), and the
+    # computed probabilities' relative error, at most (2 x + k + 3) u for logits whose range is x (the
+    # exponent's argument carries an absolute error u x), plus the products and differences around them.
+    c = n + 2 * k + 12
+    if logit_range is not None:
+        c = c + 2 * torch.ceil(logit_range)
+    if g is None:
+        g = _parameter_gradient(Zs, logit_grad)
+    if dg_norm is None:
+        dg_norm = (unit_roundoff_gamma(c)
+                   * _parameter_gradient(Zs.abs(), (qsum[..., None] * s + teacher)[..., :-1]).norm(dim=-1))
+    if H is None:
+        H = _design_hessian(Zs, qsum[..., None, None] * _softmax_curvature(s), redundant)
+    p = H.shape[-1]
+    if norms is None:
+        frob2 = frobenius_norm_squared(Zs)
+        row2 = (Zs**2).sum(dim=-1).amax(dim=-1) * (1 + unit_roundoff_gamma(p))
+    else:
+        frob2, row2 = norms
+    H_error = 4 * unit_roundoff_gamma(c) * qsum.amax(dim=-1) * frob2 / n
+    bound = positive_definite_bound(H, H_error, factor)
+    w = torch.linalg.solve_triangular(bound.L, g[..., None], upper=False)[..., 0].norm(dim=-1)
+    one_minus_rho = 1 - bound.rho.clamp(max=0.5)
+    lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg_norm) / one_minus_rho.sqrt()
+    if exact_kappa:
+        kappa_hat = _logit_range_constant(Zs, bound.X, kc)
+        kappa2 = (kappa_hat**2 * (1 + unit_roundoff_gamma(2 * p + 2))
+                  + (bound.eta + unit_roundoff_gamma(2 * p + 2)) * bound.inverse_bound * 2 * row2)
+    else:
+        kappa2 = bound.inverse_bound * 2 * row2 * (1 + unit_roundoff_gamma(4))
+    kappa = (kappa2 / one_minus_rho).sqrt()
+    if drift is not None:
+        widen = torch.exp(drift / 2) * (1 + unit_roundoff_gamma(4))
+        lam, kappa = lam * widen, kappa * widen
+    value = _self_concordance_gap(lam, kappa)
+    inf = torch.full_like(value, float("inf"))
+    return torch.where(bound.ok, value, inf), torch.where(bound.ok, lam, inf), bound.ok
+
+
 def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torch.Tensor, logit_error: torch.Tensor):
     r"""Proven bound on :math:`\Phi(W, b) - \inf\Phi` for the forward losses, for the problem as stated: the exact
     column space of :math:`[h, 1]`, the exact logits of the returned parameters, rounding included. Returns
@@ -352,8 +450,8 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
     log_s = torch.log_softmax(differences, dim=-1)
     s = log_s.exp()
     logit_grad = (qsum[..., None] * s - teacher)[..., :-1]
-    grad_norm = _parameter_gradient(basis.U, logit_grad).norm(dim=-1)
     Zs = basis.Zs
+    grad_norm = _parameter_gradient(Zs, logit_grad).norm(dim=-1) * math.sqrt(n)
     shared = Zs.shape[0] == 1 and B > 1
     kept = (~basis.redundant).sum(dim=-1).expand(B)
     frob2 = frobenius_norm_squared(Zs).expand(B)
@@ -364,31 +462,13 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
     if bool(tall.any()):
         idx = tall.nonzero()[:, 0]
         Zt = Zs if shared else Zs[idx]
-        Zt = Zt.expand(idx.numel(), *Zt.shape[1:])
-        red = basis.redundant.expand(B, -1)[idx]
-        c = n + 2 * k + 12
-        g = _parameter_gradient(Zt, logit_grad[idx])
-        dg = unit_roundoff_gamma(c) * _parameter_gradient(Zt.abs(), (qsum[idx, :, None] * s[idx] + teacher[idx])[..., :-1])
-        curvature = qsum[idx, :, None, None] * _softmax_curvature(s[idx])
-        H = _parameter_hessian(Zt, curvature, torch.zeros_like(g))
-        diag = H.diagonal(dim1=-2, dim2=-1)
-        fill = red.to(dt)[..., :, None].expand(-1, -1, kc).reshape(idx.numel(), -1)
-        scale = (diag * (1 - fill)).abs().amax(dim=-1).clamp_min(1e-300)
-        diag.add_(fill * scale[:, None])
-        H_error = 4 * unit_roundoff_gamma(c) * qsum[idx].amax(dim=-1) * frob2[idx] / n
-        bound = positive_definite_bound(H, H_error)
-        w = torch.linalg.solve_triangular(bound.L, g[..., None], upper=False)[..., 0].norm(dim=-1)
-        lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg.norm(dim=-1)) / (1 - bound.rho.clamp(max=0.5)).sqrt()
-        kappa_hat = _logit_range_constant(Zt, bound.X, kc)
-        p = H.shape[-1]
-        row2 = (Zt**2).sum(dim=-1).amax(dim=-1) * (1 + unit_roundoff_gamma(p))
-        kappa2 = (kappa_hat**2 * (1 + unit_roundoff_gamma(2 * p + 2))
-                  + (bound.eta + unit_roundoff_gamma(2 * p + 2)) * bound.trace_inverse * 2 * row2)
-        kappa = (kappa2 / (1 - bound.rho.clamp(max=0.5))).sqrt()
-        value = _self_concordance_gap(lam, kappa)
-        gap[idx] = torch.where(bound.ok, value, gap[idx])
-        decrement[idx] = torch.where(bound.ok, lam, decrement[idx])
-        singular[idx] = ~bound.ok
+        red = basis.redundant if shared else basis.redundant[idx]
+        spread = (differences[idx].amax(dim=-1) - differences[idx].amin(dim=-1)).amax(dim=-1)
+        value, lam, ok = _tall_certificate(Zt, red, teacher[idx], qsum[idx], s[idx], logit_grad[idx],
+                                           exact_kappa=True, logit_range=spread)
+        gap[idx] = value
+        decrement[idx] = lam
+        singular[idx] = ~ok
     wide = ~tall
     if bool(wide.any()):
         idx = wide.nonzero()[:, 0]
@@ -622,6 +702,280 @@ def _newton(basis: _LogitBasis, model, theta0: torch.Tensor, *, tol: float, max_
     return _NewtonRun(theta=theta, iterations=iterations)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Forward losses in the scaled design's own coordinates (the fast path)
+# --------------------------------------------------------------------------------------------------------
+
+#: Students are solved in chunks whose design copy is about this size, so that the per-iteration temporaries
+#: (as large as the design) are reused from the allocator's cache instead of being faulted in each time.
+_DIRECT_CHUNK_BYTES = 16 * 2**20
+#: Newton iterations the direct path tries before handing a student to the SVD-basis solver.
+_DIRECT_MAX_ITER = 40
+_TINY = torch.finfo(torch.float64).tiny
+
+
+@dataclass
+class _DirectFit:
+    certified: torch.Tensor  # (B,) bool: solved and proven here (gap <= tol)
+    W: torch.Tensor
+    b: torch.Tensor
+    probs: torch.Tensor
+    objective: torch.Tensor
+    gap: torch.Tensor
+    grad_norm: torch.Tensor
+    iterations: torch.Tensor
+    rank: torch.Tensor
+
+
+def _class_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the (small) last axis; a loop over its columns, because a reduction over a last axis of two
+    or three entries is a slow kernel (about 20 times slower than the additions)."""
+    if x.shape[-1] > 8:
+        return x.sum(dim=-1)
+    total = x[..., 0]
+    for y in range(1, x.shape[-1]):
+        total = total + x[..., y]
+    return total
+
+
+def _class_max(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] > 8:
+        return x.amax(dim=-1)
+    top = x[..., 0]
+    for y in range(1, x.shape[-1]):
+        top = torch.maximum(top, x[..., y])
+    return top
+
+
+def _free_softmax(t: torch.Tensor):
+    r"""For free logits ``t`` ``(B, n, k-1)`` (the reference class at 0): :math:`\mathrm{lse}` ``(B, n)`` and the
+    probabilities of the free classes ``(B, n, k-1)``, computed as :math:`e^{t - \max}/\sum e^{t-\max}` with
+    the maximum including the reference's 0."""
+    top = _class_max(t).clamp_min(0.0)
+    e = torch.exp(t - top[..., None])
+    total = _class_sum(e) + torch.exp(-top)
+    return top + torch.log(total), e / total[..., None]
+
+
+def _free_curvature(s: torch.Tensor, qsum: torch.Tensor) -> torch.Tensor:
+    r""":math:`(\sum_y q_y)(\mathrm{diag}(s) - ss^\top)` on the free classes, ``(B, n, k-1, k-1)``."""
+    if s.shape[-1] == 1:
+        return (qsum[..., None] * s * (1 - s))[..., None]
+    return qsum[..., None, None] * (torch.diag_embed(s) - s[..., :, None] * s[..., None, :])
+
+
+def _direct_objective(t, teacher, qsum):
+    r""":math:`\frac1n\sum_i (\textstyle\sum_y q_{iy})\,\mathrm{lse}(\eta_i) - q_i^\top\eta_i` from the free logits
+    (forward CE, up to rows that do not sum to 1 exactly; its gradient and Hessian are the certificate's)."""
+    lse, _ = _free_softmax(t)
+    return (qsum * lse - _class_sum(teacher[..., :-1] * t)).mean(dim=-1)
+
+
+def _with_reference(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, torch.zeros_like(t[..., :1])], dim=-1)
+
+
+def _logit_drift(t, t_before):
+    r"""Upper bound on :math:`\max_i\mathrm{range}_y(\eta_{iy} - \eta'_{iy})` for two computed free-logit arrays
+    ``(B, n, k-1)`` (the reference class moves by 0; the subtraction's rounding included)."""
+    v = t - t_before
+    spread = _class_max(v).clamp_min(0) + _class_max(-v).clamp_min(0) + 4 * 2.0**-53 * _class_max(v.abs())
+    return spread.amax(dim=-1) * (1 + 2.0**-51)
+
+
+def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
+    r"""Newton on the forward loss in the coordinates :math:`\beta = [W_c, b_c]^\top` of the design
+    :math:`Z = [h, 1]` itself (logits :math:`Z\beta_c`, reference class 0), for one chunk of students; the
+    certificate is evaluated where a student stops.
+
+    Why this is the certificate of :func:`_forward_certificate` for the problem as stated: the returned head
+    *is* :math:`\beta` and the basis *is* :math:`[h, 1]`, so the exact logits of the returned :math:`(W, b)` are
+    :math:`Z\beta` and the computed :math:`\hat\eta = \mathrm{fl}(Z\beta)` differ from them by at most
+    :math:`\gamma_p|z_i|^\top|\beta_c| \le \gamma_p\|z_i\|\|\beta_c\|` (:math:`p = m+1`); the gradient's rounding
+    :math:`\gamma_c\frac1n|Z|^\top a` is bounded by :math:`\gamma_c\frac1n\|Z\|_F\|a\|_F`
+    (Cauchy–Schwarz), and the rest is :func:`_tall_certificate` (:math:`\kappa` from the inverse's norm).
+    After a step, the previous iteration's Hessian is tried first, widened by the logits' drift
+    (``drift`` of :func:`_tall_certificate`): a student whose last step was short is certified without
+    forming a new Hessian. Students this path cannot prove (wide, collinear or badly scaled designs, a Hessian
+    whose factorisation fails, a certified gap not reached within ``min(max_iter, 40)`` iterations) are left
+    to the SVD-basis solver (``certified`` False). Nothing here depends on the other students of the chunk."""
+    c, n, k = teacher.shape
+    kc = k - 1
+    dt, dev = teacher.dtype, teacher.device
+    Z = torch.cat([X, torch.ones((*X.shape[:-1], 1), dtype=dt, device=dev)], dim=-1)
+    p = Z.shape[-1]
+    shared = Z.shape[0] == 1
+    # Upper bounds on ||z_i|| (a norm of p terms errs by less than gamma_{p+2} relative), max ||z_i||^2, ||Z||_F^2.
+    row_norm = torch.linalg.vector_norm(Z, dim=-1) * (1 + unit_roundoff_gamma(p + 3))  # (c|1, n)
+    row2 = row_norm.amax(dim=-1) ** 2 * (1 + 2.0**-51)
+    frob2 = (row_norm**2).sum(dim=-1) * (1 + unit_roundoff_gamma(n + 2))
+    frob = frob2.sqrt() * (1 + 2.0**-52)
+    qsum = _class_sum(teacher)
+    eligible = torch.full((c,), p * kc <= n * kc and p <= n, dtype=torch.bool, device=dev)
+    eligible &= torch.isfinite(frob2).expand(c)
+
+    beta = torch.zeros((c, p, kc), dtype=dt, device=dev)
+    certified = torch.zeros(c, dtype=torch.bool, device=dev)
+    gap_out = torch.full((c,), float("inf"), dtype=dt, device=dev)
+    grad_out = torch.full((c,), float("nan"), dtype=dt, device=dev)
+    objective = torch.full((c,), float("nan"), dtype=dt, device=dev)
+    logits = torch.zeros((c, n, k), dtype=dt, device=dev)
+    iterations = torch.zeros(c, dtype=torch.long, device=dev)
+    u = 2.0**-53
+    gamma_p = unit_roundoff_gamma(p) * (1 + 2.0**-50)
+
+
+    ws = eligible.nonzero()[:, 0]
+    everyone = ws.numel() == c
+
+    def rows(t):  # per-student design quantities of the working set (shared: one copy)
+        return t if shared or everyone else t[ws]
+
+    Z_w, frob_w, rn_w, norms_w = rows(Z), rows(frob), rows(row_norm), (rows(frob2), rows(row2))
+    q_w, qs_w, th = teacher[ws], qsum[ws], beta[ws]
+    eta = torch.zeros((ws.numel(), n, kc), dtype=dt, device=dev)  # free logits Z beta at beta = 0
+    f = _direct_objective(eta, q_w, qs_w)
+    H_prev = eta_prev = None
+    limit = min(max_iter, _DIRECT_MAX_ITER)
+
+    def certify(idx, s, g, logit_grad, H, factor, drift, it):
+        """Certificate at the current point of working-set rows ``idx``; records the proven ones. Returns
+        (proved, provable) over ``idx``."""
+        pick = (lambda t: t) if shared else (lambda t: t[idx])
+        a = qs_w[idx, :, None] * s[idx] + q_w[idx, :, :-1]
+        spread = (_class_max(eta[idx]).clamp_min(0) + _class_max(-eta[idx]).clamp_min(0)).amax(dim=-1)
+        gamma_c = unit_roundoff_gamma(n + 2 * k + 12 + 2 * torch.ceil(spread))
+        dg_norm = gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) * (1 + unit_roundoff_gamma(n * kc + 2)) / n
+        value, _, ok = _tall_certificate(None, None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
+                                         exact_kappa=False, H=H, norms=tuple(pick(v) for v in norms_w),
+                                         dg_norm=dg_norm, drift=drift, g=g[idx], factor=factor,
+                                         logit_range=spread)
+        # The point: computed logits against the exact logits Z beta of the returned head.
+        logit_error = gamma_p * pick(rn_w)[..., None] * th[idx].norm(dim=-2)[:, None, :]
+        diff_error = logit_error + u * eta[idx].abs()
+        shift = 4 * (1 + unit_roundoff_gamma(k)) * (qs_w[idx] * _class_max(diff_error)).mean(dim=-1)
+        full = _with_reference(eta[idx])
+        value_at, per_sample, count = _objective_from_logits(loss_name, q_w[idx], full)
+        total = value + shift + _forward_evaluation_error(q_w[idx], full, per_sample, count)
+        proved = ok & (total <= tol)
+        done_rows, local = ws[idx[proved]], idx[proved]
+        certified[done_rows] = True
+        gap_out[done_rows] = total[proved]
+        grad_out[done_rows] = g[local].norm(dim=-1) * math.sqrt(n)
+        beta[done_rows] = th[local]
+        logits[done_rows] = full[proved]
+        objective[done_rows] = value_at[proved]
+        iterations[done_rows] = it
+        return proved, ok
+
+    for it in range(limit + 1):
+        if ws.numel() == 0:
+            break
+        _, s = _free_softmax(eta)
+        logit_grad = qs_w[..., None] * s - q_w[..., :-1]
+        g = None
+        if H_prev is not None:
+            g = _parameter_gradient(Z_w, logit_grad)
+            # The previous Hessian, widened by the drift of the logits since it was formed.
+            drift = _logit_drift(eta, eta_prev)
+            dec2 = (g * torch.cholesky_solve(g[..., None], L_prev)[..., 0]).sum(dim=-1) * torch.exp(drift)
+            cand = (info_prev == 0) & (dec2 / 2 <= tol)
+            if bool(cand.any()):
+                idx = cand.nonzero()[:, 0]
+                proved, _ = certify(idx, s, g, logit_grad, H_prev[idx], (L_prev[idx], info_prev[idx]), drift[idx],
+                                    it)
+                stay = torch.ones(ws.numel(), dtype=torch.bool, device=dev)
+                stay[idx[proved]] = False
+                if not bool(stay.all()):
+                    keep = stay.nonzero()[:, 0]
+                    s, logit_grad, g = s[keep], logit_grad[keep], g[keep]
+                    ws, th, eta, f, q_w, qs_w = ws[keep], th[keep], eta[keep], f[keep], q_w[keep], qs_w[keep]
+                    if not shared:
+                        Z_w, frob_w, rn_w = Z_w[keep], frob_w[keep], rn_w[keep]
+                        norms_w = tuple(v[keep] for v in norms_w)
+                    if ws.numel() == 0:
+                        break
+        if g is None and kc == 1:
+            # Hessian and gradient from one product Z^T [w Z, r] (one pass over the design instead of two).
+            wide = torch.empty((*s.shape[:-1], p + 1), dtype=dt, device=dev)
+            torch.mul(_free_curvature(s, qs_w)[..., 0], Z_w, out=wide[..., :p])
+            wide[..., p:] = logit_grad
+            both = Z_w.mT @ wide / n
+            H, g = both[..., :p].contiguous(), both[..., p].contiguous()
+        else:
+            if g is None:
+                g = _parameter_gradient(Z_w, logit_grad)
+            H = _design_hessian(Z_w, _free_curvature(s, qs_w), None)
+        L, info = torch.linalg.cholesky_ex(H)
+        direction = -torch.cholesky_solve(g[..., None], L)[..., 0]
+        dec2 = -(g * direction).sum(dim=-1)
+        alive = (info == 0) & torch.isfinite(dec2)
+        done = torch.zeros_like(alive)
+        cand = alive & (dec2 / 2 <= tol)
+        if bool(cand.any()):
+            idx = cand.nonzero()[:, 0]
+            proved, ok = certify(idx, s, g, logit_grad, H[idx], (L[idx], info[idx]), None, it)
+            done[idx] = proved | ~ok  # not provable here (ill-conditioned): the SVD-basis solver takes it
+        slack = 16 * torch.finfo(dt).eps * (f.abs() + 1)
+        go = alive & ~done & ~(dec2 / 2 <= 1e-3 * slack)
+        if it == limit or not bool(go.any()):
+            break
+        # Armijo backtracking on the same objective, trial logits fl(Z beta) (never updated incrementally).
+        alpha = torch.ones_like(f)
+        pending = go.clone()
+        slope = (g * direction).sum(dim=-1)
+        step = direction.reshape(th.shape)
+        eta_before = eta
+        for _bt in range(_MAX_BACKTRACK):
+            if not bool(pending.any()):
+                break
+            trial = th + alpha[:, None, None] * step
+            eta_t = Z_w @ trial
+            ft = _direct_objective(eta_t, q_w, qs_w)
+            ok_ls = pending & torch.isfinite(ft) & (ft <= f + _ARMIJO * alpha * slope + slack)
+            th = torch.where(ok_ls[:, None, None], trial, th)
+            eta = torch.where(ok_ls[:, None, None], eta_t, eta)
+            f = torch.where(ok_ls, ft, f)
+            pending = pending & ~ok_ls
+            alpha = torch.where(pending, alpha * 0.5, alpha)
+        go = go & ~pending
+        H_prev, L_prev, info_prev, eta_prev = H, L, info, eta_before
+        if not bool(go.all()):
+            keep = go.nonzero()[:, 0]
+            ws, th, eta, f, q_w, qs_w = ws[keep], th[keep], eta[keep], f[keep], q_w[keep], qs_w[keep]
+            H_prev, L_prev, info_prev, eta_prev = H_prev[keep], L_prev[keep], info_prev[keep], eta_prev[keep]
+            if not shared:
+                Z_w, frob_w, rn_w = Z_w[keep], frob_w[keep], rn_w[keep]
+                norms_w = tuple(v[keep] for v in norms_w)
+
+    W = torch.zeros((c, k, p - 1), dtype=dt, device=dev)
+    b = torch.zeros((c, k), dtype=dt, device=dev)
+    W[:, :kc] = beta[:, : p - 1].mT
+    b[:, :kc] = beta[:, p - 1]
+    top = _class_max(logits)
+    e = torch.exp(logits - top[..., None])
+    probs = e / _class_sum(e)[..., None]
+    return _DirectFit(certified=certified, W=W, b=b, probs=probs, objective=objective, gap=gap_out,
+                      grad_norm=grad_out, iterations=iterations, rank=torch.full((c,), p, device=dev))
+
+
+def _forward_direct(features, teacher, loss_name: str, tol: float, max_iter: int) -> _DirectFit:
+    """:func:`_direct_chunk` over chunks of about :data:`_DIRECT_CHUNK_BYTES` of design each (one shared design
+    when the features are an expanded view)."""
+    B, n, m = features.shape
+    shared = B == 1 or features.stride(0) == 0
+    chunk = max(1, _DIRECT_CHUNK_BYTES // (n * (m + 1) * 8))
+    parts = []
+    for start in range(0, B, chunk):
+        stop = min(B, start + chunk)
+        X = features[:1] if shared else features[start:stop]
+        parts.append(_direct_chunk(X, teacher[start:stop], loss_name, tol, max_iter))
+    if len(parts) == 1:
+        return parts[0]
+    return _DirectFit(**{name: torch.cat([getattr(part, name) for part in parts])
+                         for name in _DirectFit.__dataclass_fields__})
+
+
 _SINGULAR_REASON = (
     "features numerically collinear after scaling their columns (with the bias column; e.g. duplicated in other "
     "units, near-duplicates, or rows in the simplex): the exact problem has directions a rank cut would drop, "
@@ -638,6 +992,49 @@ def _certified_forward(basis, teacher, W, b, features, loss_name):
     differences = logits - logits[..., -1:]
     gap = gap + _forward_evaluation_error(teacher, differences, per_sample, count)
     return objective, gap, grad_norm, singular
+
+
+_FORWARD_METHOD = ("newton with backtracking in the scaled design's coordinates (the whitened SVD basis for "
+                   "students that path cannot certify), self-concordance certificate")
+
+
+def _fit_forward_basis(features, teacher, loss_name: str, tol: float, max_iter: int):
+    """Forward loss through the whitened SVD basis (any design, collinear included):
+    ``(W, b, probs, objective, gap, grad_norm, iterations, rank, singular)``."""
+    k = teacher.shape[-1]
+    B, _, m = features.shape
+    basis = _logit_basis(features, k)
+    theta0 = torch.zeros((B, basis.U.shape[-1], k - 1), dtype=torch.float64, device=features.device)
+    forward = _newton(basis, _ForwardCrossEntropy(teacher), theta0, tol=tol, max_iter=max_iter)
+    W, b = _head_parameters(basis, forward.theta, m)
+    probs = SoftmaxHead.predict(W, b, features)
+    objective, gap, grad_norm, singular = _certified_forward(basis, teacher, W, b, features, loss_name)
+    return W, b, probs, objective, gap, grad_norm, forward.iterations, basis.rank.expand(B), singular
+
+
+def _fit_forward(features, teacher, loss_name: str, tol: float, max_iter: int) -> FitResult:
+    """Forward losses: the direct path (:func:`_forward_direct`) for every student, then the whitened SVD basis
+    (:func:`_fit_forward_basis`) for those it did not certify; each student's numbers depend on it alone."""
+    B, n, m = features.shape
+    direct = _forward_direct(features, teacher, loss_name, tol, max_iter)
+    W, b, probs, objective = direct.W, direct.b, direct.probs, direct.objective
+    gap, grad_norm, iterations, rank = direct.gap, direct.grad_norm, direct.iterations, direct.rank.clone()
+    singular = torch.zeros(B, dtype=torch.bool, device=features.device)
+    rest = (~direct.certified).nonzero()[:, 0]
+    if rest.numel():
+        shared = B == 1 or features.stride(0) == 0
+        X = features[:1].expand(rest.numel(), n, m) if shared else features[rest]
+        values = _fit_forward_basis(X, teacher[rest], loss_name, tol, max_iter)
+        for target, value in zip((W, b, probs, objective, gap, grad_norm, iterations, rank, singular), values):
+            target[rest] = value
+    info = {"rank": rank, "tol": tol, "singular": singular, "direct": direct.certified}
+    if bool(singular.any()):
+        info["uncertified_reason"] = _SINGULAR_REASON
+    return FitResult(
+        head="softmax", loss=loss_name, params={"W": W, "b": b}, probs=probs, objective=objective, gap=gap,
+        certificate="self_concordance", grad_norm=grad_norm, iterations=iterations, converged=gap <= tol,
+        method=_FORWARD_METHOD, info=info,
+    )
 
 
 def fit_softmax_batched(
@@ -712,25 +1109,14 @@ def fit_softmax_batched(
             method="trivial (k = 1)",
         )
 
+    if not reverse_loss:
+        return _fit_forward(features, teacher, loss.name, tol, max_iter)
+
     basis = _logit_basis(features, k)
     D = basis.U.shape[-1]
     theta0 = torch.zeros((B, D, k - 1), dtype=torch.float64, device=dev)
     forward = _newton(basis, _ForwardCrossEntropy(teacher), theta0, tol=tol, max_iter=max_iter)
     info = {"rank": basis.rank.expand(B).clone(), "tol": tol}
-
-    if not reverse_loss:
-        W, b = _head_parameters(basis, forward.theta, m)
-        probs = SoftmaxHead.predict(W, b, features)
-        objective, gap, grad_norm, singular = _certified_forward(basis, teacher, W, b, features, loss.name)
-        info["singular"] = singular
-        if bool(singular.any()):
-            info["uncertified_reason"] = _SINGULAR_REASON
-        return FitResult(
-            head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs, objective=objective, gap=gap,
-            certificate="self_concordance", grad_norm=grad_norm, iterations=forward.iterations,
-            converged=gap <= tol,
-            method="newton (whitened logit basis, backtracking, self-concordance certificate)", info=info,
-        )
 
     model = _ReverseDivergence(torch.log(teacher), with_entropy=loss.name == "reverse_kl")
     start_objective = _objective_from_logits(loss.name, teacher, _logits(basis.U, forward.theta))[0]
