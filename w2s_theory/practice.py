@@ -73,6 +73,8 @@ AUX_WARMUP = 0.2
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
+#: Students per chunk of a training step: as many as keep one chunk's mini-batches within ~1 MiB (a core's L2).
+_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,56 @@ def _to_raw(head: str, params: dict, mean, scale) -> dict:
     return params
 
 
+def _softmax_gradient(loss: str, flat: torch.Tensor, X: torch.Tensor, Q: torch.Tensor, log_Q, alpha: float):
+    r"""Gradient of the mini-batch objective (per-student mean of the per-sample loss) of the softmax head in
+    closed form, ``(B, k, m + 1)`` for ``flat = [W | b]``. With logits :math:`z = Wh + b`, :math:`p =
+    \mathrm{softmax}(z)` and :math:`\bar q = \sum_y q_y`, the per-sample gradient in the logits is
+    :math:`G = p\bar q - q` (forward KL / CE), :math:`p - e_{\arg\max q}` (``hard_ce``),
+    :math:`(1-\alpha)(p\bar q - q) + \alpha(p - e_{\arg\max p})` (``aux_conf``, its target detached) and
+    :math:`p \odot (c - \langle p, c\rangle)` with :math:`c = -\log q` (reverse CE) or :math:`c = \log p -
+    \log q` (reverse KL); then :math:`\nabla_W = G^\top h / s`, :math:`\nabla_b = \sum G / s` over the
+    :math:`s` rows of the mini-batch (the same numbers as autograd up to rounding; tested)."""
+    B, size, m = X.shape
+    logits = torch.baddbmm(flat[:, :, m].unsqueeze(1), X, flat[:, :, :m].transpose(1, 2))
+    if loss in REVERSE_LOSSES:
+        log_p = torch.log_softmax(logits, dim=-1)
+        p = torch.exp(log_p)
+        c = log_p - log_Q if loss == "reverse_kl" else -log_Q
+        G = p * (c - (p * c).sum(-1, keepdim=True))
+    else:
+        p = torch.softmax(logits, dim=-1)
+        if loss == "hard_ce":
+            G = p.scatter_add(-1, Q.argmax(-1, keepdim=True), torch.full_like(p[..., :1], -1.0))
+        else:
+            G = p * Q.sum(-1, keepdim=True) - Q
+            if loss == "aux_conf":
+                own = p.scatter_add(-1, p.argmax(-1, keepdim=True), torch.full_like(p[..., :1], -1.0))
+                G = (1 - alpha) * G + alpha * own
+    G = G / size
+    return torch.cat([torch.bmm(G.transpose(1, 2), X), G.sum(1).unsqueeze(2)], dim=2)
+
+
+def _update(config: PracticeConfig, p: torch.Tensor, g: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
+            rate: torch.Tensor, step: int, decay_mask) -> None:
+    """One optimiser step on the flat parameters ``p`` in place (``rate``: per-student learning rate times the
+    schedule, ``(B, 1, 1)``; ``decay_mask``: 1 where weight decay acts, None = everywhere)."""
+    p = p.detach() if p.requires_grad else p
+    wd = config.weight_decay
+    if config.optimizer == "sgd":
+        if wd:
+            g = g + wd * (p if decay_mask is None else p * decay_mask)
+        p.sub_(rate * g)
+        return
+    m1.mul_(_ADAM_BETAS[0]).add_(g, alpha=1 - _ADAM_BETAS[0])
+    m2.mul_(_ADAM_BETAS[1]).addcmul_(g, g, value=1 - _ADAM_BETAS[1])
+    c1 = 1 - _ADAM_BETAS[0] ** (step + 1)
+    c2 = 1 - _ADAM_BETAS[1] ** (step + 1)
+    if wd:  # decoupled (AdamW)
+        p.sub_(rate * wd * (p if decay_mask is None else p * decay_mask))
+    direction = m2.div(c2).sqrt_().add_(_ADAM_EPS)
+    p.sub_(torch.div(m1, c1).div_(direction).mul_(rate))
+
+
 def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig, rngs: list,
           init: str = "zero", init_params: dict | None = None, standardize: bool = False,
           val_features=None, val_targets=None, test_features=None, test_truth=None,
@@ -276,16 +328,27 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
         raise InputError(f"early_stopping = {config.early_stopping!r} needs a validation split")
 
     params = _init_params(head, init, B, k, m, rngs, init_params, mean, scale, dtype)
-    for p in params.values():
-        p.requires_grad_(True)
-    moments = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
-    decayed = "theta" if head == "mixture" else "W"
+    # The softmax head's parameters live in one flat tensor P = [W | b] (B, k, m + 1), so that its gradient,
+    # Adam moments and update are a few kernels on one tensor; W and b are views of it.
+    if head == "softmax":
+        flat = torch.cat([params["W"], params["b"][:, :, None]], dim=2)
+        params = {"W": flat[:, :, :m], "b": flat[:, :, m]}
+        decay_mask = torch.ones(1, 1, m + 1, dtype=dtype)
+        decay_mask[..., m] = 0.0  # weight decay acts on W, never on the bias
+    else:
+        flat = params["theta"]
+        decay_mask = None
+        flat.requires_grad_(True)  # the mixture head's gradient comes from autograd
+    m1, m2 = torch.zeros_like(flat), torch.zeros_like(flat)
+    if loss in REVERSE_LOSSES:
+        log_Q = torch.log(Q).reshape(B * n, k)  # gathered per step beside the teacher
 
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = config.epochs * steps_per_epoch
     # Mini-batches are gathered from the flattened (B * n, ...) arrays with one index_select (several times
     # faster than advanced indexing X[rows, idx] on CPU, and the same values).
     offsets = (torch.arange(B) * n)[:, None]
+    chunk = max(1, _CHUNK_BYTES // (config.batch_size * (m + 2 * k) * X.element_size()))
     X_flat, Q_flat = Xs.reshape(B * n, m), Q.reshape(B * n, k)
 
     def val_loss(current) -> torch.Tensor:
@@ -321,32 +384,32 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
     evaluate(0)
     step = 0
     for epoch in range(config.epochs):
-        order = torch.as_tensor(np.stack([rng.permutation(n) for rng in rngs]))
+        # The epoch's rows of every student's flattened array, in its own order: one index tensor per epoch.
+        order = torch.as_tensor(np.stack([rng.permutation(n) for rng in rngs])) + offsets
         for s in range(steps_per_epoch):
-            idx = (order[:, s * config.batch_size:(s + 1) * config.batch_size] + offsets).reshape(-1)
-            size = idx.numel() // B
+            rows = order[:, s * config.batch_size:(s + 1) * config.batch_size]
+            size = rows.shape[1]
             alpha = AUX_ALPHA * min(1.0, step / max(1.0, AUX_WARMUP * total)) if loss == "aux_conf" else 0.0
-            logp = _log_probs(head, params, X_flat.index_select(0, idx).view(B, size, m))
-            objective = training_loss(loss, Q_flat.index_select(0, idx).view(B, size, k), logp,
-                                      aux_alpha=alpha).mean(-1).sum()
-            grads = torch.autograd.grad(objective, list(params.values()))
-            factor = _schedule(config, step, total)
-            with torch.no_grad():
-                for (name, p), g in zip(params.items(), grads):
-                    rate = (lr_t * factor).reshape(B, *([1] * (p.ndim - 1)))
-                    if config.optimizer == "sgd":
-                        if name == decayed and config.weight_decay:
-                            g = g + config.weight_decay * p
-                        p -= rate * g
-                    else:
-                        m1, m2 = moments[name]
-                        m1.mul_(_ADAM_BETAS[0]).add_(g, alpha=1 - _ADAM_BETAS[0])
-                        m2.mul_(_ADAM_BETAS[1]).addcmul_(g, g, value=1 - _ADAM_BETAS[1])
-                        c1 = 1 - _ADAM_BETAS[0] ** (step + 1)
-                        c2 = 1 - _ADAM_BETAS[1] ** (step + 1)
-                        if name == decayed and config.weight_decay:
-                            p -= rate * config.weight_decay * p
-                        p -= rate * (m1 / c1) / ((m2 / c2).sqrt() + _ADAM_EPS)
+            rate = (lr_t * _schedule(config, step, total)).reshape(B, 1, 1)
+            # Students in chunks whose mini-batches fit in a core's cache: each chunk's rows are gathered, used
+            # for the forward pass, the gradient and the update while still cached (the unchunked step read
+            # them from memory three times, and memory traffic was its cost). Chunks change no student's numbers.
+            for lo in range(0, B, chunk):
+                hi = min(B, lo + chunk)
+                idx = rows[lo:hi].reshape(-1)
+                batch_X = X_flat.index_select(0, idx).view(hi - lo, size, m)
+                batch_Q = Q_flat.index_select(0, idx).view(hi - lo, size, k)
+                if head == "softmax":
+                    batch_log_Q = (log_Q.index_select(0, idx).view(hi - lo, size, k) if loss in REVERSE_LOSSES
+                                   else None)
+                    grad = _softmax_gradient(loss, flat[lo:hi], batch_X, batch_Q, batch_log_Q, alpha)
+                else:
+                    part = flat[lo:hi]
+                    logp = _log_probs(head, {"theta": part}, batch_X)
+                    objective = training_loss(loss, batch_Q, logp, aux_alpha=alpha).mean(-1).sum()
+                    (grad,) = torch.autograd.grad(objective, [part])
+                with torch.no_grad():
+                    _update(config, flat[lo:hi], grad, m1[lo:hi], m2[lo:hi], rate[lo:hi], step, decay_mask)
             step += 1
             if step == total or (config.eval_every > 0 and step % config.eval_every == 0):
                 evaluate(step)
