@@ -56,7 +56,7 @@ import torch
 from .validation import InputError
 
 __all__ = ["PracticeConfig", "PracticeResult", "train", "training_loss", "probabilities", "weight_norm",
-           "expected_calibration_error", "bench_practice", "PRACTICE_LOSSES", "OPTIMIZERS", "SCHEDULES",
+           "expected_calibration_error", "bench_practice", "loop_student", "PRACTICE_LOSSES", "OPTIMIZERS", "SCHEDULES",
            "INITS", "EARLY_STOPPING", "AUX_ALPHA", "AUX_WARMUP", "PRACTICE_HEADS"]
 
 PRACTICE_LOSSES = ("forward_kl", "reverse_kl", "forward_ce", "reverse_ce", "hard_ce", "aux_conf")
@@ -391,25 +391,32 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
             size = rows.shape[1]
             alpha = AUX_ALPHA * min(1.0, step / max(1.0, AUX_WARMUP * total)) if loss == "aux_conf" else 0.0
             rate = (lr_t * _schedule(config, step, total)).reshape(B, 1, 1)
-            # Students in chunks whose mini-batches fit in a core's cache: each chunk's rows are gathered, used
-            # for the forward pass, the gradient and the update while still cached (the unchunked step read
-            # them from memory three times, and memory traffic was its cost). Chunks change no student's numbers.
+            # Students in chunks whose mini-batches fit in a core's cache: each chunk's rows are gathered and
+            # used for the logits and the gradient while still cached (gathering all students' mini-batches
+            # first read them from memory three times per step). Chunks change no student's numbers.
+            grad = torch.empty_like(flat) if chunk < B else None
             for lo in range(0, B, chunk):
                 hi = min(B, lo + chunk)
                 idx = rows[lo:hi].reshape(-1)
                 batch_X = X_flat.index_select(0, idx).view(hi - lo, size, m)
-                batch_Q = Q_flat.index_select(0, idx).view(hi - lo, size, k)
-                if head == "softmax":
-                    batch_log_Q = (log_Q.index_select(0, idx).view(hi - lo, size, k) if loss in REVERSE_LOSSES
-                                   else None)
-                    grad = _softmax_gradient(loss, flat[lo:hi], batch_X, batch_Q, batch_log_Q, alpha)
+                if head == "softmax" and loss in REVERSE_LOSSES:  # they read the teacher through log q only
+                    batch_log_Q = log_Q.index_select(0, idx).view(hi - lo, size, k)
+                    part_grad = _softmax_gradient(loss, flat[lo:hi], batch_X, None, batch_log_Q, alpha)
+                elif head == "softmax":
+                    batch_Q = Q_flat.index_select(0, idx).view(hi - lo, size, k)
+                    part_grad = _softmax_gradient(loss, flat[lo:hi], batch_X, batch_Q, None, alpha)
                 else:
+                    batch_Q = Q_flat.index_select(0, idx).view(hi - lo, size, k)
                     part = flat[lo:hi]
                     logp = _log_probs(head, {"theta": part}, batch_X)
                     objective = training_loss(loss, batch_Q, logp, aux_alpha=alpha).mean(-1).sum()
-                    (grad,) = torch.autograd.grad(objective, [part])
-                with torch.no_grad():
-                    _update(config, flat[lo:hi], grad, m1[lo:hi], m2[lo:hi], rate[lo:hi], step, decay_mask)
+                    (part_grad,) = torch.autograd.grad(objective, [part])
+                if grad is None:
+                    grad = part_grad
+                else:
+                    grad[lo:hi] = part_grad
+            with torch.no_grad():  # the update on all students at once: a few kernels on small tensors
+                _update(config, flat, grad, m1, m2, rate, step, decay_mask)
             step += 1
             if step == total or (config.eval_every > 0 and step % config.eval_every == 0):
                 evaluate(step)
@@ -469,39 +476,94 @@ def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int =
 # ----------------------------------------------------------------------------------------------------------
 
 
+def loop_student(loss: str, features, teacher, *, lr: float, config: PracticeConfig, rng,
+                 dtype=torch.float64) -> dict:
+    """One softmax student trained the way a practitioner writes it, the per-student baseline of
+    :func:`bench_practice`: a plain torch loop over mini-batches (the same order as :func:`train` draws from
+    ``rng``), autograd for the gradient and ``torch.optim.Adam`` (its fused CPU kernel) for the update, from
+    the zero head, constant learning rate, no weight decay, no evaluation. Returns ``{"W", "b"}`` (numbers
+    equal to :func:`train`'s up to rounding; tested)."""
+    if config.optimizer != "adam" or config.weight_decay or config.schedule != "constant" or config.warmup_steps:
+        raise ValueError("loop_student implements the benchmark's setting only: Adam, constant lr, no weight decay")
+    X = torch.as_tensor(features, dtype=dtype)
+    Q = torch.as_tensor(teacher, dtype=dtype)
+    n, m = X.shape
+    k = Q.shape[1]
+    W = torch.zeros(k, m, dtype=dtype, requires_grad=True)
+    b = torch.zeros(k, dtype=dtype, requires_grad=True)
+    optimizer = torch.optim.Adam([W, b], lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, fused=True)
+    total = config.steps(n)
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.as_tensor(rng.permutation(n))
+        for start in range(0, n, config.batch_size):
+            idx = order[start:start + config.batch_size]
+            alpha = AUX_ALPHA * min(1.0, step / max(1.0, AUX_WARMUP * total)) if loss == "aux_conf" else 0.0
+            log_p = torch.log_softmax(X[idx] @ W.T + b, dim=-1)
+            objective = training_loss(loss, Q[idx], log_p, aux_alpha=alpha).mean()
+            optimizer.zero_grad()
+            objective.backward()
+            optimizer.step()
+            step += 1
+    return {"W": W.detach(), "b": b.detach()}
+
+
 def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epochs: int = 2, batch_size: int = 32,
                    loss: str = "reverse_ce", head: str = "softmax", loop_students: int = 20,
-                   device: str = "cpu", seed: int = 0, dtype: str = "float64") -> dict:
-    """Students/s of the practice trainer: ``B`` students trained in one batched call vs a per-student loop
-    (the same :func:`train` arithmetic called with one student at a time, on ``loop_students`` of them; its
-    rate extrapolates). Adam, lr 1e-2, constant schedule, no validation. Returns a dict with both rates,
-    their ratio and the workload."""
+                   device: str = "cpu", seed: int = 0, dtype: str = "float32") -> dict:
+    """Students/s of the practice trainer: ``B`` softmax students trained in one batched :func:`train` call vs
+    the per-student torch loop a practitioner writes (:func:`loop_student`: autograd and ``torch.optim.Adam``,
+    the same mini-batches and arithmetic) on ``loop_students`` of them (its rate extrapolates); and, as a second
+    baseline, :func:`train` itself called with one student at a time. Adam, lr 1e-2, constant schedule, no
+    validation; both sides in ``dtype`` (``float32``, a practitioner's default, or ``float64``, the pipeline's),
+    on features already in that dtype (preparing the workload is not timed). The loop's parameters are checked
+    against the batched ones (``loop_max_abs_difference``). Returns a dict with the rates, ratios and workload."""
     from .synthetic import rng_for
 
     if device != "cpu":
-        raise InputError("bench_practice runs on the CPU (the practice trainer is CPU float64 here)")
+        raise InputError("bench_practice runs on the CPU (the practice trainer's benchmark is a CPU workload)")
+    if dtype not in ("float64", "float32"):
+        raise InputError(f"bench_practice: dtype must be float32 or float64, got {dtype!r}")
+    if head != "softmax":
+        raise InputError("bench_practice times the softmax head (the per-student loop is written for it)")
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
     gen = np.random.default_rng(seed)
     logits = gen.standard_normal((B, n, m)) * 2.0
     X = np.exp(logits - logits.max(-1, keepdims=True))
+    del logits
     X /= X.sum(-1, keepdims=True)
     q = gen.uniform(0.05, 0.95, size=(B, n, 1))
     Q = np.concatenate([q, 1 - q], -1) if k == 2 else gen.dirichlet(np.ones(k), size=(B, n))
+    X, Q = X.astype(dtype, copy=False), Q.astype(dtype, copy=False)
     config = PracticeConfig(epochs=epochs, batch_size=batch_size, eval_every=0)
     rngs = [rng_for(seed, "bench-practice", j) for j in range(B)]
+    # Warm-up, untimed: the first torch.optim.Adam step and the first autograd call pay one-off set-up costs.
+    warm = PracticeConfig(epochs=1, batch_size=batch_size, eval_every=0)
+    loop_student(loss, X[0, :2 * batch_size], Q[0, :2 * batch_size], lr=1e-2, config=warm,
+                 rng=np.random.default_rng(0), dtype=torch_dtype)
+    train(head, loss, X[:2, :2 * batch_size], Q[:2, :2 * batch_size], lr=1e-2, config=warm,
+          rngs=[np.random.default_rng(0), np.random.default_rng(1)], dtype=torch_dtype)
     t0 = time.perf_counter()
-    X, Q = X.astype(dtype), Q.astype(dtype)
-    train(head, loss, X, Q, lr=1e-2, config=config, rngs=rngs, dtype=torch_dtype)
+    batched_result = train(head, loss, X, Q, lr=1e-2, config=config, rngs=rngs, dtype=torch_dtype)
     batched = time.perf_counter() - t0
     loop_students = min(loop_students, B)
+    t0 = time.perf_counter()
+    looped = [loop_student(loss, X[j], Q[j], lr=1e-2, config=config, rng=rng_for(seed, "bench-practice", j),
+                           dtype=torch_dtype) for j in range(loop_students)]
+    loop = time.perf_counter() - t0
     t0 = time.perf_counter()
     for j in range(loop_students):
         train(head, loss, X[j:j + 1], Q[j:j + 1], lr=1e-2, config=config, rngs=[rng_for(seed, "bench-practice", j)],
               dtype=torch_dtype)
-    loop = time.perf_counter() - t0
-    batched_rate, loop_rate = B / batched, loop_students / loop
+    one_at_a_time = time.perf_counter() - t0
+    difference = max(float((batched_result.params[name][j] - looped[j][name]).abs().max())
+                     for j in range(loop_students) for name in ("W", "b"))
+    batched_rate, loop_rate, one_rate = B / batched, loop_students / loop, loop_students / one_at_a_time
     return {"workload": {"B": B, "n": n, "m": m, "k": k, "epochs": epochs, "batch_size": batch_size,
                          "steps": config.steps(n), "head": head, "loss": loss, "optimizer": "adam",
                          "loop_students": loop_students, "threads": torch.get_num_threads(), "dtype": dtype},
             "batched_seconds": batched, "batched_students_per_s": batched_rate,
-            "loop_seconds": loop, "loop_students_per_s": loop_rate, "speedup": batched_rate / loop_rate}
+            "loop_seconds": loop, "loop_students_per_s": loop_rate, "speedup": batched_rate / loop_rate,
+            "loop": "per-student torch loop: autograd + torch.optim.Adam(fused=True)",
+            "one_at_a_time_seconds": one_at_a_time, "one_at_a_time_students_per_s": one_rate,
+            "speedup_vs_one_at_a_time": batched_rate / one_rate, "loop_max_abs_difference": difference}
