@@ -80,7 +80,8 @@ def test_the_closed_form_softmax_gradient_is_autograds_gradient_of_the_training_
     log_p = torch.log_softmax(torch.bmm(X, W.transpose(1, 2)) + b[:, None, :], dim=-1)
     objective = training_loss(loss, Q, log_p, aux_alpha=0.3).mean(-1).sum()
     gW, gb = torch.autograd.grad(objective, [W, b])
-    closed = practice._softmax_gradient(loss, flat, X, Q, torch.log(Q), 0.3)
+    classes = Q.transpose(1, 2)  # the trainer's class-major layout (B, k, s)
+    closed = practice._softmax_gradient(loss, flat, X, classes, torch.log(classes), 0.3)
     assert torch.allclose(closed[:, :, :m], gW, rtol=1e-10, atol=1e-13)
     assert torch.allclose(closed[:, :, m], gb, rtol=1e-10, atol=1e-13)
 

@@ -224,33 +224,36 @@ def _to_raw(head: str, params: dict, mean, scale) -> dict:
     return params
 
 
-def _softmax_gradient(loss: str, flat: torch.Tensor, X: torch.Tensor, Q: torch.Tensor, log_Q, alpha: float):
+def _softmax_gradient(loss: str, flat: torch.Tensor, X: torch.Tensor, Q, log_Q, alpha: float):
     r"""Gradient of the mini-batch objective (per-student mean of the per-sample loss) of the softmax head in
-    closed form, ``(B, k, m + 1)`` for ``flat = [W | b]``. With logits :math:`z = Wh + b`, :math:`p =
-    \mathrm{softmax}(z)` and :math:`\bar q = \sum_y q_y`, the per-sample gradient in the logits is
-    :math:`G = p\bar q - q` (forward KL / CE), :math:`p - e_{\arg\max q}` (``hard_ce``),
-    :math:`(1-\alpha)(p\bar q - q) + \alpha(p - e_{\arg\max p})` (``aux_conf``, its target detached) and
-    :math:`p \odot (c - \langle p, c\rangle)` with :math:`c = -\log q` (reverse CE) or :math:`c = \log p -
-    \log q` (reverse KL); then :math:`\nabla_W = G^\top h / s`, :math:`\nabla_b = \sum G / s` over the
-    :math:`s` rows of the mini-batch (the same numbers as autograd up to rounding; tested)."""
-    B, size, m = X.shape
-    logits = torch.baddbmm(flat[:, :, m].unsqueeze(1), X, flat[:, :, :m].transpose(1, 2))
+    closed form, ``(B, k, m + 1)`` for ``flat = [W | b]``, features ``X`` ``(B, s, m)`` and the teacher ``Q``
+    (or ``log_Q`` for the reverse losses, which read only :math:`\log q`) *class-major*, ``(B, k, s)``. With
+    logits :math:`z = Wh + b`, :math:`p = \mathrm{softmax}(z)` and :math:`\bar q = \sum_y q_y`, the per-sample
+    gradient in the logits is :math:`G = p\bar q - q` (forward KL / CE), :math:`p - e_{\arg\max q}`
+    (``hard_ce``), :math:`(1-\alpha)(p\bar q - q) + \alpha(p - e_{\arg\max p})` (``aux_conf``, its target
+    detached) and :math:`p \odot (c - \langle p, c\rangle)` with :math:`c = -\log q` (reverse CE) or
+    :math:`c = \log p - \log q` (reverse KL); then :math:`\nabla_W = G h / s`, :math:`\nabla_b = \sum G / s`
+    over the :math:`s` rows of the mini-batch (the same numbers as autograd up to rounding; tested). The
+    class-major layout (logits ``(B, k, s)``: ``W X^T``) is several times faster on CPU than ``X W^T`` for
+    few classes: the matrix product and the softmax over classes then run along contiguous rows."""
+    size, m = X.shape[1], X.shape[2]
+    logits = torch.baddbmm(flat[:, :, m:], flat[:, :, :m], X.transpose(1, 2))
     if loss in REVERSE_LOSSES:
-        log_p = torch.log_softmax(logits, dim=-1)
+        log_p = torch.log_softmax(logits, dim=1)
         p = torch.exp(log_p)
         c = log_p - log_Q if loss == "reverse_kl" else -log_Q
-        G = p * (c - (p * c).sum(-1, keepdim=True))
+        G = p * (c - (p * c).sum(1, keepdim=True))
     else:
-        p = torch.softmax(logits, dim=-1)
+        p = torch.exp(torch.log_softmax(logits, dim=1))
         if loss == "hard_ce":
-            G = p.scatter_add(-1, Q.argmax(-1, keepdim=True), torch.full_like(p[..., :1], -1.0))
+            G = p.scatter_add(1, Q.argmax(1, keepdim=True), torch.full_like(p[:, :1], -1.0))
         else:
-            G = p * Q.sum(-1, keepdim=True) - Q
+            G = p * Q.sum(1, keepdim=True) - Q
             if loss == "aux_conf":
-                own = p.scatter_add(-1, p.argmax(-1, keepdim=True), torch.full_like(p[..., :1], -1.0))
+                own = p.scatter_add(1, p.argmax(1, keepdim=True), torch.full_like(p[:, :1], -1.0))
                 G = (1 - alpha) * G + alpha * own
     G = G / size
-    return torch.cat([torch.bmm(G.transpose(1, 2), X), G.sum(1).unsqueeze(2)], dim=2)
+    return torch.cat([torch.bmm(G, X), G.sum(2, keepdim=True)], dim=2)
 
 
 def _update(config: PracticeConfig, p: torch.Tensor, g: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
@@ -341,7 +344,7 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
         flat.requires_grad_(True)  # the mixture head's gradient comes from autograd
     m1, m2 = torch.zeros_like(flat), torch.zeros_like(flat)
     if loss in REVERSE_LOSSES:
-        log_Q = torch.log(Q).reshape(B * n, k)  # gathered per step beside the teacher
+        log_Q = torch.log(Q)
 
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = config.epochs * steps_per_epoch
@@ -350,6 +353,9 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
     offsets = (torch.arange(B) * n)[:, None]
     chunk = max(1, _CHUNK_BYTES // (config.batch_size * (m + 2 * k) * X.element_size()))
     X_flat, Q_flat = Xs.reshape(B * n, m), Q.reshape(B * n, k)
+    if head == "softmax":  # the teacher class-major, (B, k, n) flattened (reverse losses: log q), k numbers a row
+        teacher_classes = (log_Q if loss in REVERSE_LOSSES else Q).transpose(1, 2).reshape(-1)
+        class_offsets = ((torch.arange(B)[:, None] * k + torch.arange(k)[None, :]) * n)[:, :, None]
 
     def val_loss(current) -> torch.Tensor:
         with torch.no_grad():
@@ -385,7 +391,10 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
     step = 0
     for epoch in range(config.epochs):
         # The epoch's rows of every student's flattened array, in its own order: one index tensor per epoch.
-        order = torch.as_tensor(np.stack([rng.permutation(n) for rng in rngs])) + offsets
+        local = torch.as_tensor(np.stack([rng.permutation(n) for rng in rngs]))
+        order = local + offsets
+        if head == "softmax":
+            order_classes = local[:, None, :] + class_offsets  # (B, k, n): where student j's class y of row i is
         for s in range(steps_per_epoch):
             rows = order[:, s * config.batch_size:(s + 1) * config.batch_size]
             size = rows.shape[1]
@@ -399,12 +408,11 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
                 hi = min(B, lo + chunk)
                 idx = rows[lo:hi].reshape(-1)
                 batch_X = X_flat.index_select(0, idx).view(hi - lo, size, m)
-                if head == "softmax" and loss in REVERSE_LOSSES:  # they read the teacher through log q only
-                    batch_log_Q = log_Q.index_select(0, idx).view(hi - lo, size, k)
-                    part_grad = _softmax_gradient(loss, flat[lo:hi], batch_X, None, batch_log_Q, alpha)
-                elif head == "softmax":
-                    batch_Q = Q_flat.index_select(0, idx).view(hi - lo, size, k)
-                    part_grad = _softmax_gradient(loss, flat[lo:hi], batch_X, batch_Q, None, alpha)
+                if head == "softmax":
+                    where = order_classes[lo:hi, :, s * config.batch_size:(s + 1) * config.batch_size].reshape(-1)
+                    teacher_batch = teacher_classes.index_select(0, where).view(hi - lo, k, size)
+                    batch_Q, batch_log_Q = (None, teacher_batch) if loss in REVERSE_LOSSES else (teacher_batch, None)
+                    part_grad = _softmax_gradient(loss, flat[lo:hi], batch_X, batch_Q, batch_log_Q, alpha)
                 else:
                     batch_Q = Q_flat.index_select(0, idx).view(hi - lo, size, k)
                     part = flat[lo:hi]
