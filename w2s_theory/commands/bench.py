@@ -206,7 +206,7 @@ def report(result: dict) -> str:
         lines.append(f"practice trainer ({w['head']}, {w['loss']}, {w['epochs']} epochs, batch {w['batch_size']}, "
                      f"{w['dtype']}): {p['batched_students_per_s']:.1f} students/s at B={w['B']}, "
                      f"{p['loop_students_per_s']:.2f} in a per-student torch loop: {_times(p['speedup'])} "
-                     f"({_times(p['speedup_vs_one_at_a_time'])} the batched trainer called one student at a time)")
+                     f"({_times(p['speedup_vs_one_at_a_time'])} vs the batched trainer called one student at a time)")
     lines.append("all batched gaps certified <= tol: " + ("yes" if result["all_heads_certified_below_tol"] else "NO"))
     return "\n".join(lines)
 
