@@ -12,7 +12,9 @@ import torch
 from w2s_theory.cli import main
 from w2s_theory.divergences import get_loss
 from w2s_theory.pipeline import RunSpec, _noisy_teacher, run_specs
-from w2s_theory.practice import PracticeConfig, expected_calibration_error, probabilities, train
+from w2s_theory import practice
+from w2s_theory.practice import (PRACTICE_LOSSES, PracticeConfig, expected_calibration_error, loop_student,
+                                  probabilities, train, training_loss)
 from w2s_theory.solvers.reference import fit_reference_batch
 from w2s_theory.synthetic import (WorldConfig, confident_wrong_labels, floor_probs, rng_for, temper,
                                   uncertain_labels)
@@ -61,6 +63,54 @@ def test_a_students_numbers_are_the_same_alone_and_inside_a_batch(head, loss):
         assert torch.equal(together.params[name][2:3], alone.params[name])
     assert together.stop_step[2] == alone.stop_step[0]
     assert together.curves(2) == alone.curves(0)
+
+
+@pytest.mark.parametrize("loss", PRACTICE_LOSSES)
+@pytest.mark.parametrize("k, size", [(2, 1), (2, 9), (3, 7)])
+def test_the_closed_form_softmax_gradient_is_autograds_gradient_of_the_training_loss(loss, k, size):
+    g = np.random.default_rng(k * size)
+    B, m = 3, 4
+    X = torch.as_tensor(g.random((B, size, m)))
+    Q = torch.as_tensor(g.dirichlet(np.ones(k), size=(B, size)))
+    Q[0, 0] = torch.full((k,), 1e-9)  # near-zero teacher probabilities (renormalised below)
+    Q[0, 0, 0] = 1.0
+    Q = Q / Q.sum(-1, keepdim=True)
+    flat = torch.as_tensor(g.standard_normal((B, k, m + 1)) * 3, dtype=torch.float64)
+    W, b = flat[:, :, :m].clone().requires_grad_(True), flat[:, :, m].clone().requires_grad_(True)
+    log_p = torch.log_softmax(torch.bmm(X, W.transpose(1, 2)) + b[:, None, :], dim=-1)
+    objective = training_loss(loss, Q, log_p, aux_alpha=0.3).mean(-1).sum()
+    gW, gb = torch.autograd.grad(objective, [W, b])
+    classes = Q.transpose(1, 2)  # the trainer's class-major layout (B, k, s)
+    closed = practice._softmax_gradient(loss, flat, X, classes, torch.log(classes), 0.3)
+    assert torch.allclose(closed[:, :, :m], gW, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(closed[:, :, m], gb, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("head", ["mixture", "softmax"])
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "aux_conf"])
+def test_training_students_in_chunks_changes_no_students_numbers(head, loss, monkeypatch):
+    X, Q = small_instance(B=5, n=30, m=4, k=3, seed=4)
+    config = PracticeConfig(epochs=2, batch_size=8, eval_every=3, weight_decay=0.01)
+    kw = dict(lr=np.array([1e-2, 3e-2, 1e-1, 2e-2, 5e-2]), config=config, init="random",
+              test_features=X, test_truth=Q)
+    whole = train(head, loss, X, Q, rngs=[rng_for(j, "k") for j in range(5)], **kw)
+    monkeypatch.setattr(practice, "_CHUNK_BYTES", 8 * 8 * (4 + 6) * 2)  # two students per chunk: 2, 2, 1
+    chunked = train(head, loss, X, Q, rngs=[rng_for(j, "k") for j in range(5)], **kw)
+    for name in whole.params:
+        assert torch.equal(whole.params[name], chunked.params[name])
+    assert [c.tolist() for c in whole.curve_test_accuracy] == [c.tolist() for c in chunked.curve_test_accuracy]
+
+
+@pytest.mark.parametrize("loss", PRACTICE_LOSSES)
+def test_the_benchmarks_per_student_torch_loop_trains_the_same_student_as_the_batched_trainer(loss):
+    X, Q = small_instance(B=3, n=70, m=5, k=2, seed=5)
+    config = PracticeConfig(epochs=2, batch_size=16, eval_every=0)
+    batched = train("softmax", loss, X, Q, lr=3e-2, config=config, rngs=[rng_for(j, "l") for j in range(3)])
+    for j in range(3):
+        alone = loop_student(loss, X[j], Q[j], lr=3e-2, config=config, rng=rng_for(j, "l"))
+        assert torch.allclose(alone["W"], batched.params["W"][j], rtol=0, atol=1e-12)
+        assert torch.allclose(alone["b"], batched.params["b"][j], rtol=0, atol=1e-12)
+        assert float(alone["W"].abs().max()) > 1e-3  # it moved
 
 
 def test_early_stopping_keeps_the_parameters_of_the_best_validation_step():
@@ -199,7 +249,12 @@ def test_bad_practice_config_values_are_one_line_errors_that_leave_the_store_unt
 def test_bench_practice_reports_both_rates_on_a_tiny_workload():
     from w2s_theory.practice import bench_practice
 
-    result = bench_practice(4, n=64, m=8, epochs=1, batch_size=16, loop_students=2)
-    assert result["workload"]["steps"] == 4 and result["workload"]["B"] == 4
-    assert result["batched_students_per_s"] > 0 and result["loop_students_per_s"] > 0
-    assert result["speedup"] == pytest.approx(result["batched_students_per_s"] / result["loop_students_per_s"])
+    for dtype, tolerance in (("float64", 1e-12), ("float32", 1e-5)):
+        result = bench_practice(4, n=64, m=8, epochs=1, batch_size=16, loop_students=2, dtype=dtype)
+        assert result["workload"]["steps"] == 4 and result["workload"]["B"] == 4
+        assert result["workload"]["dtype"] == dtype
+        assert result["batched_students_per_s"] > 0 and result["loop_students_per_s"] > 0
+        assert result["speedup"] == pytest.approx(result["batched_students_per_s"] / result["loop_students_per_s"])
+        assert result["speedup_vs_one_at_a_time"] == pytest.approx(
+            result["batched_students_per_s"] / result["one_at_a_time_students_per_s"])
+        assert result["loop_max_abs_difference"] < tolerance  # the loop trains the same students

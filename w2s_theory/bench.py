@@ -627,14 +627,14 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
               n: int = N, m: int = M, heads=HEADS, sparse: bool = True, linear_m: int = 16,
               lbfgs_students: int = 3, numpy_students: int = 10, peak_matrix_size: int | None = None,
               head_repeats: int = 1, practice: int | None = None, practice_loop_students: int = 20,
-              progress=print) -> dict:
+              practice_dtype: str = "float32", progress=print) -> dict:
     """The whole benchmark; returns the JSON document of docs/design.md (plus the shared-layout rows, the other
     heads, the sparse workloads and the FLOP rate). Keys of a head not in ``heads`` are ``None``.
 
     ``repeats`` timed runs (median) for the mixture head's dense rows, whose ratio is the headline;
     ``head_repeats`` for the other heads and the sparse workloads. ``practice = B`` adds the practice-training
     workload (:func:`w2s_theory.practice.bench_practice`: B softmax students, 2 epochs of Adam, batch 32, as one
-    batch against a per-student loop of the same arithmetic) under the key ``practice``.
+    batch against a per-student loop of the same arithmetic, both in ``practice_dtype``) under the key ``practice``.
     """
     dev = resolve_device(device)
     unknown = [h for h in heads if h not in HEADS]
@@ -726,8 +726,8 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
 
         progress(f"practice trainer: {practice} students batched vs {practice_loop_students} one at a time ...")
         out["practice"] = bench_practice(practice, n=n, m=m, loop_students=practice_loop_students,
-                                         device=str(dev))
+                                         device=str(dev), dtype=practice_dtype)
         progress(f"  {out['practice']['batched_students_per_s']:.1f} students/s batched, "
-                 f"{out['practice']['loop_students_per_s']:.2f} one at a time: {out['practice']['speedup']:.1f}x")
+                 f"{out['practice']['loop_students_per_s']:.2f} in a per-student loop: {out['practice']['speedup']:.1f}x")
     out["all_heads_certified_below_tol"] = all(certified)
     return out

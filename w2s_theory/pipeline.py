@@ -418,12 +418,22 @@ def _train_practice(group: list[RunSpec], data: list[WorldData], teachers: np.nd
         exact_loss = "forward_ce" if loss == "hard_ce" else loss
         targets = np.eye(teachers.shape[-1])[teachers.argmax(-1)] if loss == "hard_ce" else teachers
         try:
-            # The exact minimiser of the same class, fitted on its well-posed coordinates (head_inputs).
-            exact = fit(head_inputs(head, X), targets, loss=exact_loss, head=head, device=device)
+            # The exact minimiser of the same class, fitted on its well-posed coordinates (head_inputs), once
+            # per distinct (features, targets): students that differ only in their learning rate share it (a
+            # student's fit does not depend on its batch, so this changes no number).
+            first: dict = {}
+            distinct, where = [], []
+            for j in range(B):
+                key = hashlib.sha256(X[j].tobytes() + targets[j].tobytes()).digest()
+                if key not in first:
+                    first[key] = len(distinct)
+                    distinct.append(j)
+                where.append(first[key])
+            exact = fit(head_inputs(head, X[distinct]), targets[distinct], loss=exact_loss, head=head, device=device)
             objective = get_loss(exact_loss).per_sample
             practice_obj = objective(targets, train_probs).mean(-1)
-            exact_obj = objective(targets, to_numpy(exact.probs)).mean(-1)
-            gap = np.where(to_numpy(exact.converged), practice_obj - exact_obj, np.nan)
+            exact_obj = objective(targets[distinct], to_numpy(exact.probs)).mean(-1)[where]
+            gap = np.where(to_numpy(exact.converged)[where], practice_obj - exact_obj, np.nan)
         except InputError:  # no exact minimiser for this data (e.g. a reverse loss on a teacher with zeros)
             practice_obj, gap = np.full(B, np.nan), np.full(B, np.nan)
     else:
