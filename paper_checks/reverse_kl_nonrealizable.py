@@ -16,7 +16,7 @@ Sweep (mixture head): :math:`F^* = (1-\epsilon)A^*h + \epsilon U` with :math:`U`
 the regime where the plain inequality is most fragile). Synthetic pipelines: misspecified worlds
 (:math:`F^* = (1-\epsilon)A^*h_s + \epsilon G_{\text{mis}}`, :math:`\epsilon \in \{0.2, 0.5\}`) with :math:`G = A^*h_s`,
 students trained on the world's weak teacher and on a corrupted truth. Certificates: the Frank–Wolfe gap (inflated by the
-rounding of its own evaluation, :func:`w2s_theory.solvers.mixture._gap_rounding_bound`) for the corrected
+rounding of its own evaluation, :func:`w2s_theory.solvers.mixture._certified_gradient`) for the corrected
 inequality; for the plain one, the certificate for the exact minimiser
 (:func:`w2s_theory.theorems.reverse_kl_pythagorean_at_minimiser`), so its violations are real. Expected:
 holds, with certified plain failures for :math:`\epsilon > 0` (:mod:`paper_checks._nonrealizable`).

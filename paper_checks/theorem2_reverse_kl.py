@@ -9,7 +9,7 @@ head (convex in probability space) and :math:`F^*\in\mathcal F` (realizable): th
 weak teacher by at least their disagreement. Instances: random features, truth heads and teachers (arbitrary
 rows, corrupted truth, rows with exact zeros and ones), k = 2, 3, 5; each student is certified by its
 Frank–Wolfe gap, inflated by the rounding of its own evaluation
-(:func:`w2s_theory.solvers.mixture._gap_rounding_bound`: without it the interior optima of the one-feature
+(:func:`w2s_theory.solvers.mixture._certified_gradient`: without it the interior optima of the one-feature
 setting, where the theorem is an equality, sit in the rounding band), and ``slack >= -gap`` is what the
 theorem implies for the computed student. Default size: 25 students per setting (quick), 200 (full).
 """

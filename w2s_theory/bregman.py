@@ -178,9 +178,10 @@ def _neg_entropy_truth_term_perturbation(truth, projection, eps):
     Cauchy–Schwarz the difference is at most :math:`\sqrt{\mathbb E\sum_{y: A_y>0}(A_y/\tilde P_y)^2}\,
     \sqrt{2\varepsilon}`; infinite where :math:`\tilde P_y \le 0 < A_y`."""
     A, P = _to_numpy(truth), _to_numpy(projection)
-    eps = np.broadcast_to(_to_numpy(eps), P.shape[:-2]).astype(float)
+    # a computed divergence can come out a few ulps below 0; a negative bound on E KL means 0
+    eps = np.maximum(np.broadcast_to(_to_numpy(eps), P.shape[:-2]).astype(float), 0)
     n = P.shape[-2]
-    delta = np.sqrt(n * np.maximum(eps, 0) / 2)[..., None, None]
+    delta = np.sqrt(n * eps / 2)[..., None, None]
     lower = P - delta
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(A > 0, (A / lower) ** 2, 0.0)
