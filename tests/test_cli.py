@@ -57,6 +57,16 @@ def test_fit_writes_a_json_report_with_errors_when_the_truth_is_given(arrays, tm
     assert {"student_error", "gain", "misfit", "gap"} <= set(students[0])
 
 
+
+def test_fit_says_why_a_student_is_uncertified(arrays, tmp_path, capsys):
+    # simplex rows beside the linear head's bias are collinear: no certificate, and the summary says why
+    code = main(["fit", "--features", str(arrays["F"]), "--teacher", str(arrays["Q"]), "--loss", "forward_kl",
+                 "--head", "linear", "--out", str(tmp_path / "o.npz")])
+    assert code == 0
+    assert np.isnan(np.load(tmp_path / "o.npz")["gap"]).all()
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 student(s) uncertified: the features' span is numerically rank-deficient" in lines[-1]
+
 @pytest.mark.parametrize("bad_args,message", [
     (["--teacher", "logits", "--loss", "reverse_kl"], "negative probabilities"),
     (["--teacher", "Q", "--loss", "kl"], "unknown loss 'kl'"),

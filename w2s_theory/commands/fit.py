@@ -92,4 +92,21 @@ def handle(args) -> int:
     worst = float(gaps.max()) if gaps.size else float("nan")  # nan when any student is uncertified
     print(f"\n{result.batch_size} student(s), {args.head} head, {args.loss}; certificate: {result.certificate}; "
           f"worst gap {worst:.3g}; wrote {args.out}")
+    for reason, count in _uncertified_reasons(result, gaps).items():
+        print(f"{count} student(s) {reason}")
     return 0
+
+
+def _uncertified_reasons(result, gaps) -> dict[str, int]:
+    """Why students have no finite gap, counted by reason: the solvers say it per student
+    (``info["reasons"]``) or once for the batch (``info["uncertified_reason"]``)."""
+    uncertified = ~np.isfinite(np.atleast_1d(gaps))
+    per_student = result.info.get("reasons")
+    if per_student is None:
+        per_student = [result.info.get("uncertified_reason") or ""] * len(uncertified)
+    counts: dict[str, int] = {}
+    for flag, reason in zip(uncertified, per_student):
+        if flag:
+            reason = reason or "uncertified (no reason recorded)"
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
