@@ -445,6 +445,20 @@ def test_a_students_forward_fit_is_bit_identical_alone_inside_a_batch_and_across
             assert torch.equal(result.probs[b : b + 1], alone.probs)
 
 
+
+@pytest.mark.parametrize("loss", [FORWARD_KL, REVERSE_KL, REVERSE_CE])
+def test_two_class_students_are_bit_identical_alone_and_inside_a_batch(loss):
+    # With k = 2 every logit product is a matrix-vector one, which BLAS computes with another kernel for a
+    # batch of one than for a larger batch (found through a sweep whose rows moved with its chunking)
+    X, Q = _instance(93, 4, 200, 6, 2, simplex=False)
+    whole = fit_softmax_batched(X, Q, loss)
+    for b in range(4):
+        alone = fit_softmax_batched(X[b : b + 1], Q[b : b + 1], loss)
+        for name in ("W", "b"):
+            assert torch.equal(whole.params[name][b : b + 1], alone.params[name]), name
+        assert torch.equal(whole.probs[b : b + 1], alone.probs) and torch.equal(whole.objective[b], alone.objective[0])
+        assert torch.equal(whole.gap[b : b + 1], alone.gap) or (whole.gap[b].isnan() and alone.gap[0].isnan())
+
 def test_direct_path_agrees_with_the_svd_basis_path_within_their_certificates(monkeypatch):
     from w2s_theory.solvers import softmax
 

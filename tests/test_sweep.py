@@ -23,10 +23,10 @@ from w2s_theory.validation import InputError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def grid(seeds=(0, 1, 2), noises=(0.0, 0.1, 0.2), n=60, strong_dim=8):
+def grid(seeds=(0, 1, 2), noises=(0.0, 0.1, 0.2), n=60, strong_dim=8, **world):
     return parse_study({
         "study": {"name": "t", "seeds": list(seeds)},
-        "world": {"strong_dim": strong_dim, "weak_dim": 3},
+        "world": {"strong_dim": strong_dim, "weak_dim": 3, **world},
         "run": {"loss": ["reverse_kl", "forward_kl"], "head": ["mixture", "softmax"], "noise": list(noises),
                 "n_weak": n, "n_train": n, "n_test": n},
     }).specs
@@ -85,8 +85,9 @@ def test_run_sweep_derives_the_chunk_size_from_free_memory(tmp_path):
     assert (roomy.chunks, tight.chunks) == (1, 4)
 
 
-def test_rows_do_not_depend_on_how_the_sweep_is_chunked(tmp_path):
-    specs = grid(seeds=(0, 1), noises=(0.0, 0.3))
+@pytest.mark.parametrize("k", [2, 3])  # k = 2: every softmax logit product is a matrix-vector one
+def test_rows_do_not_depend_on_how_the_sweep_is_chunked(tmp_path, k):
+    specs = grid(seeds=(0, 1), noises=(0.0, 0.3), n=300, k=k)
     stored = []
     for name, chunk_size in (("one.db", 100), ("many.db", 1)):
         with ResultsStore(tmp_path / name) as store:

@@ -145,15 +145,26 @@ def _logit_basis(features: torch.Tensor, k: int) -> _LogitBasis:
     return _LogitBasis(U=U, coef=coef, fill=fill.contiguous(), rank=keep.sum(dim=-1), Zs=Zs, redundant=redundant)
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``, with a last axis of ``b`` of size 1 (k = 2 makes every logit product one) padded by a zero
+    column: a batched matrix-vector product of one matrix goes to another BLAS kernel than that of two or more,
+    which rounds differently, so a student's bits would depend on whether it was fitted alone, in a batch, or
+    last in a shrinking working set (and a sweep's rows on its chunking). Padded, every product is the same
+    GEMM per student whatever the batch."""
+    if b.shape[-1] != 1:
+        return a @ b
+    return (a @ torch.cat([b, torch.zeros_like(b)], dim=-1))[..., :1]
+
+
 def _logits(U: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Logits ``(B, n, k)`` from reduced coordinates ``(B, D, k-1)``; the reference class has logit 0."""
-    free = U @ theta
+    free = _matmul(U, theta)
     return torch.cat([free, torch.zeros_like(free[..., :1])], dim=-1)
 
 
 def _head_parameters(basis: _LogitBasis, theta: torch.Tensor, m: int):
     """``(W, b)`` with the gauge ``W[k-1] = 0``, ``b[k-1] = 0``, from reduced coordinates."""
-    coeffs = basis.coef @ theta  # (B, m+1, k-1)
+    coeffs = _matmul(basis.coef, theta)  # (B, m+1, k-1)
     B, _, kc = coeffs.shape
     W = torch.zeros((B, kc + 1, m), dtype=theta.dtype, device=theta.device)
     b = torch.zeros((B, kc + 1), dtype=theta.dtype, device=theta.device)
@@ -165,7 +176,7 @@ def _head_parameters(basis: _LogitBasis, theta: torch.Tensor, m: int):
 def _parameter_gradient(U: torch.Tensor, logit_grad: torch.Tensor) -> torch.Tensor:
     r""":math:`g_{(j,c)} = \frac1n\sum_i \tilde U_{ij}\,\partial_{\eta_{ic}}\phi_i`, flattened ``(B, D*(k-1))``."""
     n = logit_grad.shape[-2]
-    g = U.mT @ logit_grad / n
+    g = _matmul(U.mT, logit_grad) / n
     return g.reshape(g.shape[0], -1)
 
 
@@ -604,8 +615,8 @@ def _saddle_free_newton_direction(H, g, fill):
     scale = _curvature_scale(H, fill)
     eigenvalues, V = torch.linalg.eigh(H)
     modulus = torch.maximum(eigenvalues.abs(), 1e-8 * scale[:, None])
-    coefficients = (V.mT @ g[..., None])[..., 0] / modulus
-    direction = -(V @ coefficients[..., None])[..., 0] * (1 - fill)
+    coefficients = _matmul(V.mT, g[..., None])[..., 0] / modulus
+    direction = -_matmul(V, coefficients[..., None])[..., 0] * (1 - fill)
     return direction, -(g * direction).sum(dim=-1)
 
 
@@ -930,7 +941,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
             if not bool(pending.any()):
                 break
             trial = th + alpha[:, None, None] * step
-            eta_t = Z_w @ trial
+            eta_t = _matmul(Z_w, trial)
             ft = _direct_objective(eta_t, q_w, qs_w)
             ok_ls = pending & torch.isfinite(ft) & (ft <= f + _ARMIJO * alpha * slope + slack)
             th = torch.where(ok_ls[:, None, None], trial, th)
