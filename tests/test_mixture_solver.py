@@ -1,5 +1,6 @@
 """The batched mixture-head solver: closed forms, certificates that are true bounds, boundary cases."""
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -289,3 +290,70 @@ def test_students_are_bit_identical_alone_and_in_a_batch_of_mixed_workloads(loss
         alone = fit_mixture_batched(X[b : b + 1], Q[b : b + 1], L, tol=1e-9)
         assert torch.equal(alone.params["A"][0], whole.params["A"][b]), b
         assert torch.equal(alone.gap[0], whole.gap[b]) and alone.iterations[0] == whole.iterations[b]
+
+
+_EXACT_DERIVATIVES = {  # d/dp of the per-class loss term, student p, teacher q (mpmath)
+    "bregman:negative_entropy": lambda p, q: mpmath.log(p) - mpmath.log(q),
+    "bregman:generalized_kl": lambda p, q: mpmath.log(p) - mpmath.log(q),
+    "bregman:itakura_saito": lambda p, q: 1 / q - 1 / p,
+    "bregman:squared_norm": lambda p, q: 2 * p - 2 * q,
+    "js": lambda p, q: (mpmath.log(p) - mpmath.log((p + q) / 2)) / 2,
+    "jeffreys": lambda p, q: mpmath.log(p) - mpmath.log(q) + 1 - q / p,
+    "hellinger": lambda p, q: 1 - mpmath.sqrt(q / p),
+    "chi2": lambda p, q: 2 * (p - q) / q,
+    "reverse_chi2": lambda p, q: 1 - (q / p) ** 2,
+    "squared": lambda p, q: 2 * (p - q),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EXACT_DERIVATIVES))
+@pytest.mark.parametrize("scale", [(-305, -250), (-12, -2), (-1, 0)])
+def test_the_rounding_allowance_covers_each_field_losss_derivative_at_a_perturbed_prediction(name, scale):
+    # The mixture's Frank-Wolfe gap pays gamma_{m+4} M per derivative: the formula's own rounding and the
+    # prediction's relative error gamma_m. Derivatives that cancel (log p - log q, 1/q - 1/p at p ~ q) broke
+    # the former allowance |l'| + 2 by factors up to 2e7 (an itakura_saito gap 1% below its exact value).
+    from w2s_theory.solvers.mixture import _gamma, _loss_terms
+
+    m = 8
+    rng = np.random.default_rng(11)
+    p = torch.tensor(10.0 ** rng.uniform(*scale, size=300))
+    q = p * torch.tensor(rng.uniform(0.5, 2.0, size=300))
+    delta = _gamma(m, torch.float64) * torch.tensor(rng.choice([-1.0, 1.0], size=300))
+    P = torch.stack([p * (1 + delta), 1 - p])[None]  # the computed prediction, off by gamma_m
+    Q = torch.stack([q, 1 - q])[None]
+    terms = _loss_terms(get_loss(name), Q, Q)
+    both = terms.derivative_and_magnitude(P)
+    dphi, M = both[0, 0], both[0, 2]
+    f = _EXACT_DERIVATIVES[name]
+    with mpmath.workdps(60):
+        err = [abs(mpmath.mpf(d) - f(mpmath.mpf(a), mpmath.mpf(b))) for d, a, b in zip(dphi.tolist(), p.tolist(),
+                                                                                      q.tolist())]
+    err = torch.tensor([float(e) for e in err], dtype=torch.float64)
+    assert torch.isfinite(dphi).all()
+    assert (err <= _gamma(m + 4, torch.float64) * M).all(), float((err / M).max() / _gamma(m + 4, torch.float64))
+
+
+def test_an_itakura_saito_students_gap_bounds_its_exact_frank_wolfe_gap():
+    # One class with mass about 1e-9: the computed derivative 1/q - 1/p cancels to a tiny fraction of 1/p
+    # (found in review: the reported gap was 1.32682e-6 against an exact 1.33941e-6)
+    rng = np.random.default_rng(3)
+    n, m, k = 40, 3, 3
+    X = rng.dirichlet(np.ones(m), size=n)
+    truth = np.array([[1e-9, 2e-9, 0.5e-9], [0.3, 0.6, 0.2], [0.0, 0.0, 0.0]])
+    truth[2] = 1 - truth[0] - truth[1]
+    Q = X @ truth.T * (1 + 1e-3 * rng.standard_normal((n, k)))
+    Q /= Q.sum(1, keepdims=True)
+    result = fit_mixture_batched(torch.tensor(X)[None], torch.tensor(Q)[None], get_loss("bregman:itakura_saito"),
+                                 tol=1e-13)
+    A = result.params["A"][0].tolist()
+    with mpmath.workdps(80):
+        G = [[mpmath.mpf(0)] * m for _ in range(k)]
+        for i in range(n):
+            for y in range(k):
+                p = mpmath.fsum(mpmath.mpf(A[y][j]) * mpmath.mpf(X[i, j]) for j in range(m))
+                d = 1 / mpmath.mpf(Q[i, y]) - 1 / p
+                for j in range(m):
+                    G[y][j] += d * mpmath.mpf(X[i, j]) / n
+        exact = mpmath.fsum(mpmath.fsum(mpmath.mpf(A[y][j]) * G[y][j] for y in range(k)) - min(G[y][j] for y in range(k))
+                            for j in range(m))
+    assert float(exact) <= float(result.gap[0])

@@ -282,9 +282,23 @@ class _LossTerms:
         return self.loss.grad_student(self.Qd.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
 
     def magnitude(self, probs: torch.Tensor, dphi: torch.Tensor) -> torch.Tensor:
-        r"""A bound ``M`` with ``|fl(dphi) - dphi| <= gamma_{m+4} M`` entrywise (:func:`_certified_gradient`):
-        for the derivatives :math:`-q/p` and :math:`2(p-q)` it is :math:`|\ell'| + 2`."""
-        return torch.where(torch.isfinite(dphi), dphi.abs(), torch.zeros_like(dphi)) + 2
+        r"""A bound ``M`` with ``|fl(dphi) - dphi| <= gamma_{m+4} M`` entrywise (:func:`_certified_gradient`).
+
+        Two errors enter: the computed prediction is :math:`p(1+\delta)`, :math:`|\delta|\le\gamma_m`,
+        which moves the derivative by about :math:`|\delta|\,p\,|\ell''(p)|` (counted twice, for the
+        second-order part), and the derivative's own formula rounds each of its terms, by a few units of
+        roundoff of :math:`T`, the sum of their magnitudes (:func:`_derivative_terms`; e.g. :math:`|\log p| +
+        |\log q|` for :math:`\log p - \log q`, which cancel where :math:`p\approx q`, so :math:`|\ell'|` alone
+        is no bound). :math:`M = |\ell'| + 2 + T + 2p|\ell''|`, 0 where an entry is pinned."""
+        finite = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))  # noqa: E731
+        terms = _derivative_terms(self.loss.name, self.Qd, probs)
+        if terms is None:  # no stated formula: no allowance covers it, so no certificate
+            return torch.full_like(dphi, float("inf"))
+        curvature = self.loss.curvature_student(self.Qd.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
+        extra = finite(terms) + 2 * probs * finite(curvature)
+        if self.loss.pins_student_to_teacher_support:
+            extra = torch.where(self.Qd > 0, extra, torch.zeros_like(extra))
+        return finite(dphi) + 2 + extra
 
     def derivative_and_magnitude(self, probs: torch.Tensor) -> torch.Tensor:
         """:meth:`derivative` and :meth:`magnitude` stacked, ``(B, 2k, n)``: one product with the features
@@ -325,6 +339,40 @@ class _LossTerms:
         rel = (new - old).abs_().div_(old)
         rel = torch.where(self.Qd > 0, rel, torch.zeros_like(rel))
         return rel.flatten(1).amax(dim=1)
+
+
+def _derivative_terms(name: str, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+    r"""Sum of the magnitudes of the terms the derivative :math:`\ell'(q, p)` of loss ``name`` is computed from
+    (its rounding is a few units of roundoff of this; non-finite only at ``p = 0`` or ``q = 0``, where the
+    derivative is infinite or pinned); ``None`` for a loss without a stated formula."""
+    log_p, log_q = torch.log(p).abs(), torch.log(q).abs()
+    if name in ("forward_kl", "forward_ce"):  # -q/p
+        return q / p
+    if name == "reverse_kl":  # log p - log q + 1
+        return log_p + log_q + 1
+    if name == "reverse_ce":  # -log q
+        return log_q
+    if name == "squared":  # 2(p - q)
+        return 2 * (p + q)
+    if name in ("bregman:negative_entropy", "bregman:generalized_kl"):  # log p - log q
+        return log_p + log_q + 2
+    if name == "bregman:itakura_saito":  # 1/q - 1/p
+        return 1 / p + 1 / q
+    if name == "bregman:squared_norm":  # 2p - 2q
+        return 2 * (p + q)
+    if name == "js":  # (log p - log((p + q)/2)) / 2
+        return 0.5 * (log_p + torch.log((p + q) / 2).abs())
+    if name == "jeffreys":  # log p - log q + 1 - q/p
+        return log_p + log_q + 1 + q / p
+    if name == "hellinger":  # 1 - sqrt(q/p)
+        return 1 + torch.sqrt(q / p)
+    if name == "chi2":  # 2(p - q)/q
+        return 2 * (p + q) / q
+    if name == "reverse_chi2":  # 1 - (q/p)^2
+        return 1 + (q / p) ** 2
+    if name.startswith("tv"):  # bounded by 1 in magnitude, a few operations
+        return torch.full_like(p, 2.0)
+    return None
 
 
 class _KLTerms(_LossTerms):
@@ -454,9 +502,9 @@ def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_ro
     bound on the floating-point error of its own evaluation, so that it bounds the *exact* gap of ``A``
     (Higham, *Accuracy and Stability*, §3.1). :math:`G = \frac1n\sum_i \ell'(q_i, p_i)h_i^\top` with
     :math:`p_i = Ah_i` a sum of :math:`m` non-negative products (relative error :math:`\le\gamma_m`); each
-    derivative is then off by at most :math:`\gamma_{m+4}M_i` with :math:`M_i = |\ell'_i| + 2` for
-    :math:`\ell'\in\{-q/p, -\log q, 2(p-q)\}` and :math:`M_i = |\ell'_i| + |\log p_i| + |\log q_i| + 2`
-    for :math:`\ell' = \log p - (\log q - 1)` (:meth:`_LossTerms.magnitude`), so :math:`G` by
+    derivative is then off by at most :math:`\gamma_{m+4}M_i` (:meth:`_LossTerms.magnitude`: the
+    prediction's error through :math:`p|\ell''|` and the formula's own rounding through the magnitudes of its
+    terms, e.g. :math:`M_i = |\ell'_i| + |\log p_i| + |\log q_i| + 2` for reverse KL), so :math:`G` by
     :math:`\varepsilon = \gamma_{n+m+4}\frac1n\sum_i M_ih_i^\top` entrywise (computed in the same product
     as ``G``: one pass over the features). The columns of :math:`A` lie in the simplex, so the gap moves by
     at most :math:`2\sum_j\max_y\varepsilon_{yj}`, plus :math:`\gamma_{k+m}` times itself for its own sums.
