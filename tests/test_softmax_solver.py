@@ -469,3 +469,25 @@ def test_direct_path_agrees_with_the_svd_basis_path_within_their_certificates(mo
     basis = fit_softmax_batched(X, Q, FORWARD_KL, tol=1e-11)
     assert not bool(basis.info["direct"].any()) and bool(basis.converged.all())
     assert bool(((direct.objective - basis.objective).abs() <= direct.gap + basis.gap + ROUNDING).all())
+
+
+def test_a_huge_logit_range_makes_the_certificate_infinite_not_small():
+    # The rounding count grows with the logits' range; gamma_c = cu/(1 - cu) turned negative past cu = 1 and a
+    # non-optimal point got a finite gap (found in review: gap 0.18 at range 6e15, inf at range 0)
+    from w2s_theory.solvers import softmax
+    from w2s_theory.solvers.conditioning import unit_roundoff_gamma
+
+    assert unit_roundoff_gamma(2.0**54) == float("inf") and unit_roundoff_gamma(torch.tensor([2.0**54]))[0] == float("inf")
+    rng = np.random.default_rng(0)
+    n, m, k = 50, 2, 2
+    X = torch.tensor(rng.standard_normal((1, n, m)))
+    Z = torch.cat([X, torch.ones(1, n, 1, dtype=X.dtype)], -1)
+    q = torch.tensor(rng.dirichlet(np.ones(k), size=n))[None]
+    eta = Z @ torch.tensor(rng.standard_normal((1, m + 1, k - 1)))  # far from optimal
+    s = torch.softmax(torch.cat([eta, torch.zeros_like(eta)], -1), -1)
+    qsum = q.sum(-1)
+    for logit_range in (0.0, 6e15):
+        gap, _, _ = softmax._tall_certificate(Z, None, q, qsum, s, (qsum[..., None] * s - q)[..., :-1],
+                                              exact_kappa=False, logit_range=torch.tensor([logit_range],
+                                                                                        dtype=torch.float64))
+        assert gap[0] == float("inf"), logit_range
