@@ -521,7 +521,13 @@ def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_ro
     both, H = design.gradient_and_curvature(both, weights, hessian_rows)
     G, eps_G = both[:, :k], both[:, k:] * _gamma(design.n + design.m + 4, dphi.dtype)
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
-    gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + design.m, dphi.dtype) * gap
+    # frank_wolfe_gap sums A (G - Gmin), which is <G, A> - min G per column only where the column sums to 1;
+    # after projections and renormalisations it does so within a few units of roundoff
+    Gmin = torch.where(allowed, G, torch.full_like(G, float("inf"))).amin(dim=1)
+    off = (A.sum(dim=1) - 1).abs()
+    column_sum_error = torch.where(off > 0, off * Gmin.abs(), torch.zeros_like(off)).sum(dim=-1)
+    column_sum_error = column_sum_error * (1 + _gamma(k + 2, dphi.dtype))
+    gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + design.m, dphi.dtype) * gap + column_sum_error
     return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap), dphi, H
 
 
