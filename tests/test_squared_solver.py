@@ -181,7 +181,7 @@ def test_ball_solution_is_on_the_sphere_and_frank_wolfe_gap_certifies_it(shape, 
 @given(shapes, st.floats(0.05, 0.95), st.floats(0.0, 1.0))
 def test_frank_wolfe_gap_bounds_the_suboptimality_of_any_feasible_point(shape, fraction, shrink):
     """At arbitrary feasible points (not only at the solver's output) the ball certificate is >= the true gap."""
-    from w2s_theory.solvers.squared import _frank_wolfe_gap_ball, _residual_gradient
+    from w2s_theory.solvers.squared import _frank_wolfe_gap_ball, _residual_products
 
     seed, n, m, k_out, bias, simplex = shape
     X, Y = _instance(seed, 2, n, m, k_out, simplex=simplex)
@@ -192,7 +192,7 @@ def test_frank_wolfe_gap_bounds_the_suboptimality_of_any_feasible_point(shape, f
     rng = np.random.default_rng(seed + 1)
     point = torch.as_tensor(rng.normal(size=best.params["theta"].shape))
     point = point * (radius * shrink / point.norm(dim=-2, keepdim=True))
-    _, g = _residual_gradient(Z, Y, point)
+    g = 2.0 / Z.shape[-2] * _residual_products(Z, Y, point)[2]
     gap = _frank_wolfe_gap_ball(g, point, radius)
     true = _objective(Z, Y, point) - best.objective
     assert bool((true <= gap + best.gap + 1e-10 * (1 + gap)).all()), (true, gap)
@@ -253,3 +253,39 @@ def test_fit_on_cuda_matches_cpu():
         assert gpu.probs.device.type == "cuda"
         assert torch.allclose(gpu.params["theta"].cpu(), cpu.params["theta"], atol=1e-9)
         assert bool(gpu.converged.all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch independence: students are solved in chunks; nothing of a student depends on the others
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mixed_students():
+    """Well-conditioned students, one with an exactly duplicated column (removed as redundant), one in the
+    simplex (collinear with the bias: SVD fallback, uncertified), and n*d above torch's parallel grain size
+    (32768), so that a reduction over one student's design could be split across threads when it is alone."""
+    X, Y = _instance(21, 6, 600, 60, 2)
+    X[2, :, 5] = X[2, :, 7]
+    Xs, _ = _instance(22, 1, 600, 60, 2, simplex=True)
+    X[4] = Xs[0]
+    return X, Y
+
+
+@pytest.mark.parametrize("radius", [None, 0.05])
+def test_a_student_is_bit_identical_alone_in_a_batch_and_across_chunk_boundaries(monkeypatch, radius):
+    import w2s_theory.solvers.squared as squared
+
+    X, Y = _mixed_students()
+    whole = fit_squared_batched(X, Y, radius=radius)  # one chunk
+    monkeypatch.setattr(squared, "_CHUNK_BYTES", 2 * 600 * 61 * 8)  # chunks of 2 students: boundaries inside
+    chunked = fit_squared_batched(X, Y, radius=radius)
+    singular = whole.info["singular"]
+    assert bool(singular[4]) == (radius is None) and not bool(singular[:4].any())
+    for b in range(X.shape[0]):
+        alone = fit_squared_batched(X[b : b + 1], Y[b : b + 1], radius=radius)
+        for other, i in ((whole, b), (chunked, b), (alone, 0)):
+            assert torch.equal(other.params["theta"][i], whole.params["theta"][b]), b
+            assert torch.equal(other.probs[i], whole.probs[b]), b
+            for name in ("objective", "gap", "grad_norm", "iterations", "converged"):
+                assert torch.equal(getattr(other, name)[i], getattr(whole, name)[b]), (name, b)
+            assert bool(other.info["singular"][i]) == bool(singular[b])
