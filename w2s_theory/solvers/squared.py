@@ -41,6 +41,17 @@ units of :math:`\theta`.
   arithmetic (:func:`_into_ball`).
 
 Every gap includes a bound on the rounding of its own evaluation and of the reported objective.
+
+Cost. With one feature matrix per student, students are solved in chunks of about 16 MB of design
+(:data:`_CHUNK_BYTES`) in two buffers reused from chunk to chunk, so the extra memory is a few chunks whatever
+the batch (no copy of the whole feature tensor). Per chunk: the column norms and the scaled copy of the design
+(one pass over the features from memory); one product :math:`[Z_s, y]^\top[Z_s, y]`, which gives the Gram
+matrix and :math:`Z_s^\top y` together (:math:`n(d+k)^2` multiply-adds, the dominant cost); redundant columns
+proposed by the Gram matrix and compared exactly only where proposed; the refinement's two residuals and
+:math:`|Z_s||\theta_s|` as thin products over the chunk while it is in cache; the certificate reuses the solve's
+Cholesky factor and last residual (:func:`_certify`). Every operation acts on each student separately, so a
+student's result does not depend on the other students or on the chunk boundaries (bit-identical alone and in
+a batch).
 """
 
 from __future__ import annotations
@@ -394,7 +405,8 @@ def fit_squared_batched(
         \big(\text{s.t. }\|\theta_{:,o}\|_2\le r\big),\qquad z_i = [h(x_i), 1]\ \text{or}\ h(x_i).
 
     Args:
-        features: ``(B, n, m)`` float64 (an expanded view of one matrix is factorised once).
+        features: ``(B, n, m)`` (converted to float64 chunk by chunk; one matrix ``(1, n, m)`` or an
+            expanded view of one matrix is shared by all students and factorised once).
         targets: ``(B, n, k_out)`` real targets; each output column is an independent regression.
         bias: append a constant feature (its coefficient is the last row of ``theta``).
         radius: optional Euclidean ball on each output's coefficient vector (bias included).
@@ -417,7 +429,7 @@ def fit_squared_batched(
         certificate, method = "normal_equations", "normal equations (cholesky + refinement; svd fallback)"
     else:
         certificate, method = "frank_wolfe", "trust-region subproblem (eigendecomposition + secular equation)"
-    if B > 1 and (features.shape[0] == 1 or features.stride(0) == 0):
+    if B == 0 or (B > 1 and (features.shape[0] == 1 or features.stride(0) == 0)):
         # One feature matrix for every student: one design, one factorisation, all targets at once.
         parts = [_fit_students(_scaled_design(features[:1].to(torch.float64), bias, shared=True), targets,
                                radius, tol)]
