@@ -431,8 +431,9 @@ def fit_squared_batched(
         certificate, method = "frank_wolfe", "trust-region subproblem (eigendecomposition + secular equation)"
     if B == 0 or (B > 1 and (features.shape[0] == 1 or features.stride(0) == 0)):
         # One feature matrix for every student: one design, one factorisation, all targets at once.
-        parts = [_fit_students(_scaled_design(features[:1].to(torch.float64), bias, shared=True), targets,
-                               radius, tol)]
+        preds, *part = _fit_students(_scaled_design(features[:1].to(torch.float64), bias, shared=True), targets,
+                                     radius, tol)
+        parts = [part]
     else:
         # One design per student: chunks of about _CHUNK_BYTES of design, so that each chunk's temporaries stay
         # in cache and the peak memory is a few chunks, not copies of the whole feature tensor. Every operation
@@ -441,14 +442,15 @@ def fit_squared_batched(
         chunk = min(B, max(1, _CHUNK_BYTES // (n * d * 8)))
         workspace = torch.empty((chunk, n, d + k_out), dtype=torch.float64, device=features.device)
         scratch = torch.empty((chunk, n, d), dtype=torch.float64, device=features.device)
-        parts = []
+        parts, preds = [], torch.empty_like(targets)
         for start in range(0, B, chunk):
             Y = targets[start : start + chunk]
             design = _scaled_design(features[start : start + chunk].to(torch.float64), bias, targets=Y,
                                     workspace=workspace)
             design.scratch = scratch
-            parts.append(_fit_students(design, Y, radius, tol))
-    theta, preds, objective, gap, grad_norm, iterations, singular = (
+            preds[start : start + chunk], *part = _fit_students(design, Y, radius, tol)
+            parts.append(part)
+    theta, objective, gap, grad_norm, iterations, singular = (
         torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts))
     info = {"bias": bias, "radius": radius, "tol": tol, "singular": singular}
     if bool(singular.any()):
@@ -462,13 +464,13 @@ def fit_squared_batched(
 
 def _fit_students(design: "_ScaledDesign", targets, radius, tol):
     """Solve and certify the students of one design (a chunk of per-student designs, or one shared design):
-    ``(theta, preds, objective, gap, grad_norm, iterations, singular)``."""
+    ``(preds, theta, objective, gap, grad_norm, iterations, singular)``."""
     if radius is None:
         theta, iterations, solved = _solve_unconstrained(design, targets, tol)
     else:
         (theta, iterations), solved = _solve_ball(design, targets, radius, tol), None
     preds, objective, gap, g, singular = _certify(design, targets, theta, radius, solved)
-    return theta, preds, objective, gap, g.norm(dim=(-2, -1)), iterations, singular
+    return preds, theta, objective, gap, g.norm(dim=(-2, -1)), iterations, singular
 
 
 _SINGULAR_REASON = (
