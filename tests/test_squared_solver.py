@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mpmath import mpf
 
 from tests.exact_optima import least_squares_objective, least_squares_optimum
-from w2s_theory.solvers.squared import fit_squared_batched, fit_squared_reference
+from w2s_theory.solvers.squared import _residual_products, fit_squared_batched, fit_squared_reference
 
 ROUNDING = 1e-12
 
@@ -181,7 +181,7 @@ def test_ball_solution_is_on_the_sphere_and_frank_wolfe_gap_certifies_it(shape, 
 @given(shapes, st.floats(0.05, 0.95), st.floats(0.0, 1.0))
 def test_frank_wolfe_gap_bounds_the_suboptimality_of_any_feasible_point(shape, fraction, shrink):
     """At arbitrary feasible points (not only at the solver's output) the ball certificate is >= the true gap."""
-    from w2s_theory.solvers.squared import _frank_wolfe_gap_ball, _residual_gradient
+    from w2s_theory.solvers.squared import _frank_wolfe_gap_ball
 
     seed, n, m, k_out, bias, simplex = shape
     X, Y = _instance(seed, 2, n, m, k_out, simplex=simplex)
@@ -192,7 +192,7 @@ def test_frank_wolfe_gap_bounds_the_suboptimality_of_any_feasible_point(shape, f
     rng = np.random.default_rng(seed + 1)
     point = torch.as_tensor(rng.normal(size=best.params["theta"].shape))
     point = point * (radius * shrink / point.norm(dim=-2, keepdim=True))
-    _, g = _residual_gradient(Z, Y, point)
+    g = 2.0 / Z.shape[-2] * _residual_products(Z, Y, point)[2]
     gap = _frank_wolfe_gap_ball(g, point, radius)
     true = _objective(Z, Y, point) - best.objective
     assert bool((true <= gap + best.gap + 1e-10 * (1 + gap)).all()), (true, gap)
@@ -253,3 +253,78 @@ def test_fit_on_cuda_matches_cpu():
         assert gpu.probs.device.type == "cuda"
         assert torch.allclose(gpu.params["theta"].cpu(), cpu.params["theta"], atol=1e-9)
         assert bool(gpu.converged.all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch independence: students are solved in chunks; nothing of a student depends on the others
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mixed_students():
+    """Well-conditioned students, one with an exactly duplicated column (removed as redundant), one in the
+    simplex (collinear with the bias: SVD fallback, uncertified), and n*d above torch's parallel grain size
+    (32768), so that a reduction over one student's design could be split across threads when it is alone."""
+    X, Y = _instance(21, 6, 600, 60, 2)
+    X[2, :, 5] = X[2, :, 7]
+    Xs, _ = _instance(22, 1, 600, 60, 2, simplex=True)
+    X[4] = Xs[0]
+    Y[1] *= 1e-3  # inside the ball of the test below: no secular solve, unlike its neighbours
+    Y[3] *= 0.03  # just outside it: more secular steps than its neighbours
+    return X, Y
+
+
+@pytest.mark.parametrize("radius", [None, 0.05])
+def test_a_student_is_bit_identical_alone_in_a_batch_and_across_chunk_boundaries(monkeypatch, radius):
+    import w2s_theory.solvers.squared as squared
+
+    X, Y = _mixed_students()
+    whole = fit_squared_batched(X, Y, radius=radius)  # one chunk
+    monkeypatch.setattr(squared, "_CHUNK_BYTES", 2 * 600 * 61 * 8)  # chunks of 2 students: boundaries inside
+    chunked = fit_squared_batched(X, Y, radius=radius)
+    singular = whole.info["singular"]
+    assert bool(singular[4]) == (radius is None) and not bool(singular[:4].any())
+    for b in range(X.shape[0]):
+        alone = fit_squared_batched(X[b : b + 1], Y[b : b + 1], radius=radius)
+        for other, i in ((whole, b), (chunked, b), (alone, 0)):
+            assert torch.equal(other.params["theta"][i], whole.params["theta"][b]), b
+            assert torch.equal(other.probs[i], whole.probs[b]), b
+            for name in ("objective", "gap", "grad_norm", "iterations", "converged"):
+                assert torch.equal(getattr(other, name)[i], getattr(whole, name)[b]), (name, b)
+            assert bool(other.info["singular"][i]) == bool(singular[b])
+
+
+def _certificate_from_the_design(X, Y, theta, bias=True):
+    """The certificate evaluated from Z and theta as reported (no state of the solve reused)."""
+    from w2s_theory.solvers.squared import _certify, _scaled_design
+
+    return _certify(_scaled_design(X, bias), Y, theta, None)
+
+
+def test_reusing_the_solve_gives_the_certificate_evaluated_from_the_design():
+    """The certificate reuses the solve's residual on the scaled design; it must be the one computed from Z and
+    theta: on plain students, on a student with a duplicated column (whose gradient entries the scaled design
+    does not hold) and on one whose coefficients are subnormal (theta = D theta_s is then rounded)."""
+    X, Y = _instance(30, 3, 40, 4, 2)
+    X[1, :, 2] = X[1, :, 0]
+    Y[2] *= 1e-307
+    fit = fit_squared_batched(X, Y)
+    theta = fit.params["theta"]
+    tiny = theta[2].abs()
+    assert bool(((tiny < torch.finfo(torch.float64).tiny) & (tiny > 0)).any()), "the instance needs subnormals"
+    preds, objective, gap, g, singular = _certificate_from_the_design(X, Y, theta)
+    assert not bool(singular.any()) and not bool(fit.info["singular"].any())
+    assert torch.allclose(fit.grad_norm, g.norm(dim=(-2, -1)), rtol=1e-6, atol=0)
+    assert torch.equal(fit.probs[2], preds[2]) and torch.equal(fit.objective[2], objective[2])
+    assert torch.allclose(fit.gap, gap, rtol=1e-12, atol=0) and torch.equal(fit.gap[2], gap[2])
+    # Away from the optimum the duplicated column's gradient entry is as large as its twin's.
+    from w2s_theory.solvers.squared import _certify, _scaled_design, _solve_unconstrained
+
+    design = _scaled_design(X[1:2], True, targets=Y[1:2])
+    _, _, (theta_s, _, _, _) = _solve_unconstrained(design, Y[1:2], 1e-12)
+    theta_s = theta_s + 0.1
+    solved = (theta_s, *_residual_products(design.Zs, Y[1:2], theta_s))
+    moved = theta_s * design.scales[..., :, None]
+    _, _, _, g_reused, _ = _certify(design, Y[1:2], moved, None, solved)
+    _, _, _, g_direct, _ = _certificate_from_the_design(X[1:2], Y[1:2], moved)
+    assert float(g_direct[0, 2].abs().min()) > 1e-3
+    assert torch.allclose(g_reused, g_direct, rtol=1e-10, atol=1e-14)

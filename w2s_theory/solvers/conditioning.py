@@ -55,10 +55,20 @@ def power_of_two_scales(Z: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(norms), (-exponents).to(torch.int32))
 
 
-def exactly_redundant_columns(Zs: torch.Tensor) -> torch.Tensor:
+def exactly_redundant_columns(Zs: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     r"""Columns of the scaled design ``(..., n, d)`` whose removal leaves the exact column space unchanged:
     zero columns, constant columns other than the last constant one, and columns bitwise equal to
-    :math:`\pm` an earlier kept column. Returns a boolean mask ``(..., d)`` (True = redundant)."""
+    :math:`\pm` an earlier kept column. Returns a boolean mask ``(..., d)`` (True = redundant).
+
+    ``gram``: the computed :math:`Z_s^\top Z_s` ``(..., d, d)``, when the caller has it. Candidates are then
+    taken from it instead of from passes over the design, and only they are compared exactly: a zero column
+    has :math:`\hat G_{jj} = 0`; a constant column :math:`a\mathbf 1` has :math:`\hat G_{jj}` within
+    :math:`\gamma_n` of :math:`na^2`; a column equal to :math:`\pm` another has :math:`|\hat G_{ij}|` within
+    :math:`2\gamma_n` of :math:`\sqrt{\hat G_{ii}\hat G_{jj}}` (both are sums of the same :math:`n` squares);
+    the tests below leave a relative slack of :math:`10^{-9} + 4\gamma_n` around these, so every exact case
+    is a candidate and the result is the same as without ``gram``."""
+    if gram is not None:
+        return _redundant_from_gram(Zs, gram)
     zero = (Zs == 0).all(dim=-2)
     constant = (Zs == Zs[..., :1, :]).all(dim=-2) & ~zero
     # Keep the last constant column (the bias, when there is one): drop constant columns with a later constant.
@@ -70,19 +80,52 @@ def exactly_redundant_columns(Zs: torch.Tensor) -> torch.Tensor:
         weights = torch.linspace(1.0, 2.0, Zs.shape[-2], dtype=Zs.dtype, device=Zs.device)
         fingerprint = (Zs.abs() * weights[:, None]).sum(dim=-2)  # (..., d)
         close = (fingerprint[..., :, None] - fingerprint[..., None, :]).abs() <= 1e-9 * fingerprint[..., :, None]
-        close = close & torch.ones(d, d, dtype=torch.bool, device=Zs.device).tril(-1)  # pairs (j, i) with i < j
-        close = close & ~zero[..., :, None] & ~zero[..., None, :]
-        if bool(close.any()):
-            flat = Zs.reshape(-1, *Zs.shape[-2:])
-            flat_close = close.reshape(-1, d, d)
-            flat_red = redundant.reshape(-1, d).clone()
-            for b, j, i in flat_close.nonzero().tolist():
-                if flat_red[b, i] or flat_red[b, j]:
-                    continue
-                col_j, col_i = flat[b, :, j], flat[b, :, i]
-                if torch.equal(col_j, col_i) or torch.equal(col_j, -col_i):
-                    flat_red[b, j] = True
-            redundant = flat_red.reshape(redundant.shape)
+        redundant = _exact_duplicates(Zs, close, zero, redundant)
+    return redundant
+
+
+def _redundant_from_gram(Zs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """:func:`exactly_redundant_columns` with candidates from the Gram matrix ``gram``."""
+    n = Zs.shape[-2]
+    slack = 1e-9 + 4 * unit_roundoff_gamma(n)
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    first = Zs[..., 0, :]
+    zero = _columns_where(Zs, diag == 0, lambda columns: (columns == 0).all(dim=-1))
+    maybe_constant = ((diag - n * first**2).abs() <= slack * diag) & ~zero
+    constant = _columns_where(Zs, maybe_constant, lambda columns: (columns == columns[..., :1]).all(dim=-1))
+    later_constant = constant.flip(-1).to(torch.int64).cumsum(-1).flip(-1) - constant.to(torch.int64) > 0
+    redundant = zero | (constant & later_constant)
+    if Zs.shape[-1] > 1:
+        close = gram.abs() >= (1 - slack) * (diag[..., :, None] * diag[..., None, :]).sqrt()
+        redundant = _exact_duplicates(Zs, close, zero, redundant)
+    return redundant
+
+
+def _columns_where(Zs: torch.Tensor, candidates: torch.Tensor, test) -> torch.Tensor:
+    """``candidates`` ``(..., d)`` narrowed to the columns for which ``test`` (on columns ``(N, n)``) holds."""
+    out = torch.zeros_like(candidates)
+    if bool(candidates.any()):
+        out[candidates] = test(Zs.mT[candidates])
+    return out
+
+
+def _exact_duplicates(Zs: torch.Tensor, close: torch.Tensor, zero: torch.Tensor, redundant: torch.Tensor):
+    r"""``redundant`` plus the columns bitwise equal to :math:`\pm` an earlier kept column, among the candidate
+    pairs ``close`` ``(..., d, d)``."""
+    d = Zs.shape[-1]
+    close = close & torch.ones(d, d, dtype=torch.bool, device=Zs.device).tril(-1)  # pairs (j, i) with i < j
+    close = close & ~zero[..., :, None] & ~zero[..., None, :]
+    if bool(close.any()):
+        flat = Zs.reshape(-1, *Zs.shape[-2:])
+        flat_close = close.reshape(-1, d, d)
+        flat_red = redundant.reshape(-1, d).clone()
+        for b, j, i in flat_close.nonzero().tolist():
+            if flat_red[b, i] or flat_red[b, j]:
+                continue
+            col_j, col_i = flat[b, :, j], flat[b, :, i]
+            if torch.equal(col_j, col_i) or torch.equal(col_j, -col_i):
+                flat_red[b, j] = True
+        redundant = flat_red.reshape(redundant.shape)
     return redundant
 
 

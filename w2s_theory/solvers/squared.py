@@ -41,6 +41,17 @@ units of :math:`\theta`.
   arithmetic (:func:`_into_ball`).
 
 Every gap includes a bound on the rounding of its own evaluation and of the reported objective.
+
+Cost. With one feature matrix per student, students are solved in chunks of about 16 MB of design
+(:data:`_CHUNK_BYTES`) in two buffers reused from chunk to chunk, so the extra memory is a few chunks whatever
+the batch (no copy of the whole feature tensor). Per chunk: the column norms and the scaled copy of the design
+(one pass over the features from memory); one product :math:`[Z_s, y]^\top[Z_s, y]`, which gives the Gram
+matrix and :math:`Z_s^\top y` together (:math:`n(d+k)^2` multiply-adds, the dominant cost); redundant columns
+proposed by the Gram matrix and compared exactly only where proposed; the refinement's two residuals and
+:math:`|Z_s||\theta_s|` as thin products over the chunk while it is in cache; the certificate reuses the solve's
+Cholesky factor and last residual (:func:`_certify`). Every operation acts on each student separately, so a
+student's result does not depend on the other students or on the chunk boundaries (bit-identical alone and in
+a batch).
 """
 
 from __future__ import annotations
@@ -55,7 +66,6 @@ from ..heads import SquaredHead
 from .conditioning import (
     blocked_sum,
     exactly_redundant_columns,
-    frobenius_norm_squared,
     positive_definite_bound,
     power_of_two_scales,
     unit_roundoff_gamma,
@@ -64,6 +74,9 @@ from .result import FitResult, single_student
 
 __all__ = ["fit_squared_batched", "fit_squared_reference"]
 
+#: Per-student designs are solved in chunks of students whose design is about this many bytes.
+_CHUNK_BYTES = 16 * 2**20
+
 _SECULAR_ITERATIONS = 100
 #: Cholesky is trusted only when min/max of diag(L) is at least this (a cheap lower bound on 1/cond(Z)).
 _CONDITION_RATIO = 1e-4
@@ -71,46 +84,94 @@ _CONDITION_RATIO = 1e-4
 
 @dataclass
 class _ScaledDesign:
-    r"""The design :math:`Z` ``(B or 1, n, d)`` and its scale-invariant form :math:`Z_s = ZD` (columns divided by
-    powers of two near their norms: exact), with exactly redundant columns zeroed
-    (:mod:`.conditioning`). ``scales`` is :math:`D`'s diagonal with 0 on redundant columns, so that
-    :math:`\theta = D\theta_s` and :math:`Z\theta = Z_s\theta_s` exactly."""
+    r"""The scale-invariant design :math:`Z_s = ZD` ``(B or 1, n, d)`` of :math:`Z = [h, 1]` (or :math:`h`): columns
+    divided by powers of two near their norms (exact), exactly redundant columns zeroed (:mod:`.conditioning`).
+    ``scales`` is :math:`D`'s diagonal with 0 on redundant columns, so that :math:`\theta = D\theta_s` and
+    :math:`Z\theta = Z_s\theta_s` exactly. ``G`` is the computed :math:`Z_s^\top Z_s` with 1 on the diagonal of
+    redundant columns (decoupled, so they stay at 0), ``frob2`` an upper bound on :math:`\|Z_s\|_F^2`, ``rhs``
+    :math:`Z_s^\top y` when it came from the same product as ``G`` (else ``None``). :math:`Z` itself is formed
+    only when asked for (``Z``)."""
 
-    Z: torch.Tensor
+    features: torch.Tensor
+    bias: bool
     Zs: torch.Tensor
     scales: torch.Tensor
     redundant: torch.Tensor
     shared: bool
+    G: torch.Tensor
+    frob2: torch.Tensor
+    rhs: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None
+    _Z: torch.Tensor | None = None
+    _factor: tuple | None = None
+
+    @property
+    def Z(self) -> torch.Tensor:
+        if self._Z is None:
+            self._Z = SquaredHead(bias=self.bias).design(self.features)
+        return self._Z
 
     def gram(self) -> torch.Tensor:
-        """:math:`Z_s^\top Z_s` with 1 on the diagonal of redundant columns (decoupled, so they stay at 0)."""
-        G = self.Zs.mT @ self.Zs
-        G.diagonal(dim1=-2, dim2=-1).add_(self.redundant.to(G.dtype))
-        return G
+        return self.G
+
+    def factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``torch.linalg.cholesky_ex(G)``, computed once (the solve and the certificate share it)."""
+        if self._factor is None:
+            self._factor = torch.linalg.cholesky_ex(self.G)
+        return self._factor
 
 
-def _design(features: torch.Tensor, bias: bool) -> tuple[torch.Tensor, bool]:
-    """Design matrix ``(B or 1, n, d)``; built once when all students share one feature matrix (batch stride 0)."""
-    shared = features.shape[0] == 1 or features.stride(0) == 0
-    X = features[:1] if shared else features
-    return SquaredHead(bias=bias).design(X), shared
+def _scaled_design(features: torch.Tensor, bias: bool, shared: bool = False, targets=None,
+                   workspace=None) -> _ScaledDesign:
+    r"""The scaled design of ``features`` ``(B, n, m)`` float64 (``B = 1`` and ``shared``: one matrix for all
+    students) and its Gram matrix, in one product over the design.
+
+    :math:`Z_s` is written once (``workspace[:B]``, ``(B, n, d + k)``, when given: a buffer reused from chunk to
+    chunk, whose pages are already mapped); with ``targets`` ``(B, n, k)`` (per-student designs) the product
+    :math:`[Z_s, y]^\top[Z_s, y]` gives :math:`Z_s^\top Z_s` and :math:`Z_s^\top y` in the same pass. Redundant
+    columns are found from the Gram matrix (candidates) and the design (exact comparison) by
+    :func:`~.conditioning.exactly_redundant_columns`, then zeroed in :math:`Z_s` and decoupled in the Gram
+    matrix (its other entries do not involve them, so they are those of the zeroed design).
+
+    ``frob2``: each diagonal entry of the computed Gram matrix is a sum of :math:`n` squares, within
+    :math:`\gamma_n` of the exact one; their sum of :math:`d` terms and one product add :math:`\gamma_{d}` and
+    :math:`u`, so :math:`(1+\gamma_{2(n+d)})\sum_j\hat G_{jj}\ge\|Z_s\|_F^2`."""
+    B, n, m = features.shape
+    d = m + int(bias)
+    k = 0 if targets is None else targets.shape[-1]
+    scales = power_of_two_scales(features)
+    if bias:
+        ones = torch.ones((1, n, 1), dtype=features.dtype, device=features.device)
+        scales = torch.cat([scales, power_of_two_scales(ones).expand(B, 1)], dim=-1)
+    W = (torch.empty((B, n, d + k), dtype=features.dtype, device=features.device) if workspace is None
+         else workspace[:B])
+    torch.mul(features, scales[:, None, :m], out=W[..., :m])
+    if bias:
+        W[..., m] = scales[:, m, None]
+    if k:
+        W[..., d:] = targets
+    product = W.mT @ W
+    Zs, G = W[..., :d], product[..., :d, :d]
+    rhs = product[..., :d, d:] if k else None
+    redundant = exactly_redundant_columns(Zs, gram=G)
+    if bool(redundant.any()):
+        Zs.masked_fill_(redundant[..., None, :], 0.0)
+        G = G.masked_fill(redundant[..., :, None] | redundant[..., None, :], 0.0)
+        rhs = None if rhs is None else rhs.masked_fill(redundant[..., :, None], 0.0)
+    else:
+        G = G.contiguous()
+    frob2 = G.diagonal(dim1=-2, dim2=-1).sum(dim=-1) * (1 + unit_roundoff_gamma(2 * (n + d)))
+    G.diagonal(dim1=-2, dim2=-1).add_(redundant.to(G.dtype))
+    return _ScaledDesign(features, bias, Zs, scales.masked_fill(redundant, 0.0), redundant, shared, G, frob2,
+                         rhs)
 
 
-def _scaled_design(features: torch.Tensor, bias: bool) -> _ScaledDesign:
-    Z, shared = _design(features, bias)
-    scales = power_of_two_scales(Z)
-    Zs = Z * scales[..., None, :]
-    redundant = exactly_redundant_columns(Zs)
-    Zs = Zs.masked_fill(redundant[..., None, :], 0.0)
-    return _ScaledDesign(Z, Zs, scales.masked_fill(redundant, 0.0), redundant, shared)
-
-
-def _residual_gradient(Z, targets, theta):
-    """Residual ``Z theta - y`` and gradient ``(2/n) Z^T r`` (computed from the residual, not from
-    ``Z^T Z theta - Z^T y``, which cancels)."""
-    n = targets.shape[-2]
-    r = Z @ theta - targets
-    return r, 2.0 / n * (Z.mT @ r)
+def _residual_products(M, targets, theta):
+    """Predictions ``M theta``, residual ``M theta - y`` and ``M^T r`` (the gradient times ``n/2``, computed from
+    the residual, not from ``M^T M theta - M^T y``, which cancels)."""
+    preds = M @ theta
+    r = preds - targets
+    return preds, r, M.mT @ r
 
 
 def _normal_equations_gap_cholesky(L, g, n):
@@ -137,34 +198,38 @@ def _solve_unconstrained(design: _ScaledDesign, targets, tol):
     """Normal equations of the scaled design by Cholesky (+ one refinement step); the SVD minimum-norm solution
     where the Gram matrix is ill conditioned or the estimated gap is not below ``tol``.
 
-    Returns ``theta (B, d, k_out)`` (original units) and the number of solves used per student."""
+    Returns ``theta (B, d, k_out)`` (original units), the number of solves used per student, and
+    ``(theta_s, preds, r, c)``: the solution in the scaled coordinates with its predictions, residual and
+    :math:`Z_s^\top r` (for :func:`_certify`)."""
     B, n, _ = targets.shape
     Zs = design.Zs
-    L, info = torch.linalg.cholesky_ex(design.gram())
+    L, info = design.factor()
     L, info = _expand(L, B), _expand(info, B)
-    theta = torch.cholesky_solve(Zs.mT @ targets, L)
-    r, _ = _residual_gradient(Zs, targets, theta)
+    theta = torch.cholesky_solve(Zs.mT @ targets if design.rhs is None else design.rhs, L)
+    _, _, c = _residual_products(Zs, targets, theta)
     # One step of iterative refinement: Newton's step on the quadratic, from the residual.
-    theta = theta - torch.cholesky_solve(Zs.mT @ r, L)
-    r, g = _residual_gradient(Zs, targets, theta)
+    theta = theta - torch.cholesky_solve(c, L)
+    preds, r, c = _residual_products(Zs, targets, theta)
     # Cholesky of a numerically singular Gram matrix can "succeed" with a pivot of rounding size and return a
     # solution with an arbitrary null-space component. The ratio of extreme diagonal entries of L is a lower
     # bound on 1/cond(Z_s): below 1e-4, or with fewer samples than columns, the student goes to the SVD
     # (minimum-norm) solution instead. On the scaled design this decision does not depend on the units.
     diag = L.diagonal(dim1=-2, dim2=-1).abs()
     ok = (info == 0) & (diag.amin(dim=-1) >= _CONDITION_RATIO * diag.amax(dim=-1)) & (n >= Zs.shape[-1])
-    estimate = torch.where(ok, _normal_equations_gap_cholesky(L, g, n), torch.full_like(theta[:, 0, 0], float("inf")))
+    estimate = torch.where(ok, _normal_equations_gap_cholesky(L, 2.0 / n * c, n),
+                           torch.full_like(theta[:, 0, 0], float("inf")))
     solves = torch.full((B,), 2, dtype=torch.long, device=targets.device)
     redo = ~(estimate <= tol)  # also catches NaN from a failed factorisation
     if redo.any():
         idx = redo.nonzero()[:, 0]
         Zr = Zs if design.shared else Zs[idx]
         theta[idx] = _min_norm_least_squares(Zr, targets[idx])
+        preds[idx], r[idx], c[idx] = _residual_products(Zr, targets[idx], theta[idx])
         solves[idx] += 1
-    return theta * _expand(design.scales, B)[..., :, None], solves
+    return theta * _expand(design.scales, B)[..., :, None], solves, (theta, preds, r, c)
 
 
-def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor, ZTr: torch.Tensor):
+def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor, c: torch.Tensor):
     r"""Proven bound on :math:`\Phi(\theta) - \min\Phi = \tfrac1n\|P r\|^2` (:math:`P` the projector onto the
     exact column space of :math:`Z`), for the computed residual ``r`` taken as exact numbers; ``inf`` where
     no bound can be proven (the scaled design is numerically singular). Returns ``(gap, singular)``.
@@ -174,7 +239,8 @@ def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor, ZTr: t
       (:math:`\|\hat G - G\|_2\le\gamma_n\|Z_s\|_F^2`), :math:`G\succeq(1-\rho)LL^\top`, so
       :math:`c^\top G^{-1}c\le(\|L^{-1}\hat c\|(1+\eta) + \|L^{-1}\|\,\|\hat c - c\|)^2/(1-\rho)`, and
       :math:`|\hat c - c|\le\gamma_n|Z_s|^\top|r|`, so :math:`\|\hat c - c\|_F\le\gamma_n\|Z_s\|_F\|r\|_F`
-      (Cauchy–Schwarz). :math:`\hat c` is ``ZTr`` (:math:`Z^\top r`, computed once) times the powers of two.
+      (Cauchy–Schwarz). :math:`\hat c` is ``c``: :math:`Z_s^\top r`, or :math:`Z^\top r` times the powers of
+      two (the same numbers, barring underflow). The Cholesky factor of :math:`\hat G` is the solve's.
     * :math:`n < d'`: if :math:`Z_sZ_s^\top` is proven positive definite the columns span
       :math:`\mathbb R^n`, so :math:`\min\Phi = 0` and the gap is :math:`\tfrac1n\|r\|^2` itself.
     """
@@ -183,15 +249,15 @@ def _normal_equations_certificate(design: _ScaledDesign, r: torch.Tensor, ZTr: t
     kept = (~design.redundant).sum(dim=-1)
     kept = _expand(kept[:, None], B)[:, 0]
     gap = torch.full((B,), float("inf"), dtype=r.dtype, device=r.device)
-    frob2 = frobenius_norm_squared(Zs)
+    frob2 = design.frob2
     tall = kept <= n
     if bool(tall.any()):
         idx = tall.nonzero()[:, 0]
         pick = (lambda x: x) if design.shared else (lambda x: x[idx])  # noqa: E731
-        Zt = pick(Zs)
-        bound = positive_definite_bound(design.gram() if design.shared else design.gram()[idx],
-                                        unit_roundoff_gamma(n) * pick(frob2))
-        c = ZTr[idx] * _expand(design.scales, B)[idx][..., :, None]
+        L, info = design.factor()
+        bound = positive_definite_bound(pick(design.G), unit_roundoff_gamma(n) * pick(frob2),
+                                        factor=(pick(L), pick(info)))
+        c = c[idx]
         dc = unit_roundoff_gamma(n) * pick(frob2).sqrt() * r[idx].norm(dim=(-2, -1))
         L = _expand(bound.L, idx.numel())
         w = torch.linalg.solve_triangular(L, c, upper=False).norm(dim=(-2, -1))
@@ -220,13 +286,15 @@ def _trust_region_multiplier(eigenvalues, projected, radius, iterations, active)
     :math:`\psi` is concave and increasing (Moré and Sorensen 1983), so Newton steps are kept inside a
     bisection bracket :math:`[\mu_{lo}, \mu_{hi}]` with :math:`\mu_{hi} = \|\tilde c\|/r` (where
     :math:`\|\theta\|\le r`); iteration stops when the bracket or the residual reaches rounding level for
-    every ``active`` entry (the others, whose solution is interior, are ignored)."""
+    every ``active`` entry (the others, whose solution is interior, are ignored). Returns :math:`\mu` and the
+    number of Newton/bisection steps each entry took, both independent of the other entries."""
     lam = eigenvalues.clamp_min(0)[..., :, None]  # (B, d, 1) against projected (B, d, k_out)
     c2 = projected**2
     lo = torch.zeros_like(projected[..., 0, :])
     hi = projected.norm(dim=-2) / radius
     mu = hi.clone()
-    for it in range(iterations):
+    steps = torch.zeros_like(mu, dtype=torch.long)
+    for _ in range(iterations):
         denom = lam + mu[..., None, :]
         norm2 = (c2 / denom**2).sum(dim=-2)
         norm = norm2.sqrt()
@@ -241,9 +309,10 @@ def _trust_region_multiplier(eigenvalues, projected, radius, iterations, active)
         mu_next = torch.where(inside, newton, 0.5 * (lo + hi))
         settled = ~active | ((hi - lo) <= 4 * torch.finfo(mu.dtype).eps * hi) | (psi.abs() * radius <= 1e-15)
         mu = torch.where(settled, mu, mu_next)
+        steps += ~settled
         if bool(settled.all()):
-            return mu, it + 1
-    return mu, iterations
+            break
+    return mu, steps
 
 
 def _into_ball(theta, radius):
@@ -260,7 +329,7 @@ def _solve_ball(design: _ScaledDesign, targets, radius, tol):
     """Exact trust-region solution per student and output; returns ``theta`` (inside the ball) and iterations."""
     B, n, k_out = targets.shape
     Z = design.Z
-    theta, solves = _solve_unconstrained(design, targets, tol)
+    theta, solves, _ = _solve_unconstrained(design, targets, tol)
     inside = theta.norm(dim=-2) <= radius  # (B, k_out)
     if bool(inside.all()):
         return _into_ball(theta, radius), solves
@@ -280,8 +349,9 @@ def _solve_ball(design: _ScaledDesign, targets, radius, tol):
     theta_boundary = V @ (projected / (lam.clamp_min(0)[..., :, None] + mu[..., None, :]))
     theta = torch.where(inside[:, None, :], theta,
                         torch.where(inside_min_norm[:, None, :], theta_min_norm, theta_boundary))
+    used = torch.where(active, (used + 1).clamp_max(_SECULAR_ITERATIONS), 0)  # the last step checks settling
     # Rounding can leave ||theta|| a hair above r: scale back (strictly) inside so the point is feasible.
-    return _into_ball(theta, radius), solves + used * active.any(dim=-1)
+    return _into_ball(theta, radius), solves + used.amax(dim=-1)
 
 
 def _frank_wolfe_gap_ball(g, theta, radius):
@@ -306,15 +376,17 @@ def _rounding_inflation(Z, theta, targets, gap, radius, abs_products=None, resid
       :math:`2R\|\eta_o\|` per output, plus the rounding of its own two terms.
     """
     n, d = Z.shape[-2], Z.shape[-1]
-    absZ = Z.abs()
     if abs_products is None:
-        abs_products = absZ @ theta.abs()
+        abs_products = Z.abs() @ theta.abs()
     rho = unit_roundoff_gamma(d + 1) * (abs_products + targets.abs())
     gap = gap.clamp_min(0)
     if radius is None:
         return (gap.sqrt() + (rho**2).sum(dim=-1).mean(dim=-1).sqrt()) ** 2
-    r, g = _residual_gradient(Z, targets, theta) if residual_gradient is None else residual_gradient
-    eta = 2.0 / n * (absZ.mT @ (rho + unit_roundoff_gamma(n) * r.abs()))
+    if residual_gradient is None:
+        _, r, ZTr = _residual_products(Z, targets, theta)
+        residual_gradient = r, 2.0 / n * ZTr
+    r, g = residual_gradient
+    eta = 2.0 / n * (Z.abs().mT @ (rho + unit_roundoff_gamma(n) * r.abs()))
     own = unit_roundoff_gamma(d + 2) * ((g.abs() * theta.abs()).sum(dim=-2) + radius * g.norm(dim=-2)).sum(-1)
     return gap + 2 * radius * eta.norm(dim=-2).sum(dim=-1) + own
 
@@ -333,7 +405,8 @@ def fit_squared_batched(
         \big(\text{s.t. }\|\theta_{:,o}\|_2\le r\big),\qquad z_i = [h(x_i), 1]\ \text{or}\ h(x_i).
 
     Args:
-        features: ``(B, n, m)`` float64 (an expanded view of one matrix is factorised once).
+        features: ``(B, n, m)`` (converted to float64 chunk by chunk; one matrix ``(1, n, m)`` or an
+            expanded view of one matrix is shared by all students and factorised once).
         targets: ``(B, n, k_out)`` real targets; each output column is an independent regression.
         bias: append a constant feature (its coefficient is the last row of ``theta``).
         radius: optional Euclidean ball on each output's coefficient vector (bias included).
@@ -346,29 +419,58 @@ def fit_squared_batched(
         (ball), including a bound on the rounding of its own evaluation (:func:`_rounding_inflation`), and
         ``grad_norm`` the Frobenius norm of the gradient.
     """
-    features = features.to(torch.float64)
     targets = targets.to(device=features.device, dtype=torch.float64)
     if targets.ndim == 2:
         targets = targets[..., None]
-    B, n, _ = targets.shape
+    B, n, k_out = targets.shape
     if radius is not None and not (radius > 0 and math.isfinite(radius)):
         raise ValueError(f"radius must be a positive finite number (or None for no constraint), got {radius!r}")
-    design = _scaled_design(features, bias)
     if radius is None:
-        theta, iterations = _solve_unconstrained(design, targets, tol)
         certificate, method = "normal_equations", "normal equations (cholesky + refinement; svd fallback)"
     else:
-        theta, iterations = _solve_ball(design, targets, radius, tol)
         certificate, method = "frank_wolfe", "trust-region subproblem (eigendecomposition + secular equation)"
-    preds, objective, gap, g, singular = _certify(design, targets, theta, radius)
+    if B == 0 or (B > 1 and (features.shape[0] == 1 or features.stride(0) == 0)):
+        # One feature matrix for every student: one design, one factorisation, all targets at once.
+        preds, *part = _fit_students(_scaled_design(features[:1].to(torch.float64), bias, shared=True), targets,
+                                     radius, tol)
+        parts = [part]
+    else:
+        # One design per student: chunks of about _CHUNK_BYTES of design, so that each chunk's temporaries stay
+        # in cache and the peak memory is a few chunks, not copies of the whole feature tensor. Every operation
+        # is per student, so a student's result does not depend on the chunk it is solved in.
+        d = features.shape[-1] + int(bias)
+        chunk = min(B, max(1, _CHUNK_BYTES // (n * d * 8)))
+        workspace = torch.empty((chunk, n, d + k_out), dtype=torch.float64, device=features.device)
+        scratch = torch.empty((chunk, n, d), dtype=torch.float64, device=features.device)
+        parts, preds = [], torch.empty_like(targets)
+        for start in range(0, B, chunk):
+            Y = targets[start : start + chunk]
+            design = _scaled_design(features[start : start + chunk].to(torch.float64), bias, targets=Y,
+                                    workspace=workspace)
+            design.scratch = scratch
+            preds[start : start + chunk], *part = _fit_students(design, Y, radius, tol)
+            parts.append(part)
+    theta, objective, gap, grad_norm, iterations, singular = (
+        torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts))
     info = {"bias": bias, "radius": radius, "tol": tol, "singular": singular}
     if bool(singular.any()):
         info["uncertified_reason"] = _SINGULAR_REASON
     return FitResult(
         head="squared", loss="squared", params={"theta": theta}, probs=preds, objective=objective, gap=gap,
-        certificate=certificate, grad_norm=g.norm(dim=(-2, -1)), iterations=iterations, converged=gap <= tol,
+        certificate=certificate, grad_norm=grad_norm, iterations=iterations, converged=gap <= tol,
         method=method, info=info,
     )
+
+
+def _fit_students(design: "_ScaledDesign", targets, radius, tol):
+    """Solve and certify the students of one design (a chunk of per-student designs, or one shared design):
+    ``(preds, theta, objective, gap, grad_norm, iterations, singular)``."""
+    if radius is None:
+        theta, iterations, solved = _solve_unconstrained(design, targets, tol)
+    else:
+        (theta, iterations), solved = _solve_ball(design, targets, radius, tol), None
+    preds, objective, gap, g, singular = _certify(design, targets, theta, radius, solved)
+    return preds, theta, objective, gap, g.norm(dim=(-2, -1)), iterations, singular
 
 
 _SINGULAR_REASON = (
@@ -377,27 +479,53 @@ _SINGULAR_REASON = (
 )
 
 
-def _certify(design: _ScaledDesign, targets, theta, radius):
+def _certify(design: _ScaledDesign, targets, theta, radius, solved=None):
     r"""Predictions, objective, certified gap (with the rounding of its own evaluation), gradient and the mask of
     students whose design could not be proven nonsingular (unconstrained only).
+
+    ``solved``: ``(theta_s, preds, r, c)`` from :func:`_solve_unconstrained`. For a student whose ``theta`` is
+    exactly :math:`D\theta_s` (checked: undoing the powers of two gives :math:`\theta_s` back, i.e. nothing
+    under- or overflowed), :math:`Z_s\theta_s = Z\theta` as exact numbers, the rounding of the residual computed
+    from :math:`Z_s` has the same bound (with :math:`|Z_s||\theta_s| = |Z||\theta|`) and :math:`Z_s^\top r` is
+    :math:`\hat c` itself, so nothing is recomputed from :math:`Z`; the gradient in original units is
+    :math:`\tfrac2n D^{-1}Z_s^\top r`. The others, and students with redundant columns (whose gradient entries
+    :math:`Z_s` does not hold), are evaluated from :math:`Z` and ``theta``.
 
     The gap bounds both the exact suboptimality of ``theta`` and that of the reported objective: the latter is
     computed from residuals with entrywise error :math:`\rho' = \rho + u|\hat r|` (:func:`_rounding_inflation`),
     so it differs from the exact :math:`\Phi(\theta)` by at most
     :math:`\tfrac1n\sum(2|\hat r|\rho' + \rho'^2) + \gamma_{j+k+2}\hat\Phi` (the objective is summed by
     :func:`~.conditioning.blocked_sum`, whose error count is :math:`j\approx2\sqrt n`), which is added."""
-    Z = design.Z
-    n, d = Z.shape[-2], Z.shape[-1]
-    preds = Z @ theta
-    r = preds - targets
-    ZTr = Z.mT @ r
-    g = 2.0 / n * ZTr
+    B, n, _ = targets.shape
+    d = design.Zs.shape[-1]
+    scales = _expand(design.scales, B)
+    if solved is None:
+        Z = design.Z
+        preds, r, ZTr = _residual_products(Z, targets, theta)
+        g, c = 2.0 / n * ZTr, ZTr * scales[..., :, None]
+        abs_products = Z.abs() @ theta.abs()
+    else:
+        theta_s, preds, r, c = solved
+        Zs = design.Zs
+        absZs = Zs.abs() if design.scratch is None else torch.abs(Zs, out=design.scratch[: Zs.shape[0]])
+        abs_products = absZs @ theta_s.abs()
+        redundant = _expand(design.redundant, B)
+        unscale = torch.where(redundant, torch.zeros_like(scales), 1.0 / scales)
+        g = 2.0 / n * c * unscale[..., :, None]
+        exact = ((theta * unscale[..., :, None] == theta_s) | redundant[..., :, None]).flatten(1).all(dim=1)
+        recompute = ~exact | redundant.any(dim=-1)
+        if bool(recompute.any()):
+            idx = recompute.nonzero()[:, 0]
+            Z = design.Z if design.shared else SquaredHead(bias=design.bias).design(design.features[idx])
+            preds[idx], r[idx], ZTr = _residual_products(Z, targets[idx], theta[idx])
+            g[idx], c[idx] = 2.0 / n * ZTr, ZTr * scales[idx][..., :, None]
+            abs_products[idx] = Z.abs() @ theta[idx].abs()
     if radius is None:
-        gap, singular = _normal_equations_certificate(design, r, ZTr)
+        gap, singular = _normal_equations_certificate(design, r, c)
     else:
         gap, singular = _frank_wolfe_gap_ball(g, theta, radius), torch.zeros_like(r[:, 0, 0], dtype=torch.bool)
-    abs_products = Z.abs() @ theta.abs()
-    gap = _rounding_inflation(Z, theta, targets, gap, radius, abs_products, (r, g))
+    gap = _rounding_inflation(design.Z if radius is not None else design.Zs, theta, targets, gap, radius,
+                              abs_products, (r, g))
     per_sample = (r**2).sum(dim=-1)  # = squared(targets, preds)
     total, count = blocked_sum(per_sample)
     objective = total / n
@@ -439,7 +567,7 @@ def fit_squared_reference(
     th = np.asarray(theta.value, dtype=np.float64)
     if radius is not None:
         th = _into_ball(torch.as_tensor(th, dtype=torch.float64), radius).numpy()
-    design = _scaled_design(torch.as_tensor(X, dtype=torch.float64)[None], bias)
+    design = _scaled_design(torch.as_tensor(X, dtype=torch.float64)[None], bias, shared=False)
     Yt = torch.as_tensor(Y, dtype=torch.float64)[None]
     tht = torch.as_tensor(th, dtype=torch.float64)[None]
     preds, objective, gap, g, _ = _certify(design, Yt, tht, radius)
