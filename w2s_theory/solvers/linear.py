@@ -103,8 +103,10 @@ _REPRODUCIBLE = 1e-13
 #: dtype of the Hessian products on CPU (the dominant cost). The gradient, the iterates and the certificate stay
 #: in float64; only the Newton direction is approximate.
 _HESSIAN_DTYPE = torch.float64
+#: Bytes per thread of the scaled basis sqrt(w) U formed at once on CPU (kept in the core's cache).
+_CACHE_BYTES = 2**20
 #: CPU sub-batch size, in bytes of the orthonormal basis U.
-_SUB_BATCH_BYTES = 2**26
+_SUB_BATCH_BYTES = 2**23
 
 
 def _gamma_n(count, dtype=torch.float64) -> float:
@@ -137,7 +139,7 @@ def _scaled_design(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Zs, exponent
 
 
-def _smallest_singular_value_lower_bound(M: torch.Tensor) -> torch.Tensor:
+def _smallest_singular_value_lower_bound(M: torch.Tensor, gram=None, eig=None) -> torch.Tensor:
     r"""A proven lower bound on :math:`\sigma_{\min}(M)` for each ``(n, c)`` matrix of the batch (0 where none).
 
     :math:`\lambda_{\min}(M^\top M) \ge \hat\lambda_{\min}(\widehat{M^\top M}) - \|E_{\text{gram}}\|_F
@@ -146,10 +148,10 @@ def _smallest_singular_value_lower_bound(M: torch.Tensor) -> torch.Tensor:
     (Golub & Van Loan, §8.3; a generous constant). Weyl's inequality turns both into eigenvalue shifts.
     """
     n, c = M.shape[-2], M.shape[-1]
-    gram = M.transpose(-1, -2) @ M
+    gram = M.transpose(-1, -2) @ M if gram is None else gram
     # || |M|^T |M| ||_F <= ||M||_F^2 (Cauchy-Schwarz entrywise).
     gram_error = _gamma_n(n + 2) * M.flatten(-2).norm(dim=-1).square() * (1 + _gamma_n(n * c + 2))
-    eig = torch.linalg.eigvalsh(gram)[..., 0]
+    eig = torch.linalg.eigvalsh(gram)[..., 0] if eig is None else eig
     eig_error = 8 * c * torch.finfo(M.dtype).eps * gram.flatten(-2).norm(dim=-1)
     lower = eig - gram_error * (1 + _gamma_n(c * c + 2)) - eig_error
     return torch.where(lower > 0, lower.clamp_min(0).sqrt() * (1 - 4 * torch.finfo(M.dtype).eps),
@@ -182,14 +184,18 @@ class _Certifier:
     """Per student: the matrix ``M`` that spans the class, a lower bound on its smallest singular value, and
     whether that span is the exact one (``True``) or the numerical one (singular vectors above the rank rule)."""
 
-    def __init__(self, Zs: torch.Tensor, U: torch.Tensor, keep: torch.Tensor):
+    def __init__(self, Zs: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, gram=None, eig_min=None):
         B, n, c = Zs.shape
         full_rank = keep.all(dim=1)
         sigma = torch.zeros(B, dtype=Zs.dtype, device=Zs.device)
+        if gram is None:
+            gram = Zs.transpose(1, 2) @ Zs
+        if eig_min is None or bool(torch.isnan(eig_min[full_rank]).any()):
+            eig_min = torch.linalg.eigvalsh(gram)[:, 0]
         if full_rank.all():
-            sigma = _smallest_singular_value_lower_bound(Zs)
+            sigma = _smallest_singular_value_lower_bound(Zs, gram, eig_min)
         elif full_rank.any():
-            sigma[full_rank] = _smallest_singular_value_lower_bound(Zs[full_rank])
+            sigma[full_rank] = _smallest_singular_value_lower_bound(Zs[full_rank], gram[full_rank], eig_min[full_rank])
         self.exact = full_rank & (sigma > 0)
         self.M = [Zs[b] if self.exact[b] else None for b in range(B)]
         for b in (~self.exact).nonzero()[:, 0].tolist():
@@ -254,7 +260,7 @@ def _derivative_error(teacher, probs, dphi, n, hessian=None):
         k = probs.shape[-1]
         spread = (probs.abs() + teacher.abs()) @ hessian.abs()
         return (_gamma_n(k + 1) * spread + _gamma_n(2) * dphi.abs()) * (1 + _gamma_n(k + 4)) / n
-    finite = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))  # noqa: E731
+    finite = lambda x: torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)  # noqa: E731  |x| where finite, else 0
     mag = finite(dphi) + finite(torch.log(probs.clamp_min(0))) + finite(torch.log(teacher)) + 2
     return _gamma_n(8) * mag / n
 
@@ -272,29 +278,32 @@ def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, dP, allowance
     G = dphi / n
     slack = probs - gamma
     Y = torch.where(slack > 0, (1.0 - dP / slack).clamp_min(0) / (t[:, None, None] * slack), torch.zeros_like(slack))
-    a = (U.transpose(1, 2) @ (G - Y)).mean(dim=2)  # (b, r)
+    # One product gives U^T G (for the reported gradient norm) and U^T Y: a = class mean of U^T (G - Y).
+    k = probs.shape[2]
+    CG, CY = (U.transpose(1, 2) @ torch.cat([G, Y], dim=2)).split(k, dim=2)  # (b, r, k) each
+    a = _class_sum(CG - CY) / k  # (b, r)
     nu = (U @ a[..., None])[..., 0]  # (b, n)
-    R = G - Y - nu[..., None]
-    rowsum_minus_one = probs.sum(dim=2) - 1
+    R = (G - Y).sub_(nu[..., None])
+    rowsum_minus_one = _class_sum(probs) - 1
     nk = probs.shape[1] * probs.shape[2]
     RP, YS = R * probs, Y * slack
     terms = (RP.sum(dim=(1, 2)), YS.sum(dim=(1, 2)), (nu * rowsum_minus_one).sum(dim=1))
     residual = math.sqrt(n) * cert.projected_residual_bound(R, rows)
     if not allowances:
-        return terms[0] + terms[1] + terms[2] + residual, G
+        return terms[0] + terms[1] + terms[2] + residual, G, CG
     # Rounding: G_eff = Y + nu 1^T + R differs from the computed G by E (the derivative's own error plus the
     # subtraction's); moving G to G_eff changes <G, P> - min_S <G, S> by at most 2 sum_i max_y |E_iy|.
     E = _derivative_error(teacher, probs, dphi, n, hessian) + _gamma_n(3) * (G.abs() + Y.abs() + nu.abs()[..., None])
     magnitudes = (RP.abs().sum(dim=(1, 2)), YS.abs().sum(dim=(1, 2)),
-                  (nu.abs() * (rowsum_minus_one.abs() + _gamma_n(probs.shape[2] + 1) * (probs.abs().sum(2) + 1)))
+                  (nu.abs() * (rowsum_minus_one.abs() + _gamma_n(probs.shape[2] + 1) * (_class_sum(probs.abs()) + 1)))
                   .sum(dim=1))
     # <Y, P - gamma>: the computed slack has relative error <= u; its sum gamma_nk.
     value = terms[0] + terms[1] + terms[2]
     rounding = _gamma_n(nk + 4) * (magnitudes[0] + magnitudes[1]) + magnitudes[2] + _gamma_n(2) * magnitudes[1]
-    edge = 2 * E.amax(dim=2).sum(dim=1) * (1 + rowsum_minus_one.abs().amax(dim=1) + 1e-15)
+    edge = 2 * _class_max(E).sum(dim=1) * (1 + rowsum_minus_one.abs().amax(dim=1) + 1e-15)
     gap = (value + rounding + residual + edge) * (1 + _gamma_n(8))
     gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap.clamp_min(0))
-    return gap, G
+    return gap, G, CG
 
 
 class _Barrier:
@@ -325,14 +334,19 @@ class _Barrier:
         :math:`\|M^\top R\|_F/\sigma` can exceed :math:`\|U^\top R\|_F`, so that a student is not stopped
         before its certificate can be met. One pass over :math:`U`; an estimate used only to decide when to
         stop (the reported gap is always :func:`_certificate`'s)."""
-        G = self.loss.grad_student(self.Q, P) / self.n
+        if self.loss.name in ("forward_kl", "forward_ce"):  # -q/p (iterates are > 0), without a where
+            G = self.Q / P
+            G.mul_(-1.0 / self.n)
+        else:
+            G = self.loss.grad_student(self.Q, P) / self.n
         slack = P - self.gamma
-        Y = torch.where(slack > 0, (1.0 - dP / slack).clamp_min(0) / (t[:, None, None] * slack), torch.zeros_like(slack))
-        GY = G - Y
+        # Iterates are strictly above the floor; a slack <= 0 would give inf/NaN here, never a stop.
+        Y = (dP / slack).neg_().add_(1.0).clamp_min_(0).div_(slack).div_(t[:, None, None])
+        GY = G.sub_(Y)
         C = self.U.transpose(1, 2) @ GY  # (b, r, k)
         a = C.mean(dim=2)
         if self._U_sum is None:
-            self._U_sum = self.U.sum(dim=1)
+            self._U_sum = (self.U.transpose(1, 2) @ torch.ones_like(self.U[:, :, :1]))[..., 0]
         value = (GY * P).sum(dim=(1, 2)) + (Y * slack).sum(dim=(1, 2)) - (self._U_sum * a).sum(dim=1)
         return value + math.sqrt(self.n) * kappa * (C - a[..., None]).flatten(1).norm(dim=1)
 
@@ -351,8 +365,9 @@ class _Barrier:
         else:
             phi = self.loss.per_sample(self.Q, P).sum(dim=1)
         out = t * phi / self.n - log_slack.sum(dim=(1, 2))
-        feasible = (slack > 0).flatten(1).all(dim=1) & torch.isfinite(out)
-        return torch.where(feasible, out, torch.full_like(out, float("inf")))
+        # Finite exactly where every slack is positive: a slack <= 0 makes its log -inf or NaN, and the sum of
+        # finitely many finite logs is finite.
+        return torch.where(torch.isfinite(out), out, torch.full_like(out, float("inf")))
 
     def derivatives(self, P, t):
         r"""Gradient ``t l'/n - 1/(P - gamma)`` and diagonal curvature ``t l''/n + (P - gamma)^{-2}`` of the
@@ -384,31 +399,43 @@ class _Barrier:
         b, n, k = P.shape
         r = self.U.shape[2]
         gP, w = self.derivatives(P, t)
+        fused = k == 2 and self.hessian_dtype == P.dtype
         if self._buffer is None:  # sqrt(w) U, allocated once (fresh pages every iteration cost more than the product)
             self._U_h = self.U.to(self.hessian_dtype)
-            fused = k == 2 and self.hessian_dtype == P.dtype
-            self._buffer = self._U_h.new_empty((b, n, r + fused))
-        Y, Uh = self._buffer[..., :r], self._U_h
-        if k == 2 and self._buffer.shape[2] == r + 1:
+            # On CPU the scaled basis is formed a few students at a time, so that it is read back from the
+            # core's cache rather than from memory (one pass over U per Hessian instead of three).
+            per_student = 8 * n * (r + fused)
+            cpu = self.U.device.type == "cpu"
+            self._chunk = max(1, min(b, torch.get_num_threads() * _CACHE_BYTES // per_student)) if cpu else b
+            self._buffer = self._U_h.new_empty((self._chunk, n, r + fused))
+        Uh, chunk = self._U_h, self._chunk
+        if fused:
             # V = (1, -1)/sqrt 2: the Hessian is U^T diag(w') U with w' = (w_0 + w_1)/2, and the gradient is
             # U^T z with z = g V; one product [sqrt(w') U, z/sqrt(w')]^T (sqrt(w') U) gives both (one pass over U).
-            root = w.sum(dim=2, keepdim=True).mul_(0.5).sqrt_()
-            torch.mul(Uh, root, out=Y)
-            z = gP[..., 0:1] * self.V[0, 0] + gP[..., 1:2] * self.V[1, 0]  # (b, n, 1)
-            torch.div(z, root, out=self._buffer[..., r:])
-            HG = self._buffer.transpose(1, 2) @ Y  # (b, r + 1, r)
+            root = (w[..., 0:1] + w[..., 1:2]).mul_(0.5).sqrt_()
+            z = (gP[..., 0:1] * self.V[0, 0]).add_(gP[..., 1:2] * self.V[1, 0]).div_(root)  # (b, n, 1)
+            HG = P.new_empty((b, r + 1, r))
+            for start in range(0, b, chunk):
+                stop = min(b, start + chunk)
+                buffer = self._buffer[: stop - start]
+                torch.mul(Uh[start:stop], root[start:stop], out=buffer[..., :r])
+                buffer[..., r:] = z[start:stop]
+                torch.matmul(buffer.transpose(1, 2), buffer[..., :r], out=HG[start:stop])  # (c, r + 1, r)
             H, grad = HG[:, :r].contiguous(), HG[:, r, :, None]
-        elif k == 2:
-            grad = _times(self.U.transpose(1, 2) @ gP, self.V)  # (b, r, k-1)
-            torch.mul(Uh, w.sum(dim=2, keepdim=True).mul_(0.5).sqrt_().to(Y.dtype), out=Y)
-            H = (Y.transpose(1, 2) @ Y).to(P.dtype)
         else:
             grad = _times(self.U.transpose(1, 2) @ gP, self.V)  # (b, r, k-1)
-            blocks = []
-            for y in range(k):
-                torch.mul(Uh, w[..., y : y + 1].sqrt().to(Y.dtype), out=Y)
-                blocks.append((Y.transpose(1, 2) @ Y).to(P.dtype))
-            Hy = torch.stack(blocks, dim=1)  # (b, k, r, r)
+            roots = ((w[..., 0:1] + w[..., 1:2]).mul_(0.5) if k == 2 else w).sqrt().to(Uh.dtype)
+            classes = 1 if k == 2 else k  # k = 2: (w_0 + w_1)/2 as above
+            Hy = P.new_empty((b, classes, r, r))
+            for start in range(0, b, chunk):
+                stop = min(b, start + chunk)
+                Y = self._buffer[: stop - start, :, :r]
+                for y in range(classes):
+                    torch.mul(Uh[start:stop], roots[start:stop, :, y : y + 1], out=Y)
+                    Hy[start:stop, y] = Y.transpose(1, 2) @ Y
+        if not fused and k == 2:
+            H = Hy[:, 0]
+        elif not fused:
             H = sum(Hy[:, y, :, None, :, None] * (self.V[y, :, None] * self.V[y, None, :])[None, None, :, None, :]
                     for y in range(k)).reshape(b, r * (k - 1), r * (k - 1))
         if self.loss_hessian_D is not None:
@@ -423,6 +450,23 @@ class _Barrier:
         return step, decrement, self.U @ _times(step, self.V.T)
 
 
+def _class_sum(x, keepdim=False):
+    """Sum over the last (class) axis as explicit adds of its slices: torch's reduction over a short last axis
+    costs about 20 times an elementwise pass (measured: 1.4 ms against 66 us for (32, 2000, 2) float64)."""
+    out = x[..., 0] + x[..., 1] if x.shape[-1] > 1 else x[..., 0].clone()
+    for y in range(2, x.shape[-1]):
+        out += x[..., y]
+    return out[..., None] if keepdim else out
+
+
+def _class_max(x):
+    """Max over the last (class) axis as elementwise maxima of its slices (see :func:`_class_sum`)."""
+    out = x[..., 0]
+    for y in range(1, x.shape[-1]):
+        out = torch.maximum(out, x[..., y])
+    return out
+
+
 def _times(A, M):
     """``A @ M`` for a small matrix ``M`` ``(p, q)`` as explicit sums of products: the result for one student
     is then the same whatever the batch (a broadcast matmul folds the batch into one GEMM, whose blocking,
@@ -433,8 +477,13 @@ def _times(A, M):
 def _solve_spd(H, rhs, free):
     """Solve ``H d = rhs`` on ``free`` coordinates (``d = 0`` elsewhere) with a Jacobi-scaled Cholesky; a
     relative ridge is added only where the factorisation fails."""
-    f = free.to(H.dtype)
     diag = torch.diagonal(H, dim1=1, dim2=2)
+    if bool((free & (diag > 0)).all()):  # the usual case, without masks (the same numbers as below)
+        s = diag.rsqrt()
+        L, info = torch.linalg.cholesky_ex(H * s[:, :, None] * s[:, None, :])
+        if not bool(info.any()):
+            return torch.cholesky_solve((rhs * s)[..., None], L)[..., 0] * s
+    f = free.to(H.dtype)
     s = torch.where(free & (diag > 0), diag, torch.ones_like(diag)).rsqrt()
     Hs = H * (s * f)[:, :, None] * (s * f)[:, None, :]
     hd = torch.diagonal(Hs, dim1=1, dim2=2)
@@ -454,6 +503,44 @@ def _solve_spd(H, rhs, free):
         if todo.numel() == 0:
             break
     return d * s * f
+
+
+#: Students whose rescaled design has condition number below this get their basis from the Gram matrix (its
+#: orthonormality error is about this squared times the unit roundoff); the others from an SVD.
+_GRAM_CONDITION = 1e3
+
+
+def _basis(Zs):
+    r"""A basis of the column space of ``Zs`` ``(B, n, c)``: ``(U, S, Vh, gram, eig_min)`` with ``U = Zs Vh^T
+    S^{-1}`` (``Vh`` orthogonal, ``S`` descending), ``gram = Zs^T Zs`` and its smallest computed eigenvalue
+    (``NaN`` where not computed).
+
+    Where the Gram matrix's eigenvalues :math:`\lambda` show a condition number :math:`\sqrt{\lambda_{\max}/
+    \lambda_{\min}}` below :data:`_GRAM_CONDITION`, ``U = Zs Q \Lambda^{-1/2}`` from :math:`Z_s^\top Z_s = Q
+    \Lambda Q^\top` (two passes over the design instead of an SVD's many; ``U`` is orthonormal to about
+    :math:`\kappa^2\varepsilon`); elsewhere the thin SVD, whose singular values decide the numerical rank. ``U``
+    only parametrises the iterates (Newton is exact in any basis) and the multipliers; the certificate does not
+    trust it (:class:`_Certifier`)."""
+    B, n, c = Zs.shape
+    gram = Zs.transpose(1, 2) @ Zs
+    eig_min = torch.full((B,), float("nan"), dtype=Zs.dtype, device=Zs.device)
+    if n < c:
+        U, S, Vh = torch.linalg.svd(Zs, full_matrices=False)
+        return U, S, Vh, gram, eig_min
+    lam, vecs = torch.linalg.eigh(gram)
+    eig_min = lam[:, 0]
+    well = lam[:, 0] > lam[:, -1] / _GRAM_CONDITION**2
+    S = lam.flip(-1).clamp_min(0).sqrt()
+    Vh = vecs.flip(-1).transpose(1, 2)
+    if bool(well.all()):
+        U = Zs @ (vecs.flip(-1) / S[:, None, :])
+        return U, S, Vh, gram, eig_min
+    U = torch.empty_like(Zs)
+    good, bad = well.nonzero()[:, 0], (~well).nonzero()[:, 0]
+    if good.numel():
+        U[good] = Zs[good] @ (vecs[good].flip(-1) / S[good, None, :])
+    U[bad], S[bad], Vh[bad] = torch.linalg.svd(Zs[bad], full_matrices=False)
+    return U, S, Vh, gram, eig_min
 
 
 def _to_parameters(D, Vh, S, keep, exponent, V, k):
@@ -517,10 +604,11 @@ def fit_linear_batched(
         # On CPU, sub-batches of about 64 MiB of basis: a student's arithmetic does not depend on its batch,
         # and one huge batch pays for fresh memory pages every iteration.
         size = inner.numel() if dev.type != "cpu" else max(1, _SUB_BATCH_BYTES // (8 * n * (m + 1)))
-        chunks = [inner[s : s + size] for s in range(0, inner.numel(), size)]
-        whole = len(chunks) == 1 and inner.numel() == B  # no copy of the features
-        parts["inner"] = _concat([_fit_interior(X if whole else X[c], Q if whole else Q[c], loss, gamma, tol, max_iter)
-                                  for c in chunks])
+        if inner.numel() == B:  # every student: chunks are views of the features, not copies
+            chunks = [slice(s, s + size) for s in range(0, B, size)]
+        else:
+            chunks = [inner[s : s + size] for s in range(0, inner.numel(), size)]
+        parts["inner"] = _concat([_fit_interior(X[c], Q[c], loss, gamma, tol, max_iter) for c in chunks])
     if face.numel():
         parts["face"] = _fit_face(X[face], Q[face], loss, gamma)
     if len(parts) == 1:
@@ -598,12 +686,12 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     m = X.shape[2]
     dev, dtype = Q.device, Q.dtype
     Zs, exponent = _scaled_design(X)
-    U, S, Vh = torch.linalg.svd(Zs, full_matrices=False)
+    U, S, Vh, gram, eig_min = _basis(Zs)
     rank_tol = max(n, m + 1) * torch.finfo(dtype).eps * S[:, :1]
     keep = S > rank_tol
     if not keep.all():
         U = U * keep[:, None, :]
-    cert = _Certifier(Zs, U, keep)
+    cert = _Certifier(Zs, U, keep, gram, eig_min)
     V = _simplex_complement_basis(k, dtype, dev)
     nk = n * k
 
@@ -709,7 +797,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         bar = _Barrier(pick(U), V, pick(Q), gamma, loss, k)
         dP[redo] = bar.newton(pick(probs), pick(t), pick(keep))[2]
     hessian = _quadratic_loss_hessian(loss, k, dtype, dev)
-    final_gap, G = _certificate(cert, all_rows, Q, probs, t, gamma, U, loss, n, dP, hessian=hessian)
+    final_gap, G, UG = _certificate(cert, all_rows, Q, probs, t, gamma, U, loss, n, dP, hessian=hessian)
     # The head's exact predictions Z theta differ from probs by at most err: the gap is widened so that it
     # bounds the exact head's suboptimality too (first order plus the curvature on [P - err, P + err], where
     # these losses' curvature is largest at the lower end), and a head whose predictions are reproducible
@@ -740,8 +828,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         reasons[i] = ("uncertified: the features' span is numerically rank-deficient (e.g. simplex rows beside the "
                       "bias); drop a redundant column, e.g. LinearHead.affine_coordinates(features)")
     objective = loss.per_sample(Q, probs).mean(dim=1)
-    Gc = G - G.mean(dim=2, keepdim=True)
-    grad_norm = (U.transpose(1, 2) @ Gc).flatten(1).norm(dim=1)
+    grad_norm = (UG - _class_sum(UG, keepdim=True) / k).flatten(1).norm(dim=1)  # U^T G, centred over classes
     return FitResult(
         head="linear", loss=loss.name, params={"W": W, "b": b}, probs=probs, objective=objective, gap=final_gap,
         certificate="frank_wolfe", grad_norm=grad_norm, iterations=iterations, converged=final_gap <= tol,
