@@ -96,6 +96,11 @@ _T_START = 100.0
 #: centring stages in all; measured at n = 1000-2000, m = 16, k = 2-3 over dense, sparse and teacher-zero
 #: workloads and five losses, 10-45% fewer Newton passes than a factor of 1000, every student certified).
 _T_GROWTH = 1e6
+#: The working set is compacted (indexing copies the basis of the students left) once at most this fraction of it
+#: is still iterating: a finished student carried along costs a Newton pass, compaction about one pass over U.
+_COMPACT = 0.5
+#: The stopping estimate is computed only for students whose half squared Newton decrement is at most this.
+_ESTIMATE = 1.0
 #: A student counts as centred once half its squared Newton decrement is below this.
 _CENTRED = 0.05
 #: Fraction of the step to the floor that a Newton step may take.
@@ -343,7 +348,7 @@ class _Barrier:
             G.mul_(-1.0 / self.n)
         else:
             G = self.loss.grad_student(self.Q, P) / self.n
-        slack = P - self.gamma
+        slack = P - self.gamma if self.gamma else P
         # Iterates are strictly above the floor; a slack <= 0 would give inf/NaN here, never a stop.
         Y = (dP / slack).neg_().add_(1.0).clamp_min_(0).div_(slack).div_(t[:, None, None])
         GY = G.sub_(Y)
@@ -356,7 +361,7 @@ class _Barrier:
 
     def value(self, P, t):
         """``t Phi(P) - sum log(P - gamma)`` per student, up to a constant (``inf`` outside the domain)."""
-        slack = P - self.gamma
+        slack = P - self.gamma if self.gamma else P
         name = self.loss.name
         log_slack = torch.log(slack)
         log_P = log_slack if self.gamma == 0 else None  # slack = P exactly: one pass of log serves both
@@ -724,7 +729,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     for _ in range(max_iter):
         if not run.any():
             break
-        if run.sum() < 0.25 * run.numel():
+        if run.sum() <= _COMPACT * run.numel():
             D[ws], t[ws] = Dw, tw
             sel = run.nonzero()[:, 0]
             ws, Dw, tw, keepw, run, P, best, stale = (x[sel] for x in (ws, Dw, tw, keepw, run, P, best, stale))
@@ -733,7 +738,9 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         # Certificate at the current point, once it can be met: it is at least about N/t (the multipliers'
         # complementarity), so before t reaches t_final it is not computed.
         done = ~run
-        near = ((tw >= t_final) & run).nonzero()[:, 0]
+        # Far from the central path (decrement above _ESTIMATE, e.g. just after t was raised) the estimate is
+        # large: it is computed only nearer, which changes nothing but when the first estimate is made.
+        near = ((tw >= t_final) & run & (decrement <= _ESTIMATE)).nonzero()[:, 0]
         if near.numel():
             g_now = bar.gap_estimate(P, tw, dP, kappa[ws])[near]  # every row: indexing would copy U
             done[near] = g_now <= 0.5 * tol  # the allowances are far below tol / 2 on O(1) data
@@ -752,7 +759,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         # Fraction to the boundary, then Armijo backtracking on t Phi - sum log(P - gamma). Once the decrement
         # is small the full Newton step is taken (its quadratic region), because at large t the decrease
         # drowns in the rounding of t Phi; the certificate, not the descent, decides when to stop.
-        slack = P - gamma
+        slack = P - gamma if gamma else P
         shrink = (dP / slack).flatten(1).amin(dim=1)  # the floor is reached at step -1/shrink when shrink < 0
         alpha = torch.where(shrink < 0, _TO_BOUNDARY / (-shrink), torch.ones_like(shrink)).clamp(max=1.0)
         alpha = torch.where(done | ((decrement < _QUADRATIC) & (alpha >= 1)), alpha, -alpha)  # < 0: to test
