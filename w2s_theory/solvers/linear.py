@@ -205,9 +205,10 @@ class _Certifier:
             sigma = _smallest_singular_value_lower_bound(Zs, gram, eig_min)
         elif full_rank.any():
             sigma[full_rank] = _smallest_singular_value_lower_bound(Zs[full_rank], gram[full_rank], eig_min[full_rank])
-        self.exact = full_rank & (sigma > 0)
-        self.M = [Zs[b] if self.exact[b] else None for b in range(B)]
-        for b in (~self.exact).nonzero()[:, 0].tolist():
+        self.design = full_rank & (sigma > 0)  # M is the student's rescaled design itself
+        self.exact = self.design.clone()
+        self.M = [None] * B
+        for b in (~self.design).nonzero()[:, 0].tolist():
             Md = _exact_span_matrix(Zs[b])
             s = _smallest_singular_value_lower_bound(Md[None])[0] if Md.shape[1] <= n else Md.new_zeros(())
             if s > 0 and Md.shape[1] == int(keep[b].sum()):
@@ -216,26 +217,37 @@ class _Certifier:
                 Ur = U[b][:, keep[b]]
                 self.M[b] = Ur
                 sigma[b] = _smallest_singular_value_lower_bound(Ur[None])[0] if Ur.shape[1] else 0.0
-        self.sigma = sigma
-        # Uniform width for batched products: pad with zero columns (they change neither M^T R nor the bound).
-        width = max(M.shape[1] for M in self.M)
-        if bool(self.exact.all()) and all(M.shape[1] == width for M in self.M):
-            self.Mpad = Zs
-        else:
-            self.Mpad = torch.zeros((B, n, width), dtype=Zs.dtype, device=Zs.device)
-            for b, M in enumerate(self.M):
-                self.Mpad[b, :, : M.shape[1]] = M
-        self.M_norm = self.Mpad.flatten(1).norm(dim=1) * (1 + _gamma_n(n * width + 2))
+        self.sigma, self.Zs = sigma, Zs
+        # A student's numbers must not depend on its batch: products and norms are taken on its own M (batched
+        # over the students whose M is their design, one at a time for the others), and the rounding constants
+        # use the widest possible M (c columns) for every student.
+        norms = Zs.flatten(1).norm(dim=1) if bool(self.design.all()) else torch.zeros_like(sigma)
+        if not bool(self.design.all()):
+            if self.design.any():
+                norms[self.design] = Zs[self.design].flatten(1).norm(dim=1)
+            for b in (~self.design).nonzero()[:, 0].tolist():
+                norms[b] = self.M[b].reshape(1, -1).norm(dim=1)[0]
+        self.M_norm = norms * (1 + _gamma_n(n * c + 2))
 
     def projected_residual_bound(self, R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         r"""Upper bound on :math:`\|\Pi R\|_F \le (\|\mathrm{fl}(M^\top R)\|_F + \gamma_n\||M|^\top|R|\|_F)/\sigma`."""
-        full = rows.numel() == self.Mpad.shape[0] and bool((rows == torch.arange(rows.numel(), device=rows.device)).all())
-        M = self.Mpad if full else self.Mpad[rows]
-        n = M.shape[1]
-        MR = M.transpose(1, 2) @ R
+        full = rows.numel() == self.Zs.shape[0] and bool((rows == torch.arange(rows.numel(), device=rows.device)).all())
+        n, c = self.Zs.shape[1], self.Zs.shape[2]
+        design = self.design[rows]
+        if bool(design.all()):
+            Zs = self.Zs if full else self.Zs[rows]
+            MR_norm = (Zs.transpose(1, 2) @ R).flatten(1).norm(dim=1)
+        else:
+            MR_norm = torch.zeros(rows.numel(), dtype=R.dtype, device=R.device)
+            here = design.nonzero()[:, 0]
+            if here.numel():
+                MR_norm[here] = (self.Zs[rows[here]].transpose(1, 2) @ R[here]).flatten(1).norm(dim=1)
+            for j in (~design).nonzero()[:, 0].tolist():
+                M = self.M[int(rows[j])]
+                MR_norm[j] = (M.T @ R[j]).reshape(1, -1).norm(dim=1)[0]
         # ||(|M|^T |R|)||_F <= ||M||_F ||R||_F (Cauchy-Schwarz entrywise): no pass over |M|.
         err = _gamma_n(n + 2) * self.M_norm[rows] * R.flatten(1).norm(dim=1)
-        num = (MR.flatten(1).norm(dim=1) + err) * (1 + _gamma_n(2 * MR[0].numel() + 4))
+        num = (MR_norm + err) * (1 + _gamma_n(2 * c * R.shape[2] + 4))
         sigma = self.sigma[rows]
         return torch.where(sigma > 0, num / sigma.clamp_min(1e-300), torch.full_like(num, float("inf")))
 
