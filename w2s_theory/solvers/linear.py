@@ -40,9 +40,12 @@ projector onto the class's column space; :math:`\|S\|_F\le\sqrt n` since its row
 .. math:: \mathrm{gap} = \langle R, \hat P\rangle + \langle Y, \hat P - \gamma\rangle
     + \langle \nu, \hat P\mathbf 1 - \mathbf 1\rangle + \sqrt n\,\|\Pi R\|_F
 
-bounds :math:`\Phi(\hat P) - \Phi^\star`. The multipliers are the barrier's, corrected by the Newton step
-:math:`\Delta P` at :math:`\hat P` (the primal–dual estimate :math:`Y = (1 - \Delta P/s)_+/(ts)`,
-:math:`s = \hat P - \gamma`, whose residual is second order even along nearly active directions), and :math:`\nu = U a` with :math:`a` the class mean of :math:`U^\top(G - Y)` (the projection that
+bounds :math:`\Phi(\hat P) - \Phi^\star` (for any such multipliers: their choice decides only how tight it
+is). The multipliers are the barrier's, corrected by the Newton step :math:`\Delta P` at :math:`\hat P` (the
+primal–dual estimate :math:`Y = (1 - \Delta P/s)_+/(ts)`, :math:`s = \hat P - \gamma`, whose residual is second
+order even along nearly active directions) or, where :math:`\hat P` is the full Newton step from the previous
+iterate :math:`P` and its estimate already met ``tol / 2``, the same estimate formed at :math:`P` with its step
+(the linearisation of :math:`1/(t\hat s)`; no Newton step at :math:`\hat P` is then computed), and :math:`\nu = U a` with :math:`a` the class mean of :math:`U^\top(G - Y)` (the projection that
 removes all of :math:`R`'s column-space part except the centring residual). :math:`\|\Pi R\|_F` is bounded
 without trusting :math:`U`: with a matrix :math:`M` whose columns span the class exactly and a proven lower bound
 :math:`\sigma` on its smallest singular value, :math:`\|\Pi R\|_F\le\|M^\top R\|_F/\sigma`; the bound on
@@ -99,8 +102,6 @@ _T_GROWTH = 1e6
 #: The working set is compacted (indexing copies the basis of the students left) once at most this fraction of it
 #: is still iterating: a finished student carried along costs a Newton pass, compaction about one pass over U.
 _COMPACT = 0.5
-#: The stopping estimate is computed only for students whose half squared Newton decrement is at most this.
-_ESTIMATE = 1.0
 #: A student counts as centred once half its squared Newton decrement is below this.
 _CENTRED = 0.05
 #: Fraction of the step to the floor that a Newton step may take.
@@ -286,19 +287,25 @@ def _derivative_error(teacher, probs, dphi, n, hessian=None):
     return _gamma_n(8) * mag / n
 
 
-def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, dP, allowances=True, hessian=None):
+def _multipliers(slack, dP, t):
+    r"""The primal–dual estimate of the floor's multipliers, :math:`Y = (1 - \Delta P/s)_+/(t s)` with
+    :math:`s = P - \gamma` and :math:`\Delta P` the barrier's Newton step at :math:`P` (0 where :math:`s \le 0`):
+    the linearisation of the centred :math:`1/(t(s + \Delta P))`, whose residual is second order in the step
+    even along stiff (nearly active) directions, where :math:`1/(ts)` alone is not."""
+    return torch.where(slack > 0, (1.0 - dP / slack).clamp_min(0) / (t[:, None, None] * slack), torch.zeros_like(slack))
+
+
+def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, Y, allowances=True, hessian=None):
     r"""The dual Frank–Wolfe bound at ``probs`` (see the module docstring), with every rounding allowance.
 
-    ``dP`` is the barrier's Newton step at ``probs``; the multipliers are the primal–dual estimate
-    :math:`Y = (1 - \Delta P/(P-\gamma))/(t(P-\gamma))` (clipped at 0), whose residual is second order in the
-    step even along stiff (nearly active) directions, where :math:`1/(t(P-\gamma))` alone is not.
+    ``Y >= 0`` are the floor's multipliers (any give a valid bound; :func:`_multipliers` of the Newton step at
+    ``probs``, or at the iterate whose full Newton step ``probs`` is, give a tight one).
     ``allowances=False`` leaves out the rounding allowances (a cheaper estimate, used only to decide when to
     stop iterating; the reported gap always includes them).
     """
     dphi = loss.grad_student(teacher, probs)
     G = dphi / n
     slack = probs - gamma
-    Y = torch.where(slack > 0, (1.0 - dP / slack).clamp_min(0) / (t[:, None, None] * slack), torch.zeros_like(slack))
     # One product gives U^T G (for the reported gradient norm) and U^T Y: a = class mean of U^T (G - Y).
     k = probs.shape[2]
     CG, CY = (U.transpose(1, 2) @ torch.cat([G, Y], dim=2)).split(k, dim=2)  # (b, r, k) each
@@ -345,7 +352,12 @@ class _Barrier:
     def probs(self, D):
         return 1.0 / self.k + self.U @ _times(D, self.V.T)
 
-    def gap_estimate(self, P, t, dP, kappa):
+    def multipliers(self, P, t, dP):
+        """:func:`_multipliers` for iterates (strictly above the floor), without the mask."""
+        slack = P - self.gamma if self.gamma else P
+        return (dP / slack).neg_().add_(1.0).clamp_min_(0).div_(slack).div_(t[:, None, None])
+
+    def gap_estimate(self, P, Y, kappa):
         r"""The bound of :func:`_certificate` without its rounding allowances and with :math:`\|\Pi R\|_F` taken as
         :math:`\|U^\top R\|_F` (exact for an orthonormal :math:`U`): with :math:`C = U^\top(G - Y)` and
         :math:`a` its class mean, :math:`U^\top R = C - a\mathbf 1^\top` and
@@ -361,8 +373,6 @@ class _Barrier:
         else:
             G = self.loss.grad_student(self.Q, P) / self.n
         slack = P - self.gamma if self.gamma else P
-        # Iterates are strictly above the floor; a slack <= 0 would give inf/NaN here, never a stop.
-        Y = (dP / slack).neg_().add_(1.0).clamp_min_(0).div_(slack).div_(t[:, None, None])
         GY = G.sub_(Y)
         C = self.U.transpose(1, 2) @ GY  # (b, r, k)
         a = C.mean(dim=2)
@@ -735,7 +745,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     run = torch.ones(B, dtype=torch.bool, device=dev)
     best = torch.full((B,), float("inf"), dtype=dtype, device=dev)
     stale = torch.zeros(B, dtype=torch.long, device=dev)
-    dP_final, P_final = torch.zeros_like(Q), torch.ones_like(Q)
+    Y_final, P_final = torch.zeros_like(Q), torch.ones_like(Q)
     kappa = torch.where(cert.sigma > 0, cert.M_norm / cert.sigma.clamp_min(1e-300), torch.full_like(cert.sigma, math.inf))
     by_certificate = torch.zeros(B, dtype=torch.bool, device=dev)
     for _ in range(max_iter):
@@ -750,16 +760,16 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         # Certificate at the current point, once it can be met: it is at least about N/t (the multipliers'
         # complementarity), so before t reaches t_final it is not computed.
         done = ~run
-        # Far from the central path (decrement above _ESTIMATE, e.g. just after t was raised) the estimate is
-        # large: it is computed only nearer, which changes nothing but when the first estimate is made.
-        near = ((tw >= t_final) & run & (decrement <= _ESTIMATE)).nonzero()[:, 0]
+        near = ((tw >= t_final) & run).nonzero()[:, 0]
+        Y_now = None
         if near.numel():
-            g_now = bar.gap_estimate(P, tw, dP, kappa[ws])[near]  # every row: indexing would copy U
+            Y_now = bar.multipliers(P, tw, dP)
+            g_now = bar.gap_estimate(P, Y_now, kappa[ws])[near]  # every row: indexing would copy U
             done[near] = g_now <= 0.5 * tol  # the allowances are far below tol / 2 on O(1) data
             # Students finished by their certificate keep P (step 0 below): their Newton step at P gives the
             # final certificate's multipliers without another Newton pass.
             newly = done & run
-            dP_final[ws[newly]], P_final[ws[newly]] = dP[newly], P[newly]
+            Y_final[ws[newly]], P_final[ws[newly]] = Y_now[newly], P[newly]
             by_certificate[ws[newly]] = True
             # At t_final a student whose certificate stopped improving is finished (rounding-limited).
             improved = g_now < 0.5 * best[near]
@@ -790,7 +800,18 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
             alpha = torch.where(pending, alpha / 2, alpha)
         alpha = torch.where(done | pending, torch.zeros_like(alpha), alpha)  # pending: no acceptable step
         Dw = Dw + alpha[:, None, None] * step
-        P = P + alpha[:, None, None] * dP
+        P_before, P = P, P + alpha[:, None, None] * dP
+        # After a full Newton step at t_final near the path, the new point is certified with the step's own
+        # multipliers (their linearisation at the new point): where that estimate already meets tol / 2 the
+        # student stops here, without the Newton step at the new point that would only confirm it.
+        ahead = (run & ~done & (tw >= t_final) & (alpha == 1) & (decrement < _QUADRATIC)).nonzero()[:, 0]
+        if ahead.numel():
+            if Y_now is None:
+                Y_now = bar.multipliers(P_before, tw, dP)
+            finished = ahead[bar.gap_estimate(P, Y_now, kappa[ws])[ahead] <= 0.5 * tol]
+            Y_final[ws[finished]], P_final[ws[finished]] = Y_now[finished], P[finished]
+            by_certificate[ws[finished]] = True
+            run[finished] = False
         centred = decrement <= _CENTRED
         tw = torch.where(centred & ~done, torch.clamp(tw * _T_GROWTH, max=t_final), tw)
         iterations[ws[~done]] += 1
@@ -816,14 +837,14 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
     # multipliers give a valid bound, so this choice affects only how tight it is.
     drift = ((probs - P_final).abs() / (P_final - gamma)).flatten(1).amax(dim=1)
     redo = (~by_certificate | moved | ~(drift <= 1e-11)).nonzero()[:, 0]
-    dP = dP_final
+    Y = Y_final
     if redo.numel():
         whole = redo.numel() == B
         pick = (lambda x: x) if whole else (lambda x: x[redo])  # noqa: E731
         bar = _Barrier(pick(U), V, pick(Q), gamma, loss, k)
-        dP[redo] = bar.newton(pick(probs), pick(t), pick(keep))[2]
+        Y[redo] = _multipliers(pick(probs) - gamma, bar.newton(pick(probs), pick(t), pick(keep))[2], pick(t))
     hessian = _quadratic_loss_hessian(loss, k, dtype, dev)
-    final_gap, G, UG = _certificate(cert, all_rows, Q, probs, t, gamma, U, loss, n, dP, hessian=hessian)
+    final_gap, G, UG = _certificate(cert, all_rows, Q, probs, t, gamma, U, loss, n, Y, hessian=hessian)
     # The head's exact predictions Z theta differ from probs by at most err: the gap is widened so that it
     # bounds the exact head's suboptimality too (first order plus the curvature on [P - err, P + err], where
     # these losses' curvature is largest at the lower end), and a head whose predictions are reproducible
