@@ -124,6 +124,35 @@ def test_student_results_do_not_depend_on_the_batch(loss):
         assert together.objective[4].item() == ref.objective.item()
 
 
+def test_student_results_do_not_depend_on_sub_batches_or_curvature_chunks(monkeypatch):
+    """Students are solved in sub-batches (and their curvature products a few at a time): a student's numbers
+    are the same alone, in one batch, and split across sub-batches and chunks of one student, also beside
+    students whose basis comes from an SVD (ill-conditioned design) or whose span drops a duplicated column."""
+    from w2s_theory.solvers import linear
+
+    rng = np.random.default_rng(5)
+    B, n, m, k = 5, 60, 4, 2
+    features = rng.normal(size=(B, n, m))
+    features[1, :, 3] = features[1, :, 0] * (1 + 1e-5 * rng.normal(size=n))  # condition ~1e5: the SVD basis
+    features[3, :, 2] = 2.0 * features[3, :, 1]  # an exact duplicate up to a power of two
+    assert np.linalg.cond(np.c_[features[1], np.ones(n)]) > 100 * linear._GRAM_CONDITION
+    assert np.linalg.cond(np.c_[features[0], np.ones(n)]) < linear._GRAM_CONDITION / 10
+    teacher = rng.dirichlet(np.ones(k), size=(B, n))
+    together = _batched(features, teacher, "forward_kl")
+    assert together.converged[[0, 2, 4]].all()
+    monkeypatch.setattr(linear, "_SUB_BATCH_BYTES", 8 * n * (m + 1) * 2)  # two students per sub-batch
+    monkeypatch.setattr(linear, "_CACHE_BYTES", 1)  # curvature products one student at a time
+    split = _batched(features, teacher, "forward_kl")
+    for b in range(B):
+        alone = _batched(features[b : b + 1], teacher[b : b + 1], "forward_kl")
+        for other, idx in ((split, b), (alone, 0)):
+            for name in ("objective", "gap", "iterations", "grad_norm"):
+                assert torch.equal(getattr(together, name)[b], getattr(other, name)[idx]), (name, b)
+            assert torch.equal(together.params["W"][b], other.params["W"][idx]), b
+            assert torch.equal(together.params["b"][b], other.params["b"][idx]), b
+            assert torch.equal(together.probs[b], other.probs[idx]), b
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Certificate honesty: at any iterate, and on rescaled, duplicated and near-collinear features.
 # ---------------------------------------------------------------------------------------------------------
