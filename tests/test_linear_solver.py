@@ -357,3 +357,24 @@ def test_simplex_rows_beside_the_bias_are_uncertified_and_their_affine_coordinat
     assert not reduced.info["numerical_span"][0] and reduced.gap.item() <= TARGET
     ref = fit_reference(features, teacher, "forward_kl", "linear")
     assert abs(reduced.objective.item() - ref.objective.item()) <= reduced.gap.item() + ref.gap.item() + ROUNDING
+
+
+def test_the_derivative_allowance_covers_itakura_saitos_cancelling_derivative():
+    # 1/q - 1/p at p ~ q cancels to a tiny fraction of 1/p; the former allowance gamma_8 (|l'| + |log p| +
+    # |log q| + 2) missed its rounding by factors up to 1e6 (found in review)
+    import mpmath
+
+    from w2s_theory.solvers.linear import _derivative_error
+
+    loss = get_loss("bregman:itakura_saito")
+    rng = np.random.default_rng(1)
+    p = torch.tensor(10.0 ** rng.uniform(-6, -2, size=200))
+    q = p * (1 + torch.tensor(rng.uniform(-1e-6, 1e-6, size=200)))
+    P, Q = torch.stack([p, 1 - p], -1)[None], torch.stack([q, 1 - q], -1)[None]
+    dphi = loss.grad_student(Q, P)
+    with mpmath.workdps(60):
+        exact = torch.tensor([float(1 / mpmath.mpf(b) - 1 / mpmath.mpf(a)) for a, b in zip(p.tolist(), q.tolist())],
+                             dtype=torch.float64)
+    allowance = _derivative_error(Q, P, dphi, 1, loss.name)[0, :, 0]
+    assert ((dphi[0, :, 0] - exact).abs() <= allowance).all()
+    assert torch.isinf(_derivative_error(Q, P, dphi, 1, "a_loss_without_a_stated_formula")).all()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["unit_roundoff_gamma", "power_of_two_scales", "exactly_redundant_columns", "PositiveDefiniteBound",
-           "positive_definite_bound", "frobenius_norm_squared"]
+           "positive_definite_bound", "frobenius_norm_squared", "derivative_term_magnitude"]
 
 _U = 2.0**-53
 
@@ -196,3 +196,37 @@ def blocked_sum(values: torch.Tensor) -> tuple[torch.Tensor, int]:
         values = torch.cat([values, values.new_zeros((*values.shape[:-1], pad))], dim=-1)
     total = values.reshape(*values.shape[:-1], count, block).sum(dim=-1).sum(dim=-1)
     return total, max(block - 1, 0) + max(count - 1, 0)
+
+
+def derivative_term_magnitude(name: str, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+    r"""Sum of the magnitudes of the terms the derivative :math:`\ell'(q, p)` of loss ``name`` is computed from
+    (its rounding is a few units of roundoff of this; non-finite only at ``p = 0`` or ``q = 0``, where the
+    derivative is infinite or pinned); ``None`` for a loss without a stated formula."""
+    log_p, log_q = torch.log(p).abs(), torch.log(q).abs()
+    if name in ("forward_kl", "forward_ce"):  # -q/p
+        return q / p
+    if name == "reverse_kl":  # log p - log q + 1
+        return log_p + log_q + 1
+    if name == "reverse_ce":  # -log q
+        return log_q
+    if name == "squared":  # 2(p - q)
+        return 2 * (p + q)
+    if name in ("bregman:negative_entropy", "bregman:generalized_kl"):  # log p - log q
+        return log_p + log_q + 2
+    if name == "bregman:itakura_saito":  # 1/q - 1/p
+        return 1 / p + 1 / q
+    if name == "bregman:squared_norm":  # 2p - 2q
+        return 2 * (p + q)
+    if name == "js":  # (log p - log((p + q)/2)) / 2
+        return 0.5 * (log_p + torch.log((p + q) / 2).abs())
+    if name == "jeffreys":  # log p - log q + 1 - q/p
+        return log_p + log_q + 1 + q / p
+    if name == "hellinger":  # 1 - sqrt(q/p)
+        return 1 + torch.sqrt(q / p)
+    if name == "chi2":  # 2(p - q)/q
+        return 2 * (p + q) / q
+    if name == "reverse_chi2":  # 1 - (q/p)^2
+        return 1 + (q / p) ** 2
+    if name.startswith("tv"):  # bounded by 1 in magnitude, a few operations
+        return torch.full_like(p, 2.0)
+    return None

@@ -86,6 +86,7 @@ import torch
 
 from ..divergences import Loss, get_loss
 from ..heads import LinearHead
+from .conditioning import derivative_term_magnitude
 from .result import FitResult
 
 __all__ = ["fit_linear_batched", "fit_tv_linear", "bench_linear"]
@@ -271,11 +272,13 @@ def _quadratic_loss_hessian(loss: Loss, k: int, dtype, device) -> torch.Tensor |
     return H
 
 
-def _derivative_error(teacher, probs, dphi, n, hessian=None):
+def _derivative_error(teacher, probs, dphi, n, loss_name: str, hessian=None):
     r"""Entrywise bound on the rounding of :math:`G = \ell'(q, \hat P)/n` at the (exactly given) ``probs``:
     each derivative :math:`-q/p`, :math:`\log p - \log q + 1`, :math:`-\log q`, :math:`2(p - q)` is a few
     correctly rounded operations on its inputs, so :math:`|\hat G - G| \le \gamma_8(|\ell'| + |\log p| +
-    |\log q| + 2)/n` (the logs enter only where they are finite). For a quadratic loss
+    |\log q| + T + 2)/n` (the logs enter only where they are finite), with :math:`T` the magnitudes of the
+    terms the derivative is computed from (:func:`~.conditioning.derivative_term_magnitude`: e.g.
+    :math:`1/p + 1/q` for Itakura–Saito's :math:`1/q - 1/p`, which cancels where :math:`p \approx q`). For a quadratic loss
     :math:`\ell' = Hp - Hq` (``hessian`` :math:`H = 2M`, two ``k``-term products and a difference):
     :math:`|\hat G - G| \le (\gamma_k(|p| + |q|)|H| + \gamma_2|\ell'|)(1 + \gamma_2)/n`."""
     if hessian is not None:
@@ -283,7 +286,10 @@ def _derivative_error(teacher, probs, dphi, n, hessian=None):
         spread = (probs.abs() + teacher.abs()) @ hessian.abs()
         return (_gamma_n(k + 1) * spread + _gamma_n(2) * dphi.abs()) * (1 + _gamma_n(k + 4)) / n
     finite = lambda x: torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)  # noqa: E731  |x| where finite, else 0
-    mag = finite(dphi) + finite(torch.log(probs.clamp_min(0))) + finite(torch.log(teacher)) + 2
+    terms = derivative_term_magnitude(loss_name, teacher, probs)
+    if terms is None:  # no stated formula for this loss's derivative: no allowance covers it
+        return torch.full_like(dphi, float("inf"))
+    mag = finite(dphi) + finite(torch.log(probs.clamp_min(0))) + finite(torch.log(teacher)) + finite(terms) + 2
     return _gamma_n(8) * mag / n
 
 
@@ -321,7 +327,7 @@ def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, Y, allowances
         return terms[0] + terms[1] + terms[2] + residual, G, CG
     # Rounding: G_eff = Y + nu 1^T + R differs from the computed G by E (the derivative's own error plus the
     # subtraction's); moving G to G_eff changes <G, P> - min_S <G, S> by at most 2 sum_i max_y |E_iy|.
-    E = _derivative_error(teacher, probs, dphi, n, hessian) + _gamma_n(3) * (G.abs() + Y.abs() + nu.abs()[..., None])
+    E = _derivative_error(teacher, probs, dphi, n, loss.name, hessian) + _gamma_n(3) * (G.abs() + Y.abs() + nu.abs()[..., None])
     magnitudes = (RP.abs().sum(dim=(1, 2)), YS.abs().sum(dim=(1, 2)),
                   (nu.abs() * (rowsum_minus_one.abs() + _gamma_n(probs.shape[2] + 1) * (_class_sum(probs.abs()) + 1)))
                   .sum(dim=1))

@@ -58,6 +58,7 @@ import torch
 
 from ..divergences import Loss
 from ..heads import MixtureHead
+from .conditioning import derivative_term_magnitude
 from .result import FitResult
 
 __all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate"]
@@ -287,11 +288,11 @@ class _LossTerms:
         Two errors enter: the computed prediction is :math:`p(1+\delta)`, :math:`|\delta|\le\gamma_m`,
         which moves the derivative by about :math:`|\delta|\,p\,|\ell''(p)|` (counted twice, for the
         second-order part), and the derivative's own formula rounds each of its terms, by a few units of
-        roundoff of :math:`T`, the sum of their magnitudes (:func:`_derivative_terms`; e.g. :math:`|\log p| +
+        roundoff of :math:`T`, the sum of their magnitudes (:func:`~.conditioning.derivative_term_magnitude`; e.g. :math:`|\log p| +
         |\log q|` for :math:`\log p - \log q`, which cancel where :math:`p\approx q`, so :math:`|\ell'|` alone
         is no bound). :math:`M = |\ell'| + 2 + T + 2p|\ell''|`, 0 where an entry is pinned."""
         finite = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))  # noqa: E731
-        terms = _derivative_terms(self.loss.name, self.Qd, probs)
+        terms = derivative_term_magnitude(self.loss.name, self.Qd, probs)
         if terms is None:  # no stated formula: no allowance covers it, so no certificate
             return torch.full_like(dphi, float("inf"))
         curvature = self.loss.curvature_student(self.Qd.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
@@ -339,40 +340,6 @@ class _LossTerms:
         rel = (new - old).abs_().div_(old)
         rel = torch.where(self.Qd > 0, rel, torch.zeros_like(rel))
         return rel.flatten(1).amax(dim=1)
-
-
-def _derivative_terms(name: str, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
-    r"""Sum of the magnitudes of the terms the derivative :math:`\ell'(q, p)` of loss ``name`` is computed from
-    (its rounding is a few units of roundoff of this; non-finite only at ``p = 0`` or ``q = 0``, where the
-    derivative is infinite or pinned); ``None`` for a loss without a stated formula."""
-    log_p, log_q = torch.log(p).abs(), torch.log(q).abs()
-    if name in ("forward_kl", "forward_ce"):  # -q/p
-        return q / p
-    if name == "reverse_kl":  # log p - log q + 1
-        return log_p + log_q + 1
-    if name == "reverse_ce":  # -log q
-        return log_q
-    if name == "squared":  # 2(p - q)
-        return 2 * (p + q)
-    if name in ("bregman:negative_entropy", "bregman:generalized_kl"):  # log p - log q
-        return log_p + log_q + 2
-    if name == "bregman:itakura_saito":  # 1/q - 1/p
-        return 1 / p + 1 / q
-    if name == "bregman:squared_norm":  # 2p - 2q
-        return 2 * (p + q)
-    if name == "js":  # (log p - log((p + q)/2)) / 2
-        return 0.5 * (log_p + torch.log((p + q) / 2).abs())
-    if name == "jeffreys":  # log p - log q + 1 - q/p
-        return log_p + log_q + 1 + q / p
-    if name == "hellinger":  # 1 - sqrt(q/p)
-        return 1 + torch.sqrt(q / p)
-    if name == "chi2":  # 2(p - q)/q
-        return 2 * (p + q) / q
-    if name == "reverse_chi2":  # 1 - (q/p)^2
-        return 1 + (q / p) ** 2
-    if name.startswith("tv"):  # bounded by 1 in magnitude, a few operations
-        return torch.full_like(p, 2.0)
-    return None
 
 
 class _KLTerms(_LossTerms):
