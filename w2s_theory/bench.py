@@ -700,6 +700,11 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
                          f"worst gap {row['worst_gap']:.2e}, peak {row['peak_mem_mb']:.0f} MB, "
                          f"{row['gflop_per_s']:.1f} GFLOP/s")
             del features, teacher
+        # Measured again beside the timed rows: a clock that has not ramped up (or a busy neighbour) can halve
+        # one measurement, and the fraction of peak is only meaningful against the best the machine shows
+        again = peak_gflops(dev, peak_matrix_size)
+        peak = dict(max(peak, again, key=lambda p: p["gflop_per_s"]),
+                    measurements=[peak["gflop_per_s"], again["gflop_per_s"]])
         largest, largest_shared = rows["per_student"][-1], rows["shared"][-1]
         keep = ("B", "s_per_student", "worst_gap", "peak_mem_mb", "students_per_s", "mean_iterations",
                 "gflop_per_s", "multiply_adds_per_student", "times")
@@ -721,6 +726,7 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
         out["ratio_vs_cvxpy_runs"] = [cvx["s_per_student"] * largest["B"] / t for t in largest["times"]]
         out["flops"] = {
             "peak_gflop_per_s": peak["gflop_per_s"], "peak_matrix_size": peak["matrix_size"],
+            "peak_gflop_per_s_measurements": peak["measurements"],
             "mixture_gflop_per_s": largest["gflop_per_s"],
             "mixture_fraction_of_peak": largest["gflop_per_s"] / peak["gflop_per_s"],
             "mixture_multiply_adds_per_student": largest["multiply_adds_per_student"],
