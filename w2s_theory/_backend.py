@@ -95,3 +95,16 @@ def resolve_device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
     return dev
+
+
+def proc_kib_entry(path: str, key: str) -> int | None:
+    """The ``key:`` entry of a /proc file given in kiB (``/proc/meminfo``, ``/proc/self/status``), in bytes;
+    ``None`` where the file or the entry is unavailable (other systems)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -69,7 +69,7 @@ import time
 import numpy as np
 import torch
 
-from ._backend import resolve_device
+from ._backend import proc_kib_entry, resolve_device
 from .divergences import get_loss
 from .heads import LinearHead, MixtureHead
 
@@ -196,14 +196,7 @@ class _PeakRSS:
     @staticmethod
     def high_water_mark() -> int | None:
         """``VmHWM`` of /proc/self/status in bytes (``None`` where unavailable)."""
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
+        return proc_kib_entry("/proc/self/status", "VmHWM")
 
     def __enter__(self):
         self.base = self.rss()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import resolve_device
+from ._backend import proc_kib_entry, resolve_device
 from .pipeline import RunSpec, run_specs
 from .profile import phase
 from .store import ResultsStore
@@ -107,13 +107,9 @@ def free_memory_bytes(device="cpu") -> int:
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    available = proc_kib_entry("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # not on this platform: assume a small machine
