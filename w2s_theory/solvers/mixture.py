@@ -733,6 +733,9 @@ def fit_mixture_batched(
     value = terms.value(probs)
     G_all = torch.zeros_like(A)
     gap_all = torch.full_like(value, float("inf"))
+    # The best certified point each student has visited: past its rounding floor (a tol below it) an
+    # iteration can wander off a point whose gap was small, and the student then returns the better one
+    best_A, best_gap = A.clone(), torch.full_like(value, float("inf"))
     k2_fast = k == 2
     barrier_free = loss.name == "squared"
     mm_step = _MM_STEPS.get(loss.name)
@@ -788,6 +791,8 @@ def fit_mixture_batched(
         rows = fused.nonzero()[:, 0] if bool(fused.any()) else None
         G, gap, dphi, H_fused = _certified_gradient(d, tw, Aw, Pw, al, rows, k2_fast)
         G_all[ws], gap_all[ws] = G, gap
+        better = gap < best_gap[ws]
+        best_gap[ws[better]], best_A[ws[better]] = gap[better], Aw[better]
         running = running & ~(gap <= tol)
         if it == max_iter or not running.any():
             break
@@ -866,6 +871,13 @@ def fit_mixture_batched(
             need_hessian |= ~(tw.relative_change(P_old, Pw) <= hessian_reuse_change)
         iterations[ws[running | stalled]] += 1
     A[ws], probs[ws], value[ws] = Aw, Pw, Vw
+    back = (best_gap < gap_all).nonzero()[:, 0]
+    if back.numel():  # rare: recomputed (prediction, value, certificate) at the best point for these alone
+        A[back] = best_A[back]
+        d, tw = design.take(back), terms.take(back)
+        probs[back] = d.predict(A[back])
+        value[back] = tw.value(probs[back])
+        G_all[back], gap_all[back], _, _ = _certified_gradient(d, tw, A[back], probs[back], allowed[back])
     return _result(design, loss, A, probs, value, G_all, gap_all, allowed, feasible_problem, iterations, tol)
 
 
