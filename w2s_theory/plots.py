@@ -294,8 +294,9 @@ def plot_noise_robustness(summary: pd.DataFrame, references: pd.DataFrame, world
                                 color=st["color"], marker=st["marker"], linestyle=st["linestyle"], capsize=3,
                                 markersize=5, linewidth=1.4)
                 if (~shown).any():
-                    off = ", ".join(f"{x:.0%}: {'+∞' if not np.isfinite(m) else f'{m:.3g}'}"
-                                    for x, m in zip(noise[~shown], mean[~shown]))
+                    items = [f"{x:.0%}: {'+∞' if not np.isfinite(m) else f'{m:.3g}'}"
+                             for x, m in zip(noise[~shown], mean[~shown])]
+                    off = ",\n".join(", ".join(items[i:i + 3]) for i in range(0, len(items), 3))  # fits the axes
                     notes.append(f"{st['label']} off scale — {off}")
             if metric == "kl_error":
                 ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=top)
