@@ -333,16 +333,22 @@ def test_the_rounding_allowance_covers_each_field_losss_derivative_at_a_perturbe
     assert (err <= _gamma(m + 4, torch.float64) * M).all(), float((err / M).max() / _gamma(m + 4, torch.float64))
 
 
+def _tiny_class_instance(seed: int, n: int = 40):
+    """Simplex features (m = 3) and a teacher from a truth whose first class has mass about 1e-9, perturbed by
+    0.1%: derivatives cancel there and the iteration reaches its rounding floor."""
+    rng = np.random.default_rng(seed)
+    X = rng.dirichlet(np.ones(3), size=n)
+    truth = np.array([[1e-9, 2e-9, 0.5e-9], [0.3, 0.6, 0.2], [0.0, 0.0, 0.0]])
+    truth[2] = 1 - truth[0] - truth[1]
+    Q = X @ truth.T * (1 + 1e-3 * rng.standard_normal((n, 3)))
+    return X, Q / Q.sum(1, keepdims=True)
+
+
 def test_an_itakura_saito_students_gap_bounds_its_exact_frank_wolfe_gap():
     # One class with mass about 1e-9: the computed derivative 1/q - 1/p cancels to a tiny fraction of 1/p
     # (found in review: the reported gap was 1.32682e-6 against an exact 1.33941e-6)
-    rng = np.random.default_rng(3)
-    n, m, k = 40, 3, 3
-    X = rng.dirichlet(np.ones(m), size=n)
-    truth = np.array([[1e-9, 2e-9, 0.5e-9], [0.3, 0.6, 0.2], [0.0, 0.0, 0.0]])
-    truth[2] = 1 - truth[0] - truth[1]
-    Q = X @ truth.T * (1 + 1e-3 * rng.standard_normal((n, k)))
-    Q /= Q.sum(1, keepdims=True)
+    X, Q = _tiny_class_instance(3)
+    n, m, k = X.shape[0], X.shape[1], Q.shape[1]
     result = fit_mixture_batched(torch.tensor(X)[None], torch.tensor(Q)[None], get_loss("bregman:itakura_saito"),
                                  tol=1e-13)
     A = result.params["A"][0].tolist()
@@ -387,13 +393,7 @@ def test_a_student_returns_the_best_certified_point_it_visited(loss):
     # A class with mass about 1e-9 and a tol below the rounding floor: the iteration runs to max_iter and
     # wanders off points it had certified (found in review: reverse KL returned gap 2.2e-3 after visiting one
     # of 4.6e-13; forward KL 3.5e-5 to 2e-3)
-    rng = np.random.default_rng(1)
-    n, m, k = 40, 3, 3
-    X = rng.dirichlet(np.ones(m), size=n)
-    truth = np.array([[1e-9, 2e-9, 0.5e-9], [0.3, 0.6, 0.2], [0.0, 0.0, 0.0]])
-    truth[2] = 1 - truth[0] - truth[1]
-    Q = X @ truth.T * (1 + 1e-3 * rng.standard_normal((n, k)))
-    Q /= Q.sum(1, keepdims=True)
+    X, Q = _tiny_class_instance(1)
     result = fit_mixture_batched(torch.tensor(X)[None], torch.tensor(Q)[None], get_loss(loss), tol=1e-13)
     assert float(result.gap[0]) <= 1e-8
     # the returned gap is the certificate of the returned point
