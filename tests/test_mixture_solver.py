@@ -198,6 +198,37 @@ def test_simplex_projection_is_exact_and_respects_forbidden_entries():
             assert (V[b, :, j][allowed[b, :, j] & ~pos] <= t[0] + 1e-12).all()
 
 
+def _sort_based_projection(V, allowed):
+    """The general projection's own formula (Duchi et al. 2008: sort, prefix sums, last index where
+    ``u_r - (sum_{s<=r} u_s - 1)/r > 0``), evaluated here for any ``k`` as the reference of the ``k = 2`` path."""
+    col_max = torch.where(allowed, V, torch.full_like(V, -float("inf"))).amax(dim=1, keepdim=True)
+    V = torch.where(allowed, V, col_max - 2)
+    u, _ = torch.sort(V, dim=1, descending=True)
+    css = u.cumsum(dim=1) - 1
+    j = torch.arange(1, V.shape[1] + 1, dtype=V.dtype)[None, :, None]
+    rho = (u - css / j > 0).to(V.dtype).cumsum(dim=1).argmax(dim=1, keepdim=True)
+    theta = torch.gather(css, 1, rho) / (rho + 1).to(V.dtype)
+    return torch.where(allowed, (V - theta).clamp_min(0), torch.zeros_like(V))
+
+
+def test_two_class_projection_is_bit_identical_to_the_sort_based_formula():
+    """The ``k = 2`` path replaces sort, prefix sums and arg-max by a max, a min and a comparison: the same
+    floating-point operations on each entry, so the students of earlier runs are reproduced bit for bit.
+    Inputs: scales 1e-20..1e20, ties, one entry at 1e300 and a subnormal, forbidden entries."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        scale = 10.0 ** (trial % 41 - 20)
+        V = torch.randn(40, 2, 16, generator=g, dtype=torch.float64) * scale
+        V[:, :, 0] = 0.5
+        V[:, 1, 1:4] = V[:, 0, 1:4]
+        V[:, 0, 4], V[:, 1, 5] = 1e300, 5e-324
+        allowed = torch.rand(40, 2, 16, generator=g) < 0.8
+        fast, reference = _project_columns_to_simplex(V, allowed), _sort_based_projection(V, allowed)
+        assert torch.equal(fast.isnan(), reference.isnan()), trial
+        assert torch.equal(fast.nan_to_num(-7.0), reference.nan_to_num(-7.0)), trial
+        assert (fast[~allowed] == 0).all()
+
+
 def test_sub_batches_give_bit_identical_students():
     # The per-student layout's arithmetic for one student does not depend on the rest of the batch; the
     # sweep's reproducibility (rows independent of chunking) and the CPU sub-batching rely on it.

