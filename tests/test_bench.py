@@ -29,6 +29,13 @@ def test_bench_reports_every_field_of_the_design_contract():
         # achieved rate = 2 flops per counted multiply-add, over the median time of the batch
         median = statistics.median(row["times"])
         assert row["gflop_per_s"] == pytest.approx(2 * row["multiply_adds_per_student"] * row["B"] / median / 1e9)
+    for row in out["batched"]:  # per-student features: the solver's counted work and its floor at measured rates
+        work, floor = row["work_per_student"], row["floor"]
+        assert work["feature_reads"] >= 2 and work["hessians"] >= 1
+        assert floor["s_per_student"] == pytest.approx(work["feature_reads"] * floor["read_s_per_student"]
+                                                       + work["hessians"] * floor["hessian_s_per_student"])
+        assert floor["share_of_measured"] == pytest.approx(floor["s_per_student"] / row["s_per_student"])
+    assert all(row["floor"] is None for row in out["batched_shared"])
     assert out["adam_worst_gap"] > 0  # measured at the Adam loop's end point, not assumed
     assert out["ratio_vs_cvxpy"] == pytest.approx(out["cvxpy_s_per_student"] / out["batched"][-1]["s_per_student"])
     # the headline ratio is the median of the per-run ratios (odd number of timed runs)

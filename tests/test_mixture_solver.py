@@ -437,3 +437,19 @@ def test_a_student_returns_the_best_certified_point_it_visited(loss):
     _, gap, _, _ = _certified_gradient(design, terms, A, design.predict(A), _allowed_entries(design, teacher,
                                                                                              get_loss(loss)))
     assert torch.equal(gap, result.gap)
+
+
+def test_the_work_counters_count_each_pass_over_the_features_and_add_up_over_sub_batches():
+    """``info["work"]``: at ``max_iter = 0`` a student costs its start's prediction, one gradient sweep and the
+    Hessian formed in that sweep (k = 2, one block); sub-batches sum to the counts of the whole batch."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.softmax(torch.randn(6, 40, 5, generator=g, dtype=torch.float64), -1)
+    Q = torch.softmax(torch.randn(6, 40, 2, generator=g, dtype=torch.float64), -1)
+    loss = get_loss("reverse_kl")
+    start = fit_mixture_batched(X, Q, loss, tol=1e-9, max_iter=0)
+    assert start.info["work"] == {"feature_reads": 2 * 6, "hessians": 6}
+    parts = fit_mixture_batched(X, Q, loss, tol=1e-9, sub_batch_bytes=2 * 40 * 5 * 8)  # 2 students a part
+    alone = [fit_mixture_batched(X[s : s + 2], Q[s : s + 2], loss, tol=1e-9, sub_batch_bytes=None) for s in (0, 2, 4)]
+    assert parts.info["work"] == {key: sum(a.info["work"][key] for a in alone) for key in ("feature_reads", "hessians")}
+    # every Newton iteration reads the features at least twice (a trial's prediction, the next gradient)
+    assert parts.info["work"]["feature_reads"] >= 2 * int(parts.iterations.sum()) + 6

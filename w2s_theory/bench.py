@@ -371,7 +371,7 @@ def bench_batched(B: int, *, shared: bool, device: torch.device, repeats: int = 
     """Seconds per student of the batched mixture solver for ``B`` students, worst certified gap, peak
     memory and achieved GFLOP/s (:func:`mixture_multiply_adds`). Data from :func:`workload` unless given
     (then the first ``B`` teachers, and the first ``B`` feature matrices unless ``shared``)."""
-    from .solvers.mixture import fit_mixture_batched
+    from .solvers.mixture import fit_mixture_batched, work_floor
 
     if features is None:
         features, teacher = workload(B, n=n, m=m, k=k, shared=shared, seed=seed, device=device)
@@ -384,13 +384,20 @@ def bench_batched(B: int, *, shared: bool, device: torch.device, repeats: int = 
     seconds, times, peak, result = _timed(lambda: fit_mixture_batched(features, teacher, loss_obj, tol=tol),
                                           device, repeats)
     macs = mixture_multiply_adds(n, m, k, result.iterations)
-    return {
+    row = {
         "B": B, "layout": "shared" if shared else "per_student", "s_per_student": seconds / B,
         "students_per_s": B / seconds, "worst_gap": float(result.gap.max()),
         "all_converged": bool(result.converged.all()), "mean_iterations": float(result.iterations.float().mean()),
         "peak_mem_mb": peak, "multiply_adds_per_student": macs, "gflop_per_s": 2 * macs * B / seconds / 1e9,
-        "times": times,
+        "times": times, "work_per_student": None, "floor": None,
     }
+    if not shared:  # per-student features stream from memory: the counted work at measured rates is a floor
+        work = {key: value / B for key, value in result.info["work"].items()}
+        unit = work_floor(features, repeats=repeats)
+        floor = work["feature_reads"] * unit["read_s_per_student"] + work["hessians"] * unit["hessian_s_per_student"]
+        row["work_per_student"] = work
+        row["floor"] = dict(unit, s_per_student=floor, share_of_measured=floor * B / seconds)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -628,10 +635,11 @@ def bench_sparse(*, B: int, device: torch.device, cvxpy_students: int = 3, repea
                      "mean_iterations": row["mean_iterations"], "peak_mem_mb": row["peak_mem_mb"],
                      "gflop_per_s": row["gflop_per_s"], "cvxpy_s_per_student": cvx["s_per_student"],
                      "cvxpy_worst_gap": cvx["worst_gap"], "cvxpy_students": cvxpy_students,
-                     "ratio_vs_cvxpy": cvx["s_per_student"] / row["s_per_student"]}
+                     "ratio_vs_cvxpy": cvx["s_per_student"] / row["s_per_student"],
+                     "work_per_student": row["work_per_student"], "floor": row["floor"]}
         progress(f"  sparse {name:14s} B={B}: {row['s_per_student'] * 1e3:8.3f} ms/student (worst gap "
-                 f"{row['worst_gap']:.2e}), cvxpy {cvx['s_per_student']:.3f} s/student: "
-                 f"{out[name]['ratio_vs_cvxpy']:.0f}x")
+                 f"{row['worst_gap']:.2e}, work floor {row['floor']['s_per_student'] * 1e3:.3f} ms), "
+                 f"cvxpy {cvx['s_per_student']:.3f} s/student: {out[name]['ratio_vs_cvxpy']:.0f}x")
     return out
 
 
@@ -689,9 +697,13 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
                 row = bench_batched(B, shared=layout == "shared", device=dev, repeats=repeats, tol=tol,
                                     features=features, teacher=teacher)
                 rows[layout].append(row)
+                floor = row["floor"]
                 progress(f"mixture {layout:11s} B={B:5d}: {row['s_per_student'] * 1e3:8.3f} ms/student, "
                          f"worst gap {row['worst_gap']:.2e}, peak {row['peak_mem_mb']:.0f} MB, "
-                         f"{row['gflop_per_s']:.1f} GFLOP/s")
+                         f"{row['gflop_per_s']:.1f} GFLOP/s"
+                         + (f", work floor {floor['s_per_student'] * 1e3:.3f} ms "
+                            f"({row['work_per_student']['feature_reads']:.1f} reads, "
+                            f"{row['work_per_student']['hessians']:.1f} Hessians)" if floor else ""))
             del features, teacher
         # Measured again beside the timed rows: a clock that has not ramped up (or a busy neighbour) can halve
         # one measurement, and the fraction of peak is only meaningful against the best the machine shows
@@ -700,7 +712,7 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
                     measurements=[peak["gflop_per_s"], again["gflop_per_s"]])
         largest, largest_shared = rows["per_student"][-1], rows["shared"][-1]
         keep = ("B", "s_per_student", "worst_gap", "peak_mem_mb", "students_per_s", "mean_iterations",
-                "gflop_per_s", "multiply_adds_per_student", "times")
+                "gflop_per_s", "multiply_adds_per_student", "times", "work_per_student", "floor")
         mixture_ok = all(r["worst_gap"] <= tol for r in rows["per_student"] + rows["shared"])
         certified.append(mixture_ok)
         out.update({

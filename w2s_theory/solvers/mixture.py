@@ -61,10 +61,17 @@ from ..heads import MixtureHead
 from .conditioning import derivative_term_magnitude
 from .result import FitResult
 
-__all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate"]
+__all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate", "work_floor", "default_hessian_dtype"]
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 40
+
+
+def _new_work() -> dict:
+    """Work counters of one fit: ``feature_reads`` (students' products with their features: predictions,
+    gradient sweeps), ``hessians`` (students' curvature-block products). Per-student features are read from
+    memory once per counted read, which makes the counts a floor on the solve's time (``w2s-theory bench``)."""
+    return {"feature_reads": 0, "hessians": 0}
 
 
 class _StudentFeatures:
@@ -76,10 +83,11 @@ class _StudentFeatures:
 
     shared = False
 
-    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, buffers=None):
+    def __init__(self, X: torch.Tensor, hessian_dtype: torch.dtype, buffers=None, work=None):
         self.X = X
         self.n, self.m = X.shape[-2], X.shape[-1]
         self.hessian_dtype = hessian_dtype
+        self.work = _new_work() if work is None else work
         # Scratch space for X and sqrt(curvature) * X in the Hessian's dtype, allocated once. On CPU the
         # Hessians are formed a few students at a time, so that the scratch stays in the core's cache between
         # its write and the product that reads it (one pass over the features from memory instead of three, and
@@ -93,14 +101,16 @@ class _StudentFeatures:
         self._buffers = buffers
 
     def take(self, keep: torch.Tensor) -> "_StudentFeatures":
-        return _StudentFeatures(self.X[keep], self.hessian_dtype, self._buffers)
+        return _StudentFeatures(self.X[keep], self.hessian_dtype, self._buffers, self.work)
 
     def support_products(self, zero_teacher: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        self.work["feature_reads"] += rows.numel()
         support = (self.X[rows] > 0).to(zero_teacher.dtype)
         return torch.bmm(zero_teacher, support)
 
     def predict(self, A: torch.Tensor) -> torch.Tensor:
         """``A X^T``, ``(B, k, n)``."""
+        self.work["feature_reads"] += A.shape[0]
         return torch.bmm(A, self.X.transpose(1, 2))
 
     def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
@@ -114,6 +124,7 @@ class _StudentFeatures:
         once for both products. The gradient is always formed chunk by chunk, so that its arithmetic does
         not depend on which students also get a Hessian."""
         b = dphi.shape[0]
+        self.work["feature_reads"] += b
         grad = torch.empty((b, dphi.shape[1], self.m), dtype=dphi.dtype, device=dphi.device)
         chunk = self._chunk or b
         hessian = rows is not None and rows.numel() > 0
@@ -145,6 +156,7 @@ class _StudentFeatures:
         prediction near a barrier: ``n max w`` near the dtype's range) would overflow or lose their range;
         those students are recomputed in float64, so the choice depends on the student alone."""
         b = weights.shape[0]
+        self.work["feature_reads"] += b
         chunk = self._chunk or b
         roots, Hh = self._hessian_scratch(weights, chunk)
         for start in range(0, b, chunk):
@@ -163,6 +175,7 @@ class _StudentFeatures:
 
     def _hessian_chunk(self, X, roots, out):
         """``out[:, y] = Y^T Y`` with ``Y = roots[:, y] * X`` for a chunk of students, in the scratch space."""
+        self.work["hessians"] += X.shape[0]
         if self.hessian_dtype != X.dtype:
             X = self._buffers[0][: X.shape[0]].copy_(X)
         Y = self._buffers[1][: X.shape[0]]
@@ -179,6 +192,8 @@ class _StudentFeatures:
             extreme = (weights.amax(dim=(1, 2)) * self.n >= limit) | ~torch.isfinite(H.sum(dim=(1, 2, 3)))
             if extreme.any():
                 idx = extreme.nonzero()[:, 0]
+                self.work["hessians"] += idx.numel()
+                self.work["feature_reads"] += idx.numel()
                 X64 = (self.X if rows is None else self.X[rows])[idx]
                 roots64 = weights[idx].clamp_min(0).sqrt()
                 for y in range(c):
@@ -196,6 +211,7 @@ class _SharedFeatures:
         self.X = X
         self.n, self.m = X.shape
         self.hessian_dtype = hessian_dtype
+        self.work = _new_work()
         self._iu, self._ju = torch.triu_indices(self.m, self.m, device=X.device)
         # Row i holds the upper triangle of h_i h_i^T: the Hessians of all students are then W @ Z.
         self._Z = (X[:, self._iu] * X[:, self._ju]).to(hessian_dtype)
@@ -209,10 +225,12 @@ class _SharedFeatures:
 
     def predict(self, A: torch.Tensor) -> torch.Tensor:
         B, k, m = A.shape
+        self.work["feature_reads"] += B
         return (A.reshape(B * k, m) @ self.X.T).reshape(B, k, self.n)
 
     def gradient(self, dphi: torch.Tensor) -> torch.Tensor:
         B, c, n = dphi.shape
+        self.work["feature_reads"] += B
         return (dphi.reshape(B * c, n) @ self.X).reshape(B, c, self.m) / n
 
     def gradient_and_curvature(self, dphi, weights=None, rows=None):
@@ -222,6 +240,7 @@ class _SharedFeatures:
 
     def curvature_blocks(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         b, c, n = weights.shape
+        self.work["hessians"] += b
         flat = weights.reshape(b * c, n).to(self.hessian_dtype) @ self._Z
         flat = flat.to(torch.float64).reshape(b, c, -1) / n
         H = torch.zeros((b, c, self.m, self.m), dtype=torch.float64, device=weights.device)
@@ -664,6 +683,48 @@ def _entropic_step(A, G, column_mass, allowed):
 _MM_STEPS = {"forward_kl": _em_step, "forward_ce": _em_step, "reverse_kl": _entropic_step}
 
 
+def default_hessian_dtype(features: torch.Tensor) -> torch.dtype:
+    """float32 for per-student features on CPU (half the cost of the dominant product; the certificate stays
+    in the features' dtype), the features' dtype otherwise."""
+    return torch.float32 if (features.device.type == "cpu" and features.ndim == 3) else features.dtype
+
+
+def work_floor(features: torch.Tensor, *, repeats: int = 3, sub_batch_bytes: int = 2**27) -> dict:
+    r"""Seconds per student of the two units of work that :func:`fit_mixture_batched` counts in
+    ``info["work"]``, measured with its own code on per-student ``features`` ``(B, n, m)``: a *read* (the
+    prediction :math:`AX^\top` of every student, ``k = 2``: one pass over its features from memory) and a
+    *Hessian* beyond its read (:math:`X^\top\mathrm{diag}(w)X` in the default dtype, minus a read: the solver
+    forms most Hessians inside the gradient's pass). ``reads * read + hessians * hessian`` is then the time the
+    counted work takes at this machine's measured rates, a floor for the solve (the rest is elementwise
+    arithmetic on predictions and Python). Median of ``repeats``; sub-batches as in the solver."""
+    import statistics
+    import time
+
+    B, n, m = features.shape
+    dtype = default_hessian_dtype(features)
+    size = max(1, sub_batch_bytes // (n * m * features.element_size()))
+    parts = [_StudentFeatures(features[s : s + size], dtype) for s in range(0, B, size)]
+    A = torch.full((min(size, B), 2, m), 0.5, dtype=features.dtype, device=features.device)
+    weights = torch.ones((min(size, B), 1, n), dtype=features.dtype, device=features.device)
+    sync = torch.cuda.synchronize if features.device.type == "cuda" else (lambda: None)
+
+    def timed(work):
+        work()
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            work()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) / B
+
+    read = timed(lambda: [p.predict(A[: p.X.shape[0]]) for p in parts])
+    hessian = timed(lambda: [p.curvature_blocks(weights[: p.X.shape[0]]) for p in parts])
+    return {"read_s_per_student": read, "hessian_s_per_student": max(hessian - read, 0.0),
+            "hessian_dtype": str(dtype).replace("torch.", "")}
+
+
 def fit_mixture_batched(
     features: torch.Tensor,
     teacher: torch.Tensor,
@@ -724,7 +785,7 @@ def fit_mixture_batched(
                 for s in range(0, B, size)
             ])
     if hessian_dtype is None:
-        hessian_dtype = torch.float32 if (dev.type == "cpu" and not shared) else dtype
+        hessian_dtype = default_hessian_dtype(features)
     design = _SharedFeatures(features, hessian_dtype) if shared else _StudentFeatures(features, hessian_dtype)
     Qt = teacher.transpose(1, 2).contiguous()  # class-major (B, k, n), like the predictions
     allowed = _allowed_entries(design, Qt, loss)
@@ -872,6 +933,7 @@ def fit_mixture_batched(
         if use_mm.any():
             if mass is None:
                 mass = (d.X.sum(dim=-2) / n).expand(Aw.shape[0], -1)[:, None, :]
+                d.work["feature_reads"] += Aw.shape[0]
             cm = mass
             idx, trial, Pt, Vt, ok = evaluate_some(
                 use_mm.nonzero()[:, 0], lambda pick: mm_step(pick(A_old), pick(G), pick(cm), pick(al)), False)
@@ -916,7 +978,7 @@ def _result(design, loss, A, probs, value, G, gap, allowed, feasible_problem, it
         objective=value, gap=gap, certificate="frank_wolfe", grad_norm=grad_norm, iterations=iterations,
         converged=gap <= tol,
         method="projected-newton" if not loss.linear_in_probabilities else "linear-minimisation-oracle",
-        info={"shared_features": design.shared, "tol": tol},
+        info={"shared_features": design.shared, "tol": tol, "work": dict(design.work)},
     )
 
 

@@ -83,8 +83,16 @@ class FitResult:
             head=first.head, loss=first.loss, params={k: torch.cat([p.params[k] for p in parts]) for k in first.params},
             probs=cat("probs"), objective=cat("objective"), gap=cat("gap"), certificate=first.certificate,
             grad_norm=cat("grad_norm"), iterations=cat("iterations"), converged=cat("converged"),
-            method=first.method, info=dict(first.info),
+            method=first.method, info=_concat_info(parts),
         )
+
+
+def _concat_info(parts: list["FitResult"]) -> dict:
+    """The first part's ``info``, with work counters (``info["work"]``, a dict of counts) summed over parts."""
+    info = dict(parts[0].info)
+    if all(isinstance(p.info.get("work"), dict) for p in parts):
+        info["work"] = {key: sum(p.info["work"].get(key, 0) for p in parts) for key in parts[0].info["work"]}
+    return info
 
 
 def single_student(name: str, array) -> np.ndarray:
