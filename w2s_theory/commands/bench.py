@@ -200,6 +200,14 @@ def report(result: dict) -> str:
         lines.append(f"mixture FLOP rate at B={B}: {flops['mixture_gflop_per_s']:.2f} GFLOP/s = "
                      f"{100 * flops['mixture_fraction_of_peak']:.1f}% of the float64 matmul peak "
                      f"({flops['mixture_multiply_adds_per_student'] / 1e6:.1f} M multiply-adds per student)")
+        largest = result["batched"][-1]
+        if largest.get("floor"):
+            work, floor = largest["work_per_student"], largest["floor"]
+            lines.append(f"mixture work at B={B}: {work['feature_reads']:.1f} reads of a student's features and "
+                         f"{work['hessians']:.1f} Hessians per student, {floor['s_per_student'] * 1e3:.3f} ms at this "
+                         f"machine's measured rates ({floor['read_s_per_student'] * 1e6:.0f} us a read, "
+                         f"{floor['hessian_s_per_student'] * 1e6:.0f} us a Hessian) = "
+                         f"{100 * floor['share_of_measured']:.0f}% of the measured {largest['s_per_student'] * 1e3:.3f} ms")
     for head, key, name in (("linear", "ratio_vs_cvxpy", "cvxpy"), ("softmax", "ratio_vs_lbfgs", "scipy L-BFGS"),
                             ("squared", "ratio_vs_numpy", "numpy lstsq")):
         h = result["heads"].get(head)
