@@ -191,3 +191,101 @@ def softmax_forward_optimum(X, Q, loss: str, *, bias: bool = True, iterations: i
             else:
                 break
         return f
+
+
+def _mixture_term(q, p, loss: str):
+    """One class's loss term in extended precision (``0 log 0 = 0``; a reverse loss at ``q = 0 < p`` is inf)."""
+    if loss in ("forward_kl", "forward_ce"):
+        if q == 0:
+            return mpf(0)
+        return (q * mpmath.log(q) if loss == "forward_kl" else mpf(0)) - q * mpmath.log(p)
+    if loss == "reverse_kl":
+        if p == 0:
+            return mpf(0)
+        return mpmath.inf if q == 0 else p * (mpmath.log(p) - mpmath.log(q))
+    if loss == "reverse_ce":
+        if p == 0:
+            return mpf(0)
+        return mpmath.inf if q == 0 else -p * mpmath.log(q)
+    if loss == "squared":
+        return (p - q) ** 2
+    raise ValueError(loss)
+
+
+def mixture_objective(X, Q, A, loss: str, *, feasible: bool = False) -> mpf:
+    r"""The mixture head's objective :math:`\frac1n\sum_i\sum_y \ell(q_{iy}, (Ah_i)_y)` at the float head ``A``
+    ``(k, m)``, every input taken as the exact number it represents. ``feasible``: first make each column sum
+    to 1 exactly (its largest entry becomes 1 minus the others), so that the value is an upper bound on the
+    minimum (a float head computed from a closed form sums to 1 only within rounding)."""
+    with mp.workdps(DPS):
+        Xm, Qm, Am = _matrix(X), _matrix(Q), _matrix(A)
+        if feasible:
+            for j in range(len(Am[0])):
+                top = max(range(len(Am)), key=lambda y: Am[y][j])
+                Am[top][j] = 1 - mpmath.fsum(Am[y][j] for y in range(len(Am)) if y != top)
+        total = mpf(0)
+        for x, q in zip(Xm, Qm):
+            for y, row in enumerate(Am):
+                total += _mixture_term(q[y], mpmath.fsum(a * h for a, h in zip(row, x)), loss)
+        return total / len(Xm)
+
+
+def two_class_mixture_optimum(X, Q, loss: str, *, iterations: int = 80):
+    r"""Minimum of the two-class mixture objective over :math:`A = (a, 1-a)`, :math:`a\in[0,1]^m`, by damped
+    Newton in extended precision from :math:`a = 1/2`, for instances whose optimum is interior: returns the
+    optimum value, or ``None`` when an iterate reaches the box's boundary (no verdict) or the gradient does not
+    vanish to 1e-40 (the first-order condition of this convex problem certifies the minimum)."""
+    with mp.workdps(DPS):
+        Xm, Qm = _matrix(X), _matrix(Q)
+        m = len(Xm[0])
+
+        def value(a):
+            A = [a, [1 - v for v in a]]
+            total = mpf(0)
+            for x, q in zip(Xm, Qm):
+                for y in range(2):
+                    p = mpmath.fsum(A[y][j] * x[j] for j in range(m))
+                    if p <= 0:
+                        return mpmath.inf
+                    total += _mixture_term(q[y], p, loss)
+            return total / len(Xm)
+
+        def derivatives(a):
+            g, H = [mpf(0)] * m, [[mpf(0)] * m for _ in range(m)]
+            for x, q in zip(Xm, Qm):
+                p0 = mpmath.fsum(a[j] * x[j] for j in range(m))
+                p1 = mpmath.fsum((1 - a[j]) * x[j] for j in range(m))
+                if loss == "reverse_kl":
+                    d = (mpmath.log(p0) - mpmath.log(q[0])) - (mpmath.log(p1) - mpmath.log(q[1]))
+                    c = 1 / p0 + 1 / p1
+                else:  # forward KL / CE
+                    d = -q[0] / p0 + q[1] / p1
+                    c = q[0] / p0**2 + q[1] / p1**2
+                for j in range(m):
+                    g[j] += d * x[j]
+                    for l in range(m):
+                        H[j][l] += c * x[j] * x[l]
+            n = len(Xm)
+            return [v / n for v in g], mpmath.matrix([[v / n for v in row] for row in H])
+
+        a = [mpf(1) / 2] * m
+        current = value(a)
+        for _ in range(iterations):
+            g, H = derivatives(a)
+            if max(abs(v) for v in g) < mpf(10) ** -40:
+                return current
+            step = mpmath.lu_solve(H, mpmath.matrix(g))
+            t = mpf(1)
+            while True:
+                trial = [a[j] - t * step[j] for j in range(m)]
+                if all(0 < v < 1 for v in trial):
+                    v = value(trial)
+                    if v <= current:
+                        break
+                t /= 2
+                if t < mpf(10) ** -30:
+                    return None
+            if t < 1 and not all(0 < v < 1 for v in [a[j] - step[j] for j in range(m)]):
+                return None  # the full step leaves the box: the optimum may be on its boundary
+            a, current = trial, v
+        return None

@@ -64,6 +64,7 @@ from .result import FitResult
 __all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate", "work_floor", "default_hessian_dtype"]
 
 _ARMIJO = 1e-4
+_U64 = 2.0**-53
 _MAX_BACKTRACK = 40
 
 
@@ -486,10 +487,14 @@ def _gamma(count: int, dtype) -> float:
     return count * u / (1 - count * u)
 
 
-def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_rows=None, k2_fast=False):
-    r"""Gradient ``G`` ``(B, k, m)`` at ``A``, its certified Frank–Wolfe gap ``(B,)``, the per-sample
-    derivatives ``(B, k, n)`` and, for the students ``hessian_rows`` (sorted; ``None`` for none), the
-    curvature blocks at ``A``, formed in the same sweep over the features as the gradient.
+def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_rows=None, k2_fast=False,
+                        modulus=None):
+    r"""Gradient ``G`` ``(B, k, m)`` at ``A``, its certified gap ``(B,)``, the per-sample derivatives
+    ``(B, k, n)``, for the students ``hessian_rows`` (sorted; ``None`` for none) the curvature blocks at ``A``,
+    formed in the same sweep over the features as the gradient, and which gaps are strong-convexity bounds.
+
+    The gap is the Frank–Wolfe gap below or, for students with a certified ``modulus`` (``k = 2``,
+    :func:`_strong_convexity_modulus`), the smaller of it and :func:`_strong_convexity_gap`.
 
     The gap :math:`g(A) = \max_S\langle G, A - S\rangle \ge \Phi(A) - \Phi^\star` is increased by a
     bound on the floating-point error of its own evaluation, so that it bounds the *exact* gap of ``A``
@@ -516,12 +521,101 @@ def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_ro
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
     # frank_wolfe_gap sums A (G - Gmin), which is <G, A> - min G per column only where the column sums to 1;
     # after projections and renormalisations it does so within a few units of roundoff
+    # (the computed sum itself errs by up to gamma_k sum|A|: a column whose sum rounds to 1 need not be 1)
     Gmin = torch.where(allowed, G, torch.full_like(G, float("inf"))).amin(dim=1)
-    off = (A.sum(dim=1) - 1).abs()
+    off = (A.sum(dim=1) - 1).abs() + _gamma(k, dphi.dtype) * A.abs().sum(dim=1)
     column_sum_error = torch.where(off > 0, off * Gmin.abs(), torch.zeros_like(off)).sum(dim=-1)
     column_sum_error = column_sum_error * (1 + _gamma(k + 2, dphi.dtype))
     gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + design.m, dphi.dtype) * gap + column_sum_error
-    return G, torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap), dphi, H
+    gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
+    from_modulus = torch.zeros_like(gap, dtype=torch.bool)
+    if modulus is not None and k == 2 and bool((modulus > 0).any()):
+        bound = _strong_convexity_gap(G, eps_G, A, allowed, modulus, design.n)
+        from_modulus = bound < gap
+        gap = torch.where(from_modulus, bound, gap)
+    return G, gap, dphi, H, from_modulus
+
+
+#: Share of a two-class student's curvature at the uniform start that every feasible point keeps, by loss
+#: (:func:`_strong_convexity_modulus`): with :math:`s_i = \sum_j h_{ij}` and :math:`p_{i0} + p_{i1} = s_i`,
+#: reverse KL's :math:`1/p_{i0} + 1/p_{i1} \ge 4/s_i`, its value at the start (AM-HM); forward KL's (and CE's)
+#: :math:`q_0/p_0^2 + q_1/p_1^2 \ge (q_0^{1/3} + q_1^{1/3})^3/s^2 \ge (q_0 + q_1)/s^2`, a quarter of its value
+#: :math:`4(q_0 + q_1)/s^2` at the start.
+_START_CURVATURE_SHARE = {"reverse_kl": 1.0, "forward_kl": 0.25, "forward_ce": 0.25}
+
+
+def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.Tensor:
+    r"""A certified lower bound :math:`\mu` on the smallest eigenvalue of the two-class Hessian
+    :math:`\nabla^2\varphi(a) = \frac1n\sum_i w_i(a)h_ih_i^\top` over the whole feasible set
+    (:math:`A = (a, 1-a)`, :math:`a\in[0,1]^m`), from ``H0`` ``(b, m, m)``, the computed Hessian at the
+    uniform start; 0 where none is proved.
+
+    Every feasible point keeps ``share`` of the start's curvature per sample (:data:`_START_CURVATURE_SHARE`),
+    up to the rounding of the start's weights :math:`\hat w_i` (predictions within :math:`\gamma_m`, a few
+    divisions: :math:`w_i \ge \kappa\hat w_i` with :math:`\kappa = \mathrm{share}\,(1-\gamma_{2m+6})`), so
+    :math:`\nabla^2\varphi \succeq \kappa H_w` with :math:`H_w = \frac1n\sum_i\hat w_ih_ih_i^\top` in exact
+    arithmetic. The computed ``H0`` (products in ``hessian_dtype``, :math:`n` terms, a few roundings each)
+    has :math:`|\hat H - H_w| \le \gamma_{n+8}|Y|^\top|Y|/n` entrywise, :math:`Y = \sqrt{\hat w}\circ X`,
+    whose spectral norm is at most its trace: :math:`\|H_w - \hat H\|_2 \le \delta := \gamma_{n+8}
+    \mathrm{tr}\,H_w`. A shift :math:`t` a quarter below :math:`\lambda_{\min}(\hat H)` (power iteration on
+    :math:`\hat H^{-1}`) is proved by :func:`~.conditioning.positive_definite_bound` on :math:`\hat H - tI` (the
+    factorisation's own rounding included), so :math:`\lambda_{\min}(H_w) \ge t - \delta` (Weyl) and
+    :math:`\mu = \kappa(t - \delta)`."""
+    from .conditioning import positive_definite_bound, unit_roundoff_gamma
+
+    m = H0.shape[-1]
+    u = torch.finfo(hessian_dtype).eps / 2
+    count = n + 8
+    gamma_h = (count * u / (1 - count * u) if count * u < 0.5 else float("inf")) + 4 * _U64
+    trace = H0.diagonal(dim1=-2, dim2=-1).sum(-1) * (1 + unit_roundoff_gamma(m + 1))
+    error = gamma_h * trace / (1 - gamma_h) * (1 + 4 * _U64)  # >= ||H_w - H0||_2
+    # A shift t just below H0's smallest eigenvalue, estimated by power iteration on its inverse (any shift is
+    # safe: only the factorisation of the shifted matrix proves anything)
+    L, info = torch.linalg.cholesky_ex(H0)
+    eye = torch.eye(m, dtype=H0.dtype, device=H0.device)
+    inverse = torch.cholesky_inverse(torch.where((info == 0)[:, None, None], L, eye))
+    v = torch.ones_like(trace)[:, None].expand(-1, m).clone()
+    for _ in range(12):
+        v = (inverse @ v[..., None])[..., 0]
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    rayleigh = (v * (inverse @ v[..., None])[..., 0]).sum(-1)
+    shift = torch.where((info == 0) & (rayleigh > 0), 0.75 / rayleigh.clamp_min(1e-300), torch.zeros_like(trace))
+    # H0 - t I as stored: its diagonal rounded once (u (H0_jj + t) each); the proof covers the factorisation
+    diagonal_error = _U64 * (H0.diagonal(dim1=-2, dim2=-1).abs().amax(-1) + shift) * (1 + 4 * _U64)
+    proof = positive_definite_bound(H0 - shift[:, None, None] * eye, diagonal_error)
+    smallest = (shift - error) * (1 - 4 * _U64)  # lambda_min(H_w) >= lambda_min(H0) - ||H_w - H0||_2
+    mu = share * (1 - unit_roundoff_gamma(2 * m + 6)) * smallest * (1 - 8 * _U64)
+    good = proof.ok & (shift > 0) & torch.isfinite(mu) & (mu > 0)
+    return torch.where(good, mu, torch.zeros_like(mu))
+
+
+def _strong_convexity_gap(G, eps_G, A, allowed, modulus, n: int) -> torch.Tensor:
+    r"""For ``k = 2``: :math:`\Phi(A) - \Phi^\star \le \|v\|^2/(2\mu)`, where :math:`\mu` (``modulus``) is a
+    certified strong-convexity modulus of :math:`\varphi(a) = \Phi(a, 1-a)` on :math:`[0,1]^m` and :math:`v` the
+    smallest element of :math:`\nabla\varphi(a) + N_{[0,1]^m}(a)`: from :math:`\varphi(y) \ge \varphi(a) +
+    \langle v, y - a\rangle + \frac\mu2\|y-a\|^2` for feasible :math:`y`, minimised over :math:`y`. The
+    Frank–Wolfe gap is linear in the distance to the optimum, this bound quadratic: near the optimum it is
+    orders of magnitude smaller, which is what lets a student stop an iteration earlier.
+
+    :math:`\partial\varphi/\partial a_j = G_{0j} - G_{1j}` =: :math:`g_j`, known within
+    :math:`r_j = (\varepsilon_{0j} + \varepsilon_{1j})(1+\gamma_{n+4}) + u|\hat g_j|` (``eps_G``: the bound of
+    :func:`_certified_gradient` on :math:`|\hat G - G|`, itself computed by a rounded product). Then
+    :math:`|v_j| \le |\hat g_j| + r_j` inside the box, :math:`\max(r_j - \hat g_j, 0)` at :math:`a_j = 0` (only
+    a negative :math:`g_j` counts there), :math:`\max(\hat g_j + r_j, 0)` at :math:`a_j = 1`; the sums are
+    rounded up. Only for a student whose every column is :math:`(a_j, 1 - a_j)` *exactly*
+    (:func:`_exact_two_class_columns`) and whose entries are all allowed; ``inf`` otherwise."""
+    from .conditioning import unit_roundoff_gamma
+
+    m = A.shape[-1]
+    g = G[:, 0] - G[:, 1]
+    r = ((eps_G[:, 0] + eps_G[:, 1]) * (1 + unit_roundoff_gamma(n + 4)) + g.abs() * _U64) * (1 + 4 * _U64)
+    a = A[:, 0]
+    v = torch.where(a == 0, (r - g).clamp_min(0), torch.where(a == 1, (g + r).clamp_min(0), g.abs() + r))
+    bound = (v * v).sum(dim=-1) * (1 + unit_roundoff_gamma(m + 2)) / (2 * modulus) * (1 + 4 * _U64)
+    top = torch.maximum(A[:, 0], A[:, 1])
+    exact = ((torch.minimum(A[:, 0], A[:, 1]) == 1 - top) & (top >= 0.5)).all(dim=-1)
+    ok = exact & (modulus > 0) & allowed.all(dim=-1).all(dim=-1) & torch.isfinite(bound)
+    return torch.where(ok, bound, torch.full_like(bound, float("inf")))
 
 
 def _reduced_hessian_general(H, basis_onehot):
@@ -646,10 +740,32 @@ def _project_step(A, D, allowed, alpha, floor=None):
     iterations, not one per factor 2)."""
     V = _project_columns_to_simplex(A + alpha[:, None, None] * D, allowed)
     if floor is None or not bool(floor.any()):
-        return V
+        return _exact_two_class_columns(V, allowed)
     raised = torch.maximum(V, _FLOOR * A)
     raised = raised / raised.sum(dim=1, keepdim=True)
-    return torch.where(floor[:, None, None], raised, V)
+    return _exact_two_class_columns(torch.where(floor[:, None, None], raised, V), allowed)
+
+
+def _exact_two_class_columns(A, allowed):
+    r"""For ``k = 2``: every column of ``A`` made to sum to 1 *exactly*: the smaller entry becomes ``1 - larger``,
+    which is exact for a larger entry in :math:`[1/2, 1]` (Sterbenz), so the column is :math:`(a, 1-a)` in exact
+    arithmetic and ``A`` lies in the feasible set itself (the strong-convexity certificate,
+    :func:`_strong_convexity_gap`, is about such points). A column with one allowed entry gets 1 there; columns
+    whose larger entry is below 1/2 (far from any simplex) are left alone. Other ``k``: ``A`` unchanged."""
+    if A.shape[1] != 2:
+        return A
+    first, second = A[:, 0], A[:, 1]
+    top = torch.maximum(first, second).clamp(max=1.0)
+    low = 1 - top
+    both = allowed[:, 0] & allowed[:, 1]
+    first_top = first >= second
+    paired = both & (top >= 0.5)
+    new_first = torch.where(paired, torch.where(first_top, top, low), first)
+    new_second = torch.where(paired, torch.where(first_top, low, top), second)
+    one = allowed[:, 0] ^ allowed[:, 1]  # the only allowed entry is 1, the other 0
+    new_first = torch.where(one, allowed[:, 0].to(A.dtype), new_first)
+    new_second = torch.where(one, allowed[:, 1].to(A.dtype), new_second)
+    return torch.stack([new_first, new_second], dim=1)
 
 
 _FLOOR = 1e-2
@@ -667,7 +783,7 @@ def _em_step(A, G, column_mass, allowed):
     Newton step is cut short by the barrier :math:`q_y\log(1/p_y)`."""
     V = A * (-G).clamp_min(0)
     Z = V.sum(dim=1, keepdim=True)
-    return torch.where(Z > 0, V / Z, A)
+    return _exact_two_class_columns(torch.where(Z > 0, V / Z, A), allowed)
 
 
 def _entropic_step(A, G, column_mass, allowed):
@@ -682,7 +798,7 @@ def _entropic_step(A, G, column_mass, allowed):
     V = A * torch.exp(E - E.amax(dim=1, keepdim=True))
     Z = V.sum(dim=1, keepdim=True)
     ok = (column_mass > 0) & torch.isfinite(Z) & (Z > 0)
-    return torch.where(ok, V / Z, A)
+    return _exact_two_class_columns(torch.where(ok, V / Z, A), allowed)
 
 
 #: Majorise–minimise steps by loss: monotone, cheap (no Hessian), and multiplicative, so they complement
@@ -745,6 +861,7 @@ def fit_mixture_batched(
     mm_start: int = 0,
     A0: torch.Tensor | None = None,
     sub_batch_bytes: int | None = 2**27,
+    strong_convexity: bool = False,
 ) -> FitResult:
     r"""Fit ``B`` mixture-head students at once and certify each with its Frank–Wolfe gap.
 
@@ -769,6 +886,14 @@ def fit_mixture_batched(
             features needed 6.3 iterations on average, at ``r = 0.01`` 5.1 (the bench's sparse workload,
             B = 200); on dense features both take the same steps.
         A0: optional feasible warm start ``(B, k, m)``.
+        strong_convexity: for ``k = 2`` and the KL losses, the gap is the smaller of the Frank–Wolfe gap and
+            the strong-convexity bound :math:`\|v\|^2/(2\mu)` (:func:`_strong_convexity_gap`), quadratic in the
+            distance to the optimum where the Frank–Wolfe gap is linear: students stop about one iteration
+            earlier. That gap bounds ``objective - optimum`` only, not the first-order quantity
+            :math:`\max_S\langle\nabla\Phi, A - S\rangle` that the theorem checks need (a Theorem-2 slack can be
+            :math:`-\sqrt{\text{gap}}`-sized), so it is off by default; the certificate is then named
+            ``"frank_wolfe_or_strong_convexity"`` and ``info`` marks the students it certified
+            (``strong_convexity``) with their ``modulus``.
         sub_batch_bytes: per-student features on CPU are solved in sub-batches of about this many bytes of
             features (128 MiB): the arithmetic of a student does not depend on its batch, and on CPU one
             huge batch pays for fresh memory pages every iteration (measured: B = 1000, n = 2000, m = 64
@@ -788,7 +913,8 @@ def fit_mixture_batched(
                                     max_iter=max_iter, hessian_dtype=hessian_dtype,
                                     hessian_reuse_step=hessian_reuse_step,
                                     hessian_reuse_change=hessian_reuse_change, mm_start=mm_start,
-                                    A0=None if A0 is None else A0[s : s + size], sub_batch_bytes=None)
+                                    A0=None if A0 is None else A0[s : s + size], sub_batch_bytes=None,
+                                    strong_convexity=strong_convexity)
                 for s in range(0, B, size)
             ])
     if hessian_dtype is None:
@@ -804,7 +930,7 @@ def fit_mixture_batched(
         A = allowed.to(dtype)
         A = A / A.sum(dim=1, keepdim=True).clamp_min(1)
     else:
-        A = A0.to(dtype).clone()
+        A = _exact_two_class_columns(A0.to(dtype).clone(), allowed)
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
 
     if loss.linear_in_probabilities:
@@ -814,7 +940,7 @@ def fit_mixture_batched(
         iterations += 1
         probs = design.predict(A)
         value = terms.value(probs)
-        G, gap, _, _ = _certified_gradient(design, terms, A, probs, allowed)
+        G, gap, _, _, _ = _certified_gradient(design, terms, A, probs, allowed)
         return _result(design, loss, A, probs, value, G, gap, allowed, feasible_problem, iterations, tol)
 
     probs = design.predict(A)
@@ -825,6 +951,11 @@ def fit_mixture_batched(
     # iteration can wander off a point whose gap was small, and the student then returns the better one
     best_A, best_gap = A.clone(), torch.full_like(value, float("inf"))
     k2_fast = k == 2
+    # Strong-convexity certificate (k = 2, from the first Hessian, taken at the uniform start): its modulus per
+    # student (0: none proved) and which returned gaps it gave
+    share = _START_CURVATURE_SHARE.get(loss.name) if (strong_convexity and k2_fast and A0 is None) else None
+    modulus = torch.zeros_like(value)
+    from_modulus = torch.zeros(B, dtype=torch.bool, device=dev)
     barrier_free = loss.name == "squared"
     mm_step = _MM_STEPS.get(loss.name)
     has_mm = mm_step is not None
@@ -873,12 +1004,15 @@ def fit_mixture_batched(
         # student is the one computed here at its last point.
         # Students that will take a Newton step with a fresh Hessian unless this certificate stops them get
         # their Hessian in the certificate's sweep over the features (one pass instead of two). Guessed from
-        # the last gap: with Newton's quadratic convergence a gap above 1e3 tol is not followed by one below
-        # tol; a wrong guess costs time only.
-        fused = running & need_hessian & ~mm_next & (it >= mm_start) & (gap_all[ws] > 1e3 * tol)
+        # the last gap: a Frank-Wolfe gap above 1e3 tol is not followed by one below tol (Newton's quadratic
+        # convergence); with a strong-convexity modulus the gap is quadratic in the step, and a gap g was
+        # followed by at most about 10 g^2 (measured on the bench's workloads). A wrong guess costs time only.
+        expected = torch.where(modulus[ws] > 0, 10 * gap_all[ws] ** 2, 1e-3 * gap_all[ws])
+        fused = running & need_hessian & ~mm_next & (it >= mm_start) & (expected > tol)
         rows = fused.nonzero()[:, 0] if bool(fused.any()) else None
-        G, gap, dphi, H_fused = _certified_gradient(d, tw, Aw, Pw, al, rows, k2_fast)
-        G_all[ws], gap_all[ws] = G, gap
+        G, gap, dphi, H_fused, by_modulus = _certified_gradient(d, tw, Aw, Pw, al, rows, k2_fast,
+                                                                modulus[ws] if share is not None else None)
+        G_all[ws], gap_all[ws], from_modulus[ws] = G, gap, by_modulus
         better = gap < best_gap[ws]
         best_gap[ws[better]], best_A[ws[better]] = gap[better], Aw[better]
         running = running & ~(gap <= tol)
@@ -894,6 +1028,8 @@ def fit_mixture_batched(
                 H = torch.zeros((Aw.shape[0], *H_fused.shape[1:]), dtype=H_fused.dtype, device=dev)
             H[rows] = H_fused
             need_hessian = need_hessian & ~fused
+            if it == 0 and share is not None:
+                modulus[ws[rows]] = _strong_convexity_modulus(H_fused[:, 0], share, n, design.hessian_dtype)
         if it == 0 and has_mm and mm_start == 0 and A0 is None and H_fused is not None:
             # First step of a student whose features are close to one-hot (most of its curvature on the
             # diagonal of X^T diag(w) X): majorise-minimise, exact in one step on one-hot features, where
@@ -966,8 +1102,13 @@ def fit_mixture_batched(
         d, tw = design.take(back), terms.take(back)
         probs[back] = d.predict(A[back])
         value[back] = tw.value(probs[back])
-        G_all[back], gap_all[back], _, _ = _certified_gradient(d, tw, A[back], probs[back], allowed[back])
-    return _result(design, loss, A, probs, value, G_all, gap_all, allowed, feasible_problem, iterations, tol)
+        G_all[back], gap_all[back], _, _, from_modulus[back] = _certified_gradient(
+            d, tw, A[back], probs[back], allowed[back], modulus=modulus[back] if share is not None else None)
+    result = _result(design, loss, A, probs, value, G_all, gap_all, allowed, feasible_problem, iterations, tol)
+    if strong_convexity:
+        result.certificate = "frank_wolfe_or_strong_convexity"
+        result.info.update(strong_convexity=from_modulus & torch.isfinite(result.gap), modulus=modulus)
+    return result
 
 
 def _result(design, loss, A, probs, value, G, gap, allowed, feasible_problem, iterations, tol) -> FitResult:

@@ -15,6 +15,9 @@ __all__ = ["FitResult", "CERTIFICATES", "single_student"]
 #: ``objective - optimum`` (up to floating-point rounding in its own evaluation).
 CERTIFICATES = {
     "frank_wolfe": "max_S <grad, theta - S> over the feasible set (convex objective, Jaggi 2013)",
+    "frank_wolfe_or_strong_convexity": "the smaller of the Frank-Wolfe gap and ||v||^2 / (2 mu), v the smallest "
+                                       "subgradient and mu a certified strong-convexity modulus (two-class mixture "
+                                       "head, opt-in): bounds objective - optimum, not the first-order gap",
     "self_concordance": "generalized self-concordance bound from the Newton decrement (Bach 2010)",
     "normal_equations": "exact quadratic suboptimality (theta - theta*)^T H (theta - theta*) / 2 via H^{-1} g",
     "duality": "objective minus a dual lower bound (linear programmes, e.g. total variation)",
@@ -88,10 +91,15 @@ class FitResult:
 
 
 def _concat_info(parts: list["FitResult"]) -> dict:
-    """The first part's ``info``, with work counters (``info["work"]``, a dict of counts) summed over parts."""
+    """The first part's ``info``, with work counters (``info["work"]``, a dict of counts) summed over parts and
+    per-student tensors concatenated."""
     info = dict(parts[0].info)
     if all(isinstance(p.info.get("work"), dict) for p in parts):
         info["work"] = {key: sum(p.info["work"].get(key, 0) for p in parts) for key in parts[0].info["work"]}
+    for key, value in parts[0].info.items():  # per-student tensors (first axis = the part's batch) are joined
+        if all(isinstance(p.info.get(key), torch.Tensor) and p.info[key].ndim >= 1
+               and p.info[key].shape[0] == p.batch_size for p in parts):
+            info[key] = torch.cat([p.info[key] for p in parts])
     return info
 
 
