@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_roundoff_gamma", "power_of_two_scales", "exactly_redundant_columns", "PositiveDefiniteBound",
+__all__ = ["unit_roundoff_gamma", "rounded_up", "power_of_two_scales", "exactly_redundant_columns", "PositiveDefiniteBound",
            "positive_definite_bound", "frobenius_norm_squared", "derivative_term_magnitude"]
 
 _U = 2.0**-53
@@ -44,6 +44,23 @@ def unit_roundoff_gamma(count):
     if isinstance(x, torch.Tensor):
         return torch.where(x < 0.5, x / (1 - x), torch.full_like(x, float("inf")))
     return x / (1 - x) if x < 0.5 else float("inf")
+
+
+def rounded_up(x, count):
+    r"""Upper bound on the exact value :math:`x \ge 0` of an expression whose computed value ``x`` is
+    :math:`\hat x = x(1+\theta)`, :math:`|\theta|\le\gamma_c` with :math:`c` = ``count`` (a number or a tensor):
+    the value of at most :math:`c` rounded operations on nonnegative terms (products, quotients, square roots,
+    sums of nonnegative numbers: no cancellation; a correctly rounded square root counts once, a library
+    ``exp``/``log`` within 1 ulp counts twice), Higham Lemma 3.1.
+
+    Returned: :math:`\mathrm{fl}(\hat x\cdot\mathrm{fl}(1+\gamma_{2c+2})) \ge x`. Why: :math:`x \le \hat x/(1-\gamma_c)`
+    and the result is :math:`\ge \hat x(1+\gamma_{2c+2})(1-u)^2`; with :math:`a = cu`,
+    :math:`(1+\gamma_{2c+2})(1-u)^2(1-\gamma_c) = \frac{(1-u)^2(1-2a)}{(1-a)(1-2a-2u)} \ge 1`, since
+    :math:`(1-u)^2(1-2a) - (1-a)(1-2a-2u) = a(1-2a+2u-2u^2) + u^2 > 0` for :math:`a < 1/2` (the rounding of
+    :math:`\gamma` itself, relative :math:`2u`, is a second-order :math:`O(cu^2)` term inside that first-order
+    margin :math:`cu`). Valid in the normal range (results above :math:`2^{-1022}`; the certificates' bounds
+    are at least about :math:`u^2`). ``inf`` stays ``inf``; ``count`` with :math:`cu\ge1/4` gives ``inf``."""
+    return x * (1 + unit_roundoff_gamma(2 * count + 2))
 
 
 def power_of_two_scales(Z: torch.Tensor) -> torch.Tensor:
@@ -177,9 +194,10 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -
 
 
 def frobenius_norm_squared(Z: torch.Tensor) -> torch.Tensor:
-    """``||Z||_F^2`` over the last two axes, rounded up by a relative ``gamma``."""
+    """``||Z||_F^2`` over the last two axes, rounded up (:func:`rounded_up`: a sum of ``N`` squares carries
+    ``N`` roundings per term)."""
     n = Z.shape[-2] * Z.shape[-1]
-    return (Z**2).sum(dim=(-2, -1)) * (1 + unit_roundoff_gamma(n + 1))
+    return rounded_up((Z**2).sum(dim=(-2, -1)), n)
 
 
 
