@@ -137,3 +137,28 @@ def test_rounded_up_bounds_the_exact_value_of_a_chain_of_positive_operations():
             assert mpf(float(bound[i])) >= exact, i
             below += mpf(float(computed[i])) < exact
     assert below > 100  # the instances do exercise the rounding
+
+
+def test_positive_definite_bound_rounds_its_inverse_bound_delta_and_rho_up():
+    """``inverse_bound`` >= tr(X)/(1 - p eta), delta >= error + gamma_{p+1} ||L||_F^2 and rho >= delta Lambda, for
+    the computed X, L, eta taken as exact numbers (sums of p and p(p+1)/2 terms: the old factor 1 + 2u was
+    short of their rounding)."""
+    from w2s_theory.solvers.conditioning import positive_definite_bound
+
+    rng = np.random.default_rng(5)
+    for p in (3, 12, 30):
+        A = rng.normal(size=(60, p, p)) * 10.0 ** rng.uniform(-3, 3, size=(60, 1, p))
+        M = torch.tensor(A @ np.swapaxes(A, 1, 2) + 1e-3 * np.eye(p))
+        error = torch.tensor(10.0 ** rng.uniform(-16, -8, 60))
+        bound = positive_definite_bound(M, error)
+        with mp.workdps(60):
+            for s in range(60):
+                L, X = bound.L[s].numpy(), bound.X[s].numpy()
+                trace_inverse = mpmath.fsum(mpf(float(X[j, j])) for j in range(p))
+                margin = 1 - p * mpf(float(bound.eta[s]))
+                if margin <= 0:
+                    continue
+                assert mpf(float(bound.inverse_bound[s])) >= trace_inverse / margin, (p, s)
+                frob2 = mpmath.fsum(mpf(float(v)) ** 2 for v in L.ravel())
+                delta = mpf(float(error[s])) + _gamma(p + 1) * frob2
+                assert mpf(float(bound.rho[s])) >= delta * mpf(float(bound.inverse_bound[s])), (p, s)

@@ -170,9 +170,10 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -
     :math:`(LL^\top)^{-1}` (Weyl), so the largest is :math:`\ge(1-\eta)\Lambda` and the other :math:`p-1` are
     :math:`\ge-\eta\Lambda`: :math:`\mathrm{tr}(X)\ge(1-p\eta)\Lambda`, i.e. :math:`\Lambda\le
     \mathrm{tr}(X)/(1-p\eta)` (``inverse_bound``; :math:`+\infty` unless :math:`p\eta < 1`). With :math:`\delta` =
-    ``error`` + :math:`\gamma_{p+1}\mathrm{tr}(\hat M)(1+2u)`, :math:`M \succeq LL^\top - \delta I \succeq
-    (1-\rho)LL^\top` for :math:`\rho = \delta\Lambda`. Proved (``ok``) when the factorisation succeeded,
-    :math:`\eta\le 0.1`, :math:`p\eta\le 1/2` and :math:`\rho\le 1/2`. ``factor``: the output ``(L, info)`` of
+    ``error`` + :math:`\gamma_{p+1}\|L\|_F^2`, :math:`M \succeq LL^\top - \delta I \succeq
+    (1-\rho)LL^\top` for :math:`\rho = \delta\Lambda` (``inverse_bound``, :math:`\delta` and :math:`\rho` are
+    each rounded up by the count of their own roundings, :func:`rounded_up`). Proved (``ok``) when the
+    factorisation succeeded, :math:`\eta\le 0.1`, :math:`p\eta\le 1/2` and :math:`\rho\le 1/2`. ``factor``: the output ``(L, info)`` of
     ``torch.linalg.cholesky_ex(M)`` when the caller has it already."""
     p = M.shape[-1]
     L, info = torch.linalg.cholesky_ex(M) if factor is None else factor
@@ -184,10 +185,13 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -
     cond_L = (trace * trace_inverse).clamp_min(0).sqrt()
     eta = 4 * p * p * _U * cond_L
     margin = 1 - p * eta
-    inverse_bound = torch.where(margin > 0, trace_inverse * (1 + 2 * _U) / margin.clamp_min(1e-300),
+    # Rounded up (rounded_up) by their counts: tr(X) a sum of p terms, 1 - p eta (no cancellation: p eta <= 1/2
+    # where it matters) 2, the quotient 1; tr(LL^T) a sum of p(p+1)/2 squares, gamma (2), the product and the
+    # sum 2; rho's product 1.
+    inverse_bound = torch.where(margin > 0, rounded_up(trace_inverse / margin.clamp_min(1e-300), p + 3),
                                 torch.full_like(trace_inverse, float("inf")))
-    delta = error + unit_roundoff_gamma(p + 1) * trace * (1 + 2 * _U)
-    rho = delta * inverse_bound * (1 + 2 * _U)
+    delta = rounded_up(error + unit_roundoff_gamma(p + 1) * trace, p * (p + 1) // 2 + 5)
+    rho = rounded_up(delta * inverse_bound, 1)
     ok = (factored & torch.isfinite(rho) & (eta <= 0.1) & (p * eta <= 0.5) & (rho <= 0.5)
           & (trace_inverse > 0))
     return PositiveDefiniteBound(ok, safe_L, X, rho, eta, trace_inverse, inverse_bound)

@@ -363,7 +363,8 @@ def _forward_evaluation_error(teacher, differences, per_sample, count):
     :math:`d` through :math:`\log s = d - \max d - \log\sum e^{d - \max d}`:
     :math:`|\widehat{\log s_y} - \log s_y| \le \gamma_{k+4}(|d_y| + |\max d| + \log k + 1)`, each product and sum
     over classes adds :math:`\gamma_{k+4}` of the magnitudes, the mean over samples :math:`\gamma_{j+2}` of the
-    mean magnitude (:func:`~.conditioning.blocked_sum`). Doubled for safety."""
+    mean magnitude (:func:`~.conditioning.blocked_sum`). Doubled, which also covers the rounding of this
+    formula's own evaluation (positive terms, relative :math:`\gamma_{n+k+8} \ll 1`)."""
     k = teacher.shape[-1]
     g = unit_roundoff_gamma(k + 4)
     top = differences.amax(dim=-1, keepdim=True).abs()
@@ -893,10 +894,11 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
     p = Z.shape[-1]
     shared = Z.shape[0] == 1
     # Upper bounds on ||z_i|| (a norm of p terms errs by less than gamma_{p+2} relative), max ||z_i||^2, ||Z||_F^2.
-    row_norm = torch.linalg.vector_norm(Z, dim=-1) * (1 + unit_roundoff_gamma(p + 3))  # (c|1, n)
-    row2 = row_norm.amax(dim=-1) ** 2 * (1 + 2.0**-51)
-    frob2 = (row_norm**2).sum(dim=-1) * (1 + unit_roundoff_gamma(n + 2))
-    frob = frob2.sqrt() * (1 + 2.0**-52)
+    # (rounded_up by their counts: a norm of p terms p/2 + 1; a square 1; a sum of n squares n; a square root 1.)
+    row_norm = rounded_up(torch.linalg.vector_norm(Z, dim=-1), p // 2 + 2)  # (c|1, n)
+    row2 = rounded_up(row_norm.amax(dim=-1) ** 2, 1)
+    frob2 = rounded_up((row_norm**2).sum(dim=-1), n)
+    frob = rounded_up(frob2.sqrt(), 1)
     qsum = _class_sum(teacher)
     eligible = torch.full((c,), p * kc <= n * kc and p <= n, dtype=torch.bool, device=dev)
     eligible &= torch.isfinite(frob2).expand(c)
@@ -932,7 +934,9 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
         a = qs_w[idx, :, None] * s[idx] + q_w[idx, :, :-1]
         spread = (_class_max(eta[idx]).clamp_min(0) + _class_max(-eta[idx]).clamp_min(0)).amax(dim=-1)
         gamma_c = unit_roundoff_gamma(n + 2 * k + 12 + 2 * torch.ceil(spread))
-        dg_norm = gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) * (1 + unit_roundoff_gamma(n * kc + 2)) / n
+        # Rounded up: a's entries against the exact sum of q (k + 1), their norm (n(k-1)/2 + 1), gamma (2), the
+        # products and the quotient (3).
+        dg_norm = rounded_up(gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) / n, n * kc // 2 + k + 8)
         value, _, ok = _tall_certificate(None, None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
                                          exact_kappa=False, H=H, norms=tuple(pick(v) for v in norms_w),
                                          dg_norm=dg_norm, drift=drift, g=g[idx], factor=factor,
