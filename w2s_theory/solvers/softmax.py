@@ -547,7 +547,8 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
         idx = tall.nonzero()[:, 0]
         Zt = Zs if shared else Zs[idx]
         red = basis.redundant if shared else basis.redundant[idx]
-        spread = (differences[idx].amax(dim=-1) - differences[idx].amin(dim=-1)).amax(dim=-1)
+        # The logits' range (its subtraction rounded up: it sets a rounding count).
+        spread = rounded_up((differences[idx].amax(dim=-1) - differences[idx].amin(dim=-1)).amax(dim=-1), 1)
         value, lam, ok = _tall_certificate(Zt, red, teacher[idx], qsum[idx], s[idx], logit_grad[idx],
                                            exact_kappa=True, logit_range=spread)
         gap[idx] = value
@@ -557,7 +558,8 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
     if bool(wide.any()):
         idx = wide.nonzero()[:, 0]
         Zw = Zs if shared else Zs[idx]
-        bound = positive_definite_bound(Zw @ Zw.mT, unit_roundoff_gamma(Zs.shape[-1]) * (frob2[:1] if shared else frob2[idx]))
+        gram_error = rounded_up(unit_roundoff_gamma(Zs.shape[-1]) * (frob2[:1] if shared else frob2[idx]), 3)
+        bound = positive_definite_bound(Zw @ Zw.mT, gram_error)
         ok = bound.ok.expand(idx.numel())
         divergence, per_sample, count = _objective_from_logits("forward_kl", teacher[idx], differences[idx])
         divergence = divergence + _forward_evaluation_error(teacher[idx], differences[idx], per_sample, count)
@@ -868,7 +870,7 @@ def _logit_drift(t, t_before):
     ``(B, n, k-1)`` (the reference class moves by 0; the subtraction's rounding included)."""
     v = t - t_before
     spread = _class_max(v).clamp_min(0) + _class_max(-v).clamp_min(0) + 4 * 2.0**-53 * _class_max(v.abs())
-    return spread.amax(dim=-1) * (1 + 2.0**-51)
+    return rounded_up(spread.amax(dim=-1), 2)  # two additions (4u|v| is exact: a power of two)
 
 
 def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
@@ -932,7 +934,8 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
         (proved, provable) over ``idx``."""
         pick = (lambda t: t) if shared else (lambda t: t[idx])
         a = qs_w[idx, :, None] * s[idx] + q_w[idx, :, :-1]
-        spread = (_class_max(eta[idx]).clamp_min(0) + _class_max(-eta[idx]).clamp_min(0)).amax(dim=-1)
+        spread = rounded_up((_class_max(eta[idx]).clamp_min(0) + _class_max(-eta[idx]).clamp_min(0))
+                            .amax(dim=-1), 1)
         gamma_c = unit_roundoff_gamma(n + 2 * k + 12 + 2 * torch.ceil(spread))
         # Rounded up: a's entries against the exact sum of q (k + 1), their norm (n(k-1)/2 + 1), gamma (2), the
         # products and the quotient (3).
