@@ -115,6 +115,27 @@ def test_softmax_forward_gap_is_honest_on_many_awkward_instances(X, k, loss, dat
     _softmax_case(X, k, data, loss)
 
 
+def test_exact_softmax_optimum_is_found_on_a_wide_design_whose_teacher_has_classes_at_zero():
+    """The instance hypothesis found for the test above (n = 2 < m + 1 = 4, k = 4, classes 1 and 3 at 0 on every
+    row): the reference's Newton system has exact null directions and curvatures falling to 1e-24 next to 0.78,
+    where ``mpmath.lu_solve`` refused a pivot ("numerically singular"). Logits can take any value here, so the
+    infimum of forward KL is :math:`\frac1n\sum_i s_i\log s_i` (:math:`s_i = \sum_y q_{iy}`, which is not
+    exactly 1 in floats), not attained; the reference approaches it from above."""
+    X = np.array([[float.fromhex(v) for v in row] for row in (
+        ["0x1.6e77edfa652d8p-2", "0x1.150828595ef0ap+0", "0x1.12d9f27bcbe22p+0"],
+        ["-0x1.131d4247fbbccp+0", "0x1.7a2829ebb94edp-2", "-0x1.9cabe36bf99b2p+1"])])
+    Q = np.array([[0.6555749010810906, 0.0, 0.34442509891890954, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    optimum = softmax_forward_optimum(X, Q, "forward_kl")
+    with mpmath.workdps(60):
+        sums = [sum(mpf(float(v)) for v in row) for row in Q]
+        infimum = sum(s * mpmath.log(s) for s in sums) / len(sums)
+        assert infimum <= optimum <= infimum + mpf("1e-40")
+    result = fit(X, Q, loss="forward_kl", head="softmax", tol=1e-10)
+    _assert_honest_or_uncertified(result, softmax_forward_objective(X, Q, result.params["W"][0].numpy(),
+                                                                     result.params["b"][0].numpy(), "forward_kl"),
+                                  optimum, 1e-10)
+
+
 def test_softmax_fit_of_features_scaled_by_1e_minus_20_reaches_the_unscaled_optimum():
     """Issue 8, item 1: scaling the features does not change the head class; the old rank cut (relative to the
     bias column) dropped every feature and certified a wrong objective."""

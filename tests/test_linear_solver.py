@@ -124,6 +124,25 @@ def test_student_results_do_not_depend_on_the_batch(loss):
         assert together.objective[4].item() == ref.objective.item()
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("m,loss", [(1, "forward_kl"), (3, "reverse_kl")])
+def test_two_class_student_is_bit_identical_alone_and_in_a_batch_of_eight(shared, m, loss):
+    """k = 2 (reduced problems with one free class: matrix-vector products, whose BLAS kernel can differ from a
+    matrix product's) and m = 1, with one shared feature matrix or one per student."""
+    rng = np.random.default_rng(17)
+    B, n = 8, 40
+    features = rng.normal(size=(n, m) if shared else (B, n, m))
+    teacher = rng.dirichlet(np.ones(2), size=(B, n))
+    together = _batched(features, teacher, loss, 0.01)
+    for b in range(B):
+        alone = _batched(features if shared else features[b : b + 1], teacher[b : b + 1], loss, 0.01)
+        for name in ("objective", "gap", "iterations", "grad_norm"):
+            assert torch.equal(getattr(together, name)[b], getattr(alone, name)[0]), (name, b)
+        for name in ("W", "b"):
+            assert torch.equal(together.params[name][b], alone.params[name][0]), (name, b)
+        assert torch.equal(together.probs[b], alone.probs[0]), b
+
+
 def test_student_results_do_not_depend_on_sub_batches_or_curvature_chunks(monkeypatch):
     """Students are solved in sub-batches (and their curvature products a few at a time): a student's numbers
     are the same alone, in one batch, and split across sub-batches and chunks of one student, also beside

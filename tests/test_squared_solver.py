@@ -293,6 +293,28 @@ def test_a_student_is_bit_identical_alone_in_a_batch_and_across_chunk_boundaries
             assert bool(other.info["singular"][i]) == bool(singular[b])
 
 
+@pytest.mark.parametrize("radius", [None, 0.5])
+@pytest.mark.parametrize("k_out", [1, 2])
+def test_a_student_of_shared_features_is_bit_identical_alone_and_in_a_batch(radius, k_out):
+    """``fit`` with one 2-D feature matrix: a student alone (``B = 1``) and inside a batch of 8 sharing the
+    features take the same (shared-design) path; before, one student went through the per-student path, which
+    forms Z^T y inside the Gram product, and its last bits differed from the batch's."""
+    from w2s_theory.solvers import fit
+
+    rng = np.random.default_rng(41)
+    n, m, B = 40, 3, 8
+    X = rng.normal(size=(n, m))
+    Y = rng.normal(size=(B, n, k_out))
+    options = dict(loss="squared", head="squared", radius=radius)
+    together = fit(X, Y, **options)
+    for b in range(B):
+        alone = fit(X, Y[b : b + 1], **options)
+        assert torch.equal(alone.params["theta"][0], together.params["theta"][b]), b
+        assert torch.equal(alone.probs[0], together.probs[b]), b
+        for name in ("objective", "gap", "grad_norm", "iterations"):
+            assert torch.equal(getattr(alone, name)[0], getattr(together, name)[b]), (name, b)
+
+
 def _certificate_from_the_design(X, Y, theta, bias=True):
     """The certificate evaluated from Z and theta as reported (no state of the solve reused)."""
     from w2s_theory.solvers.squared import _certify, _scaled_design

@@ -115,7 +115,8 @@ def fit(
     Q = _as_tensor(teacher, dev, torch.float64)
     if unbatched:
         Q = Q[None]
-    if X.ndim == 2 and head != "mixture":
+    shared_features = X.ndim == 2  # one matrix for every student
+    if shared_features and head != "mixture":
         X = X.expand(B, n, m)
 
     try:
@@ -128,12 +129,12 @@ def fit(
                 raise InputError(f"heads must be a positive integer, got {heads!r}")
             return fit_mixture_of_softmax_joint(X, Q, loss_obj, heads=heads, restarts=restarts, seed=seed)
         return _dispatch(X, Q, loss_obj, head, backend, tol=tol, max_iter=max_iter, gamma=gamma, radius=radius,
-                         bias=bias)
+                         bias=bias, shared=shared_features)
     except ValueError as exc:  # the solvers' own input checks (e.g. reverse loss with teacher zeros on softmax)
         raise InputError(str(exc).splitlines()[0]) from exc
 
 
-def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bias) -> FitResult:
+def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bias, shared=None) -> FitResult:
     if backend == "cvxpy":
         from .reference import fit_reference_batch
 
@@ -164,4 +165,4 @@ def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bi
         return fit_softmax_batched(X, Q, loss_obj, tol=tol, max_iter=max_iter)
     from .squared import fit_squared_batched
 
-    return fit_squared_batched(X, Q, bias=bias, radius=radius, tol=tol)
+    return fit_squared_batched(X, Q, bias=bias, radius=radius, tol=tol, shared=shared)

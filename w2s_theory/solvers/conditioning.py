@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_roundoff_gamma", "power_of_two_scales", "exactly_redundant_columns", "PositiveDefiniteBound",
+__all__ = ["unit_roundoff_gamma", "rounded_up", "power_of_two_scales", "exactly_redundant_columns", "PositiveDefiniteBound",
            "positive_definite_bound", "frobenius_norm_squared", "derivative_term_magnitude"]
 
 _U = 2.0**-53
@@ -44,6 +44,23 @@ def unit_roundoff_gamma(count):
     if isinstance(x, torch.Tensor):
         return torch.where(x < 0.5, x / (1 - x), torch.full_like(x, float("inf")))
     return x / (1 - x) if x < 0.5 else float("inf")
+
+
+def rounded_up(x, count):
+    r"""Upper bound on the exact value :math:`x \ge 0` of an expression whose computed value ``x`` is
+    :math:`\hat x = x(1+\theta)`, :math:`|\theta|\le\gamma_c` with :math:`c` = ``count`` (a number or a tensor):
+    the value of at most :math:`c` rounded operations on nonnegative terms (products, quotients, square roots,
+    sums of nonnegative numbers: no cancellation; a correctly rounded square root counts once, a library
+    ``exp``/``log`` within 1 ulp counts twice), Higham Lemma 3.1.
+
+    Returned: :math:`\mathrm{fl}(\hat x\cdot\mathrm{fl}(1+\gamma_{2c+2})) \ge x`. Why: :math:`x \le \hat x/(1-\gamma_c)`
+    and the result is :math:`\ge \hat x(1+\gamma_{2c+2})(1-u)^2`; with :math:`a = cu`,
+    :math:`(1+\gamma_{2c+2})(1-u)^2(1-\gamma_c) = \frac{(1-u)^2(1-2a)}{(1-a)(1-2a-2u)} \ge 1`, since
+    :math:`(1-u)^2(1-2a) - (1-a)(1-2a-2u) = a(1-2a+2u-2u^2) + u^2 > 0` for :math:`a < 1/2` (the rounding of
+    :math:`\gamma` itself, relative :math:`2u`, is a second-order :math:`O(cu^2)` term inside that first-order
+    margin :math:`cu`). Valid in the normal range (results above :math:`2^{-1022}`; the certificates' bounds
+    are at least about :math:`u^2`). ``inf`` stays ``inf``; ``count`` with :math:`cu\ge1/4` gives ``inf``."""
+    return x * (1 + unit_roundoff_gamma(2 * count + 2))
 
 
 def power_of_two_scales(Z: torch.Tensor) -> torch.Tensor:
@@ -153,9 +170,10 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -
     :math:`(LL^\top)^{-1}` (Weyl), so the largest is :math:`\ge(1-\eta)\Lambda` and the other :math:`p-1` are
     :math:`\ge-\eta\Lambda`: :math:`\mathrm{tr}(X)\ge(1-p\eta)\Lambda`, i.e. :math:`\Lambda\le
     \mathrm{tr}(X)/(1-p\eta)` (``inverse_bound``; :math:`+\infty` unless :math:`p\eta < 1`). With :math:`\delta` =
-    ``error`` + :math:`\gamma_{p+1}\mathrm{tr}(\hat M)(1+2u)`, :math:`M \succeq LL^\top - \delta I \succeq
-    (1-\rho)LL^\top` for :math:`\rho = \delta\Lambda`. Proved (``ok``) when the factorisation succeeded,
-    :math:`\eta\le 0.1`, :math:`p\eta\le 1/2` and :math:`\rho\le 1/2`. ``factor``: the output ``(L, info)`` of
+    ``error`` + :math:`\gamma_{p+1}\|L\|_F^2`, :math:`M \succeq LL^\top - \delta I \succeq
+    (1-\rho)LL^\top` for :math:`\rho = \delta\Lambda` (``inverse_bound``, :math:`\delta` and :math:`\rho` are
+    each rounded up by the count of their own roundings, :func:`rounded_up`). Proved (``ok``) when the
+    factorisation succeeded, :math:`\eta\le 0.1`, :math:`p\eta\le 1/2` and :math:`\rho\le 1/2`. ``factor``: the output ``(L, info)`` of
     ``torch.linalg.cholesky_ex(M)`` when the caller has it already."""
     p = M.shape[-1]
     L, info = torch.linalg.cholesky_ex(M) if factor is None else factor
@@ -167,19 +185,23 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -
     cond_L = (trace * trace_inverse).clamp_min(0).sqrt()
     eta = 4 * p * p * _U * cond_L
     margin = 1 - p * eta
-    inverse_bound = torch.where(margin > 0, trace_inverse * (1 + 2 * _U) / margin.clamp_min(1e-300),
+    # Rounded up (rounded_up) by their counts: tr(X) a sum of p terms, 1 - p eta (no cancellation: p eta <= 1/2
+    # where it matters) 2, the quotient 1; tr(LL^T) a sum of p(p+1)/2 squares, gamma (2), the product and the
+    # sum 2; rho's product 1.
+    inverse_bound = torch.where(margin > 0, rounded_up(trace_inverse / margin.clamp_min(1e-300), p + 3),
                                 torch.full_like(trace_inverse, float("inf")))
-    delta = error + unit_roundoff_gamma(p + 1) * trace * (1 + 2 * _U)
-    rho = delta * inverse_bound * (1 + 2 * _U)
+    delta = rounded_up(error + unit_roundoff_gamma(p + 1) * trace, p * (p + 1) // 2 + 5)
+    rho = rounded_up(delta * inverse_bound, 1)
     ok = (factored & torch.isfinite(rho) & (eta <= 0.1) & (p * eta <= 0.5) & (rho <= 0.5)
           & (trace_inverse > 0))
     return PositiveDefiniteBound(ok, safe_L, X, rho, eta, trace_inverse, inverse_bound)
 
 
 def frobenius_norm_squared(Z: torch.Tensor) -> torch.Tensor:
-    """``||Z||_F^2`` over the last two axes, rounded up by a relative ``gamma``."""
+    """``||Z||_F^2`` over the last two axes, rounded up (:func:`rounded_up`: a sum of ``N`` squares carries
+    ``N`` roundings per term)."""
     n = Z.shape[-2] * Z.shape[-1]
-    return (Z**2).sum(dim=(-2, -1)) * (1 + unit_roundoff_gamma(n + 1))
+    return rounded_up((Z**2).sum(dim=(-2, -1)), n)
 
 
 

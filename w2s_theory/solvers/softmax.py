@@ -72,6 +72,7 @@ from .conditioning import (
     frobenius_norm_squared,
     positive_definite_bound,
     power_of_two_scales,
+    rounded_up,
     unit_roundoff_gamma,
 )
 from .result import FitResult, single_student
@@ -296,29 +297,56 @@ def _logit_range_constant(U: torch.Tensor, H_inv: torch.Tensor, kc: int) -> torc
 
 
 def _self_concordance_gap(decrement: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
-    r""":math:`(u + (1-u)\log(1-u))/\kappa^2 = \lambda^2\varphi(u)` with :math:`u = \lambda\kappa < 1`, else
-    :math:`+\infty`. :math:`\varphi(u) = \sum_{j\ge2}u^{j-2}/(j(j-1))` is summed as a series for small
-    :math:`u` (the closed form cancels there), with the tail bounded above so the result stays an upper bound."""
-    u = decrement * kappa
-    small = u < 1e-2
-    us = torch.where(small, u, torch.zeros_like(u))
-    series = torch.zeros_like(u)
+    r"""Upper bound on :math:`(u + (1-u)\log(1-u))/\kappa^2 = \lambda^2\varphi(u)`, :math:`u = \lambda\kappa < 1`, for
+    the floats ``decrement`` :math:`\lambda` and ``kappa`` taken as exact numbers; :math:`+\infty` where
+    :math:`u \ge 1` cannot be excluded.
+
+    :math:`\varphi(u) = \sum_{j\ge2}u^{j-2}/(j(j-1))` is increasing, so it is evaluated at
+    :math:`\bar u = ` :func:`~.conditioning.rounded_up` of :math:`\mathrm{fl}(\lambda\kappa)` (one rounding),
+    and every evaluation below is an upper bound on :math:`\varphi(\bar u)`:
+
+    * :math:`\bar u < 10^{-2}`: the series to :math:`u^7` by Horner plus the tail
+      :math:`\sum_{j\ge10}u^{j-2}/(j(j-1)) \le u^8/(90(1-u))`. All terms are positive, so the computed value is
+      :math:`\varphi(1+\theta)` with :math:`|\theta|\le\gamma_{17}` (Horner of degree 7 with rounded
+      coefficients: :math:`\gamma_{16}`, Higham §5.1; the tail: :math:`u^8` by three squarings and the
+      quotient, :math:`\gamma_{10}`; the final sum: one more), rounded up with that count.
+    * :math:`10^{-2} \le \bar u < 1`: the closed form :math:`N/u^2`, :math:`N = u + P`,
+      :math:`P = (1-u)\log(1-u) < 0`, cancels (:math:`|P|/N \approx 2/u \le 200`). The computed
+      :math:`\hat P = P(1+\theta)` with :math:`|\theta| \le 10u` (:math:`1-u` and the product: one rounding
+      each; ``log1p`` within 4 ulp, :math:`8u`: the libraries torch calls are within 1 ulp), and
+      :math:`\hat N = (u + \hat P)(1+\delta)`, so :math:`N \le \hat N/(1-u) + \gamma_{11}|\hat P|`; the
+      expression :math:`(\hat N + \gamma_{11}|\hat P|)/u^2` of positive terms (:math:`\hat N > 0`: :math:`N \ge u^2/2`
+      dwarfs the error) is evaluated with at most 6 roundings (counting the :math:`1/(1-u)` as one) and
+      rounded up.
+
+    The gap :math:`\lambda^2\bar\varphi` (two roundings) is rounded up in turn."""
+    prod = decrement * kappa
+    u_bar = rounded_up(prod, 1)
+    small = u_bar < 1e-2
+    us = torch.where(small, u_bar, torch.zeros_like(u_bar))
+    series = torch.zeros_like(u_bar)
     for j in range(9, 1, -1):  # Horner: phi = 1/2 + u/6 + u^2/12 + ... + u^7/72
         series = series * us + 1.0 / (j * (j - 1))
-    series = series + us**8 / (90 * (1 - us))  # tail sum_{j>=10} u^{j-2}/(j(j-1)) <= u^8/(90(1-u))
-    ul = torch.where(small | (u >= 1), torch.full_like(u, 0.5), u)
-    closed = (ul + (1 - ul) * torch.log1p(-ul)) / ul**2
+    u2 = us * us
+    u4 = u2 * u2
+    series = rounded_up(series + (u4 * u4) / (90 * (1 - us)), 17)
+    ul = torch.where(small | (u_bar >= 1), torch.full_like(u_bar, 0.5), u_bar)
+    P = (1 - ul) * torch.log1p(-ul)
+    closed = rounded_up((ul + P + unit_roundoff_gamma(11) * P.abs()) / (ul * ul), 6)
     phi = torch.where(small, series, closed)
-    gap = decrement**2 * phi
-    ok = (u < 1) & torch.isfinite(u)
+    gap = rounded_up(decrement * decrement * phi, 2)
+    ok = (u_bar < 1) & torch.isfinite(u_bar)
     return torch.where(ok, gap, torch.full_like(gap, float("inf")))
 
 
 def _logits_with_error(W, b, features):
     r"""Logits :math:`\hat\eta = hW^\top + b` ``(B, n, k)`` and a bound on :math:`|\hat\eta - \eta|` entrywise for the
-    exact logits of ``(W, b)``: :math:`\gamma_{m+1}(|h||W|^\top + |b|)` (Higham §3.1)."""
+    exact logits of ``(W, b)``: :math:`\gamma_{m+1}(|h||W|^\top + |b|)` (Higham §3.1), itself a computed sum of
+    :math:`m+1` nonnegative terms times :math:`\gamma`, rounded up (:func:`~.conditioning.rounded_up`, count
+    :math:`m+4`)."""
     logits = SoftmaxHead.logits(W, b, features)
-    error = unit_roundoff_gamma(features.shape[-1] + 1) * SoftmaxHead.logits(W.abs(), b.abs(), features.abs())
+    m = features.shape[-1]
+    error = rounded_up(unit_roundoff_gamma(m + 1) * SoftmaxHead.logits(W.abs(), b.abs(), features.abs()), m + 4)
     return logits, error
 
 
@@ -335,7 +363,8 @@ def _forward_evaluation_error(teacher, differences, per_sample, count):
     :math:`d` through :math:`\log s = d - \max d - \log\sum e^{d - \max d}`:
     :math:`|\widehat{\log s_y} - \log s_y| \le \gamma_{k+4}(|d_y| + |\max d| + \log k + 1)`, each product and sum
     over classes adds :math:`\gamma_{k+4}` of the magnitudes, the mean over samples :math:`\gamma_{j+2}` of the
-    mean magnitude (:func:`~.conditioning.blocked_sum`). Doubled for safety."""
+    mean magnitude (:func:`~.conditioning.blocked_sum`). Doubled, which also covers the rounding of this
+    formula's own evaluation (positive terms, relative :math:`\gamma_{n+k+8} \ll 1`)."""
     k = teacher.shape[-1]
     g = unit_roundoff_gamma(k + 4)
     top = differences.amax(dim=-1, keepdim=True).abs()
@@ -359,6 +388,39 @@ def _design_hessian(Z: torch.Tensor, curvature: torch.Tensor, redundant: torch.T
     scale = (diag * (1 - fill)).abs().amax(dim=-1).clamp_min(1e-300)
     diag.add_(fill * scale[:, None])
     return H
+
+
+def _decrement_and_range_bounds(w, dg_norm, eta, inverse_bound, rho, row2, p: int, kappa_hat=None, drift=None):
+    r"""Upper bounds on :math:`\lambda` and :math:`\kappa` of :func:`_tall_certificate` from the floats computed
+    there (``(B,)`` each; :math:`w = \|L^{-1}\hat g\|` computed, whose rounding is inside :math:`\eta`):
+
+    .. math::
+
+        \lambda \le \frac{(1+\eta)w + \sqrt\Lambda\,\|\delta g\|}{\sqrt{1-\rho}},\qquad
+        \kappa^2 \le \frac{\hat\kappa^2(1+\gamma_{2p+2}) + (\eta+\gamma_{2p+2})\Lambda\,2\max_i\|z_i\|^2}{1-\rho}
+        \ \text{or}\ \frac{\Lambda\,2\max_i\|z_i\|^2(1+\gamma_4)}{1-\rho}\ \text{(without}\ \hat\kappa),
+
+    both times :math:`e^{R/2}(1+\gamma_4)` for a drift :math:`R`. Each right-hand side is a formula of the given
+    floats whose evaluation has positive terms only (:math:`1-\rho \ge 1/2` does not cancel), so the computed
+    value is rounded up (:func:`~.conditioning.rounded_up`) by its count of roundings, a constant
+    :math:`1+\gamma` counting one: :math:`\lambda`: a term of the numerator 2, the sum 1, :math:`\sqrt{1-\rho}`
+    2, the quotient 1 (6; 8 allowed); :math:`\kappa^2`: a term 5, the sum 1, :math:`1-\rho` and the quotient 2
+    (8), halved by the square root, plus its own rounding (5; 6 allowed); the widening: ``exp`` within 1 ulp
+    (2), the constant (1), the product (1)."""
+    one_minus_rho = 1 - rho.clamp(max=0.5)
+    lam = ((1 + eta) * w + inverse_bound.sqrt() * dg_norm) / one_minus_rho.sqrt()
+    if kappa_hat is not None:
+        kappa2 = (kappa_hat**2 * (1 + unit_roundoff_gamma(2 * p + 2))
+                  + (eta + unit_roundoff_gamma(2 * p + 2)) * inverse_bound * 2 * row2)
+    else:
+        kappa2 = inverse_bound * 2 * row2 * (1 + unit_roundoff_gamma(4))
+    kappa = (kappa2 / one_minus_rho).sqrt()
+    count_lam, count_kappa = 8, 6
+    if drift is not None:
+        widen = torch.exp(drift / 2) * (1 + unit_roundoff_gamma(4))
+        lam, kappa = lam * widen, kappa * widen
+        count_lam, count_kappa = count_lam + 4, count_kappa + 4
+    return rounded_up(lam, count_lam), rounded_up(kappa, count_kappa)
 
 
 def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kappa: bool, H=None, norms=None,
@@ -395,34 +457,38 @@ def _tall_certificate(Zs, redundant, teacher, qsum, s, logit_grad, *, exact_kapp
     if g is None:
         g = _parameter_gradient(Zs, logit_grad)
     if dg_norm is None:
-        dg_norm = (unit_roundoff_gamma(c)
-                   * _parameter_gradient(Zs.abs(), (qsum[..., None] * s + teacher)[..., :-1]).norm(dim=-1))
+        # Rounded up: the entries (2), the product with |Z_s| and the division (n + 1), the norm of p(k-1)
+        # of them (p(k-1) + 1), gamma and its product (3).
+        dg = _parameter_gradient(Zs.abs(), (qsum[..., None] * s + teacher)[..., :-1])
+        dg_norm = rounded_up(unit_roundoff_gamma(c) * dg.norm(dim=-1), n + dg.shape[-1] + 7)
     if H is None:
         H = _design_hessian(Zs, qsum[..., None, None] * _softmax_curvature(s), redundant)
     p = H.shape[-1]
     if norms is None:
         frob2 = frobenius_norm_squared(Zs)
-        row2 = (Zs**2).sum(dim=-1).amax(dim=-1) * (1 + unit_roundoff_gamma(p))
+        row2 = rounded_up((Zs**2).sum(dim=-1).amax(dim=-1), Zs.shape[-1])
     else:
         frob2, row2 = norms
-    H_error = 4 * unit_roundoff_gamma(c) * qsum.amax(dim=-1) * frob2 / n
+    # Rounded up: the computed sum over classes in qsum (k), gamma (2), the products and the quotient (3).
+    H_error = rounded_up(4 * unit_roundoff_gamma(c) * qsum.amax(dim=-1) * frob2 / n, k + 5)
     bound = positive_definite_bound(H, H_error, factor)
     w = torch.linalg.solve_triangular(bound.L, g[..., None], upper=False)[..., 0].norm(dim=-1)
-    one_minus_rho = 1 - bound.rho.clamp(max=0.5)
-    lam = ((1 + bound.eta) * w + bound.inverse_norm() * dg_norm) / one_minus_rho.sqrt()
-    if exact_kappa:
-        kappa_hat = _logit_range_constant(Zs, bound.X, kc)
-        kappa2 = (kappa_hat**2 * (1 + unit_roundoff_gamma(2 * p + 2))
-                  + (bound.eta + unit_roundoff_gamma(2 * p + 2)) * bound.inverse_bound * 2 * row2)
-    else:
-        kappa2 = bound.inverse_bound * 2 * row2 * (1 + unit_roundoff_gamma(4))
-    kappa = (kappa2 / one_minus_rho).sqrt()
-    if drift is not None:
-        widen = torch.exp(drift / 2) * (1 + unit_roundoff_gamma(4))
-        lam, kappa = lam * widen, kappa * widen
+    kappa_hat = _logit_range_constant(Zs, bound.X, kc) if exact_kappa else None
+    lam, kappa = _decrement_and_range_bounds(w, dg_norm, bound.eta, bound.inverse_bound, bound.rho, row2, p,
+                                             kappa_hat, drift)
     value = _self_concordance_gap(lam, kappa)
     inf = torch.full_like(value, float("inf"))
     return torch.where(bound.ok, value, inf), torch.where(bound.ok, lam, inf), bound.ok
+
+
+def _point_shift(qsum: torch.Tensor, error: torch.Tensor, k: int) -> torch.Tensor:
+    r"""Step 1 of :func:`_forward_certificate`: :math:`4\,\mathrm{mean}_i(\sum_y q_{iy})\epsilon_i` for the per-sample
+    bounds ``error`` :math:`\epsilon_i \ge \max_y|\hat d_{iy} - d_{iy}|` ``(B, n)`` and the computed class sums
+    ``qsum``, rounded up (:func:`~.conditioning.rounded_up`): the computed qsum carries :math:`k-1` roundings,
+    :math:`\epsilon_i` at most 4 (its sum of three terms and :math:`u|\hat d|` for the :math:`u|d|/(1-u)` of a
+    subtraction), the product 1, the mean :math:`n` (sum and quotient); all terms are nonnegative."""
+    n = error.shape[-1]
+    return rounded_up(4 * (qsum * error).mean(dim=-1), n + k + 4)
 
 
 def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torch.Tensor, logit_error: torch.Tensor):
@@ -449,6 +515,13 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
        any value, :math:`\inf\Phi` is the teacher's own value, and the gap is the mean
        :math:`\mathrm{KL}(q_i\|s_i)` (plus :math:`|\sum q - 1|` for rows not summing to 1 exactly).
     4. Not provable (numerically singular design or Hessian): ``inf``, ``singular`` True.
+
+    Each formula above is a bound in exact arithmetic on the floats it is computed from; its own evaluation in
+    floating point rounds to nearest and could land below it (by up to ~1e-14 relative, the closed form of
+    :math:`\varphi` cancelling), so every final combination (:func:`_point_shift`,
+    :func:`_decrement_and_range_bounds`, :func:`_self_concordance_gap`, the wide design's sum and the returned
+    ``gap + shift``) is rounded up by its count of roundings (:func:`~.conditioning.rounded_up`: a relative
+    :math:`\gamma_{2c+2}`, O(B) work).
     """
     B, n, k = teacher.shape
     kc = k - 1
@@ -457,7 +530,7 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
     differences = logits - logits[..., -1:]
     diff_error = logit_error + logit_error[..., -1:] + u * differences.abs()
     qsum = teacher.sum(dim=-1)
-    shift = 4 * (1 + unit_roundoff_gamma(k)) * (qsum * diff_error.amax(dim=-1)).mean(dim=-1)
+    shift = _point_shift(qsum, diff_error.amax(dim=-1), k)
     log_s = torch.log_softmax(differences, dim=-1)
     s = log_s.exp()
     logit_grad = (qsum[..., None] * s - teacher)[..., :-1]
@@ -474,7 +547,8 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
         idx = tall.nonzero()[:, 0]
         Zt = Zs if shared else Zs[idx]
         red = basis.redundant if shared else basis.redundant[idx]
-        spread = (differences[idx].amax(dim=-1) - differences[idx].amin(dim=-1)).amax(dim=-1)
+        # The logits' range (its subtraction rounded up: it sets a rounding count).
+        spread = rounded_up((differences[idx].amax(dim=-1) - differences[idx].amin(dim=-1)).amax(dim=-1), 1)
         value, lam, ok = _tall_certificate(Zt, red, teacher[idx], qsum[idx], s[idx], logit_grad[idx],
                                            exact_kappa=True, logit_range=spread)
         gap[idx] = value
@@ -484,14 +558,19 @@ def _forward_certificate(basis: _LogitBasis, teacher: torch.Tensor, logits: torc
     if bool(wide.any()):
         idx = wide.nonzero()[:, 0]
         Zw = Zs if shared else Zs[idx]
-        bound = positive_definite_bound(Zw @ Zw.mT, unit_roundoff_gamma(Zs.shape[-1]) * (frob2[:1] if shared else frob2[idx]))
+        gram_error = rounded_up(unit_roundoff_gamma(Zs.shape[-1]) * (frob2[:1] if shared else frob2[idx]), 3)
+        bound = positive_definite_bound(Zw @ Zw.mT, gram_error)
         ok = bound.ok.expand(idx.numel())
         divergence, per_sample, count = _objective_from_logits("forward_kl", teacher[idx], differences[idx])
         divergence = divergence + _forward_evaluation_error(teacher[idx], differences[idx], per_sample, count)
-        value = divergence.clamp_min(0) + (qsum[idx] - 1).abs().mean(dim=-1) * 1.01
+        # |sum q - 1| from the computed qsum, which errs by gamma_{k-1} sum q; the terms are nonnegative
+        # (divergence + its doubled error >= half that error > 0), so the sum is rounded up: count 2k + 6 covers
+        # the difference (1 + k), the products, the mean (n is counted in the mean's own rounding below).
+        mismatch = ((qsum[idx] - 1).abs() + unit_roundoff_gamma(k) * qsum[idx]).mean(dim=-1) * 1.01
+        value = rounded_up(divergence.clamp_min(0) + mismatch, n + 2 * k + 6)
         gap[idx] = torch.where(ok, value, gap[idx])
         singular[idx] = ~ok
-    return gap + shift, decrement, grad_norm, singular
+    return rounded_up(gap + shift, 1), decrement, grad_norm, singular
 
 
 def softmax_forward_certificate(features, teacher, W, b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -791,7 +870,7 @@ def _logit_drift(t, t_before):
     ``(B, n, k-1)`` (the reference class moves by 0; the subtraction's rounding included)."""
     v = t - t_before
     spread = _class_max(v).clamp_min(0) + _class_max(-v).clamp_min(0) + 4 * 2.0**-53 * _class_max(v.abs())
-    return spread.amax(dim=-1) * (1 + 2.0**-51)
+    return rounded_up(spread.amax(dim=-1), 2)  # two additions (4u|v| is exact: a power of two)
 
 
 def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
@@ -817,10 +896,11 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
     p = Z.shape[-1]
     shared = Z.shape[0] == 1
     # Upper bounds on ||z_i|| (a norm of p terms errs by less than gamma_{p+2} relative), max ||z_i||^2, ||Z||_F^2.
-    row_norm = torch.linalg.vector_norm(Z, dim=-1) * (1 + unit_roundoff_gamma(p + 3))  # (c|1, n)
-    row2 = row_norm.amax(dim=-1) ** 2 * (1 + 2.0**-51)
-    frob2 = (row_norm**2).sum(dim=-1) * (1 + unit_roundoff_gamma(n + 2))
-    frob = frob2.sqrt() * (1 + 2.0**-52)
+    # (rounded_up by their counts: a norm of p terms p/2 + 1; a square 1; a sum of n squares n; a square root 1.)
+    row_norm = rounded_up(torch.linalg.vector_norm(Z, dim=-1), p // 2 + 2)  # (c|1, n)
+    row2 = rounded_up(row_norm.amax(dim=-1) ** 2, 1)
+    frob2 = rounded_up((row_norm**2).sum(dim=-1), n)
+    frob = rounded_up(frob2.sqrt(), 1)
     qsum = _class_sum(teacher)
     eligible = torch.full((c,), p * kc <= n * kc and p <= n, dtype=torch.bool, device=dev)
     eligible &= torch.isfinite(frob2).expand(c)
@@ -854,20 +934,25 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
         (proved, provable) over ``idx``."""
         pick = (lambda t: t) if shared else (lambda t: t[idx])
         a = qs_w[idx, :, None] * s[idx] + q_w[idx, :, :-1]
-        spread = (_class_max(eta[idx]).clamp_min(0) + _class_max(-eta[idx]).clamp_min(0)).amax(dim=-1)
+        spread = rounded_up((_class_max(eta[idx]).clamp_min(0) + _class_max(-eta[idx]).clamp_min(0))
+                            .amax(dim=-1), 1)
         gamma_c = unit_roundoff_gamma(n + 2 * k + 12 + 2 * torch.ceil(spread))
-        dg_norm = gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) * (1 + unit_roundoff_gamma(n * kc + 2)) / n
+        # Rounded up: a's entries against the exact sum of q (k + 1), their norm (n(k-1)/2 + 1), gamma (2), the
+        # products and the quotient (3).
+        dg_norm = rounded_up(gamma_c * pick(frob_w) * a.flatten(1).norm(dim=-1) / n, n * kc // 2 + k + 8)
         value, _, ok = _tall_certificate(None, None, q_w[idx], qs_w[idx], s[idx], logit_grad[idx],
                                          exact_kappa=False, H=H, norms=tuple(pick(v) for v in norms_w),
                                          dg_norm=dg_norm, drift=drift, g=g[idx], factor=factor,
                                          logit_range=spread)
         # The point: computed logits against the exact logits Z beta of the returned head.
-        logit_error = gamma_p * pick(rn_w)[..., None] * th[idx].norm(dim=-2)[:, None, :]
+        # gamma_p ||z_i|| ||beta_c||, rounded up: the norm of p entries (p + 1), gamma (2), the products (2).
+        logit_error = rounded_up(gamma_p * pick(rn_w)[..., None] * th[idx].norm(dim=-2)[:, None, :], p + 5)
         diff_error = logit_error + u * eta[idx].abs()
-        shift = 4 * (1 + unit_roundoff_gamma(k)) * (qs_w[idx] * _class_max(diff_error)).mean(dim=-1)
+        shift = _point_shift(qs_w[idx], _class_max(diff_error), k)
         full = _with_reference(eta[idx])
         value_at, per_sample, count = _objective_from_logits(loss_name, q_w[idx], full)
-        total = value + shift + _forward_evaluation_error(q_w[idx], full, per_sample, count)
+        # The three bounds' sum (two roundings), rounded up.
+        total = rounded_up(value + shift + _forward_evaluation_error(q_w[idx], full, per_sample, count), 2)
         proved = ok & (total <= tol)
         done_rows, local = ws[idx[proved]], idx[proved]
         certified[done_rows] = True

@@ -398,6 +398,7 @@ def fit_squared_batched(
     bias: bool = True,
     radius: float | None = None,
     tol: float = 1e-12,
+    shared: bool | None = None,
 ) -> FitResult:
     r"""Fit ``B`` regression heads at once by least squares (Charikar et al. 2024, Sec. 3):
 
@@ -411,6 +412,10 @@ def fit_squared_batched(
         bias: append a constant feature (its coefficient is the last row of ``theta``).
         radius: optional Euclidean ball on each output's coefficient vector (bias included).
         tol: target certified gap; ``converged`` is ``gap <= tol``.
+        shared: the features are one matrix for every student (``fit`` with 2-D features says so; ``None``:
+            inferred from a leading axis of 1 or a stride-0 view with ``B > 1``). A shared design forms
+            :math:`Z^\top y` apart from the Gram matrix, a per-student one inside it (the last bits differ), so
+            one student of shared features takes the shared path too, to match itself inside a batch.
 
     Returns:
         :class:`~w2s_theory.solvers.result.FitResult` with ``params = {"theta": (B, d, k_out)}``, ``probs`` the
@@ -429,7 +434,9 @@ def fit_squared_batched(
         certificate, method = "normal_equations", "normal equations (cholesky + refinement; svd fallback)"
     else:
         certificate, method = "frank_wolfe", "trust-region subproblem (eigendecomposition + secular equation)"
-    if B == 0 or (B > 1 and (features.shape[0] == 1 or features.stride(0) == 0)):
+    if shared is None:
+        shared = B > 1 and (features.shape[0] == 1 or features.stride(0) == 0)
+    if B == 0 or shared:
         # One feature matrix for every student: one design, one factorisation, all targets at once.
         preds, *part = _fit_students(_scaled_design(features[:1].to(torch.float64), bias, shared=True), targets,
                                      radius, tol)
