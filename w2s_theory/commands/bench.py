@@ -200,6 +200,13 @@ def report(result: dict) -> str:
         lines.append(f"mixture FLOP rate at B={B}: {flops['mixture_gflop_per_s']:.2f} GFLOP/s = "
                      f"{100 * flops['mixture_fraction_of_peak']:.1f}% of the float64 matmul peak "
                      f"({flops['mixture_multiply_adds_per_student'] / 1e6:.1f} M multiply-adds per student)")
+        sc = result.get("strong_convexity")
+        if sc:
+            sc_runs = ", ".join(_times(r) for r in sc["ratio_vs_cvxpy_runs"])
+            lines.append(f"mixture at B={sc['B']} with the strong-convexity certificate (opt-in; bounds objective - "
+                         f"optimum only): {sc['s_per_student'] * 1e3:.3f} ms/student, {_times(sc['ratio_vs_cvxpy'])} "
+                         f"cvxpy (median of {len(sc['ratio_vs_cvxpy_runs'])} runs: {sc_runs}), "
+                         f"{sc['mean_iterations']:.2f} iterations")
         largest = result["batched"][-1]
         if largest.get("floor"):
             work, floor = largest["work_per_student"], largest["floor"]
@@ -216,7 +223,9 @@ def report(result: dict) -> str:
                      if h.get("ratio_vs_torch_lbfgs") is not None else "")
             lines.append(f"{head} at B={h['B']}: {_times(h[key])} {name}{extra}")
     for name, w in (result.get("sparse") or {}).items():
-        lines.append(f"mixture, {name} at B={w['B']}: {_times(w['ratio_vs_cvxpy'])} cvxpy")
+        lines.append(f"mixture, {name} at B={w['B']}: {_times(w['ratio_vs_cvxpy'])} cvxpy"
+                     + (f"; {_times(w['strong_convexity']['ratio_vs_cvxpy'])} with the strong-convexity certificate"
+                        if w.get("strong_convexity") else ""))
     if result.get("practice"):
         p, w = result["practice"], result["practice"]["workload"]
         lines.append(f"practice trainer ({w['head']}, {w['loss']}, {w['epochs']} epochs, batch {w['batch_size']}, "
