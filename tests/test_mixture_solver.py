@@ -524,3 +524,42 @@ def test_the_strong_convexity_modulus_is_below_the_curvature_at_every_feasible_p
         start = np.linalg.eigvalsh((X[b] * (4 / s if loss == "reverse_kl" else 4 * Q[b].sum(1) / s**2)[:, None]).T
                                    @ X[b] / n)[0]
         assert modulus[b] >= 0.5 * share * start
+
+
+def test_a_proved_shift_is_below_the_exact_smallest_eigenvalue():
+    """_shift_is_below_the_spectrum: one Cholesky factorisation of M - (t + c)I proves lambda_min(M) >= t. On
+    random 8 x 8 matrices (entries scaled 1e-8..1e8, lambda_min down to 1e-12 of the largest, some with
+    near-duplicate columns) with exact eigenvalues from mpmath: no shift above lambda_min is proved (a plain
+    Cholesky of M - tI succeeds at t = lambda_min (1 + 1e-6) on such matrices), and 0.99 lambda_min is."""
+    from w2s_theory.solvers.mixture import _shift_is_below_the_spectrum
+
+    rng = np.random.default_rng(31)
+    for trial in range(40):
+        p = 8
+        Z = rng.normal(size=(p, p)) * 10.0 ** rng.integers(-8, 9)
+        Z[:, 0] = Z[:, 1] * (1 + 10.0 ** -rng.integers(3, 9)) if trial % 4 == 0 else Z[:, 0]
+        M = Z @ Z.T + np.eye(p) * abs(Z).max() ** 2 * 10.0 ** -rng.integers(4, 13)
+        with mpmath.workdps(60):
+            exact = min(mpmath.eigsy(mpmath.matrix(M.tolist()))[0])
+        lam = float(exact)
+        shifts = torch.tensor([0.99 * lam, lam * (1 + 1e-6), lam * 1.01, 2 * lam])
+        proved = _shift_is_below_the_spectrum(torch.tensor(M)[None].expand(4, p, p).clone(), shifts.double())
+        if 0.01 * lam > 1e-13 * np.trace(M):  # a margin above the rounding of the factorisation: provable
+            assert bool(proved[0]), (trial, lam)
+        for t, ok in zip(shifts.tolist(), proved.tolist()):
+            assert not ok or mpmath.mpf(t) <= exact, (trial, t, lam)
+    # Nearly singular: lambda_min at the level of the factorisation's rounding, where a plain Cholesky of
+    # M - tI decides by chance; none of these shifts above lambda_min may be proved
+    wrong = 0
+    for trial in range(60):
+        Qo, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+        M = (Qo * np.r_[10.0 ** -rng.uniform(14, 18), rng.uniform(0.5, 2, 7)]) @ Qo.T
+        M = (M + M.T) / 2
+        with mpmath.workdps(60):
+            lam = min(mpmath.eigsy(mpmath.matrix(M.tolist()))[0])
+        if lam <= 0:
+            continue
+        shifts = torch.tensor([float(lam) * 1.5, float(lam) * 3], dtype=torch.float64)
+        proved = _shift_is_below_the_spectrum(torch.tensor(M)[None].expand(2, 8, 8).clone(), shifts)
+        wrong += int(proved.sum())
+    assert wrong == 0

@@ -557,11 +557,10 @@ def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.
     arithmetic. The computed ``H0`` (products in ``hessian_dtype``, :math:`n` terms, a few roundings each)
     has :math:`|\hat H - H_w| \le \gamma_{n+8}|Y|^\top|Y|/n` entrywise, :math:`Y = \sqrt{\hat w}\circ X`,
     whose spectral norm is at most its trace: :math:`\|H_w - \hat H\|_2 \le \delta := \gamma_{n+8}
-    \mathrm{tr}\,H_w`. A shift :math:`t` a quarter below :math:`\lambda_{\min}(\hat H)` (power iteration on
-    :math:`\hat H^{-1}`) is proved by :func:`~.conditioning.positive_definite_bound` on :math:`\hat H - tI` (the
-    factorisation's own rounding included), so :math:`\lambda_{\min}(H_w) \ge t - \delta` (Weyl) and
-    :math:`\mu = \kappa(t - \delta)`."""
-    from .conditioning import positive_definite_bound, unit_roundoff_gamma
+    \mathrm{tr}\,H_w`. A shift :math:`t` a quarter below :math:`\lambda_{\min}(\hat H)` (inverse iteration)
+    is proved by one Cholesky factorisation (:func:`_shift_is_below_the_spectrum`), so
+    :math:`\lambda_{\min}(H_w) \ge t - \delta` (Weyl) and :math:`\mu = \kappa(t - \delta)`."""
+    from .conditioning import unit_roundoff_gamma
 
     m = H0.shape[-1]
     u = torch.finfo(hessian_dtype).eps / 2
@@ -569,24 +568,58 @@ def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.
     gamma_h = (count * u / (1 - count * u) if count * u < 0.5 else float("inf")) + 4 * _U64
     trace = H0.diagonal(dim1=-2, dim2=-1).sum(-1) * (1 + unit_roundoff_gamma(m + 1))
     error = gamma_h * trace / (1 - gamma_h) * (1 + 4 * _U64)  # >= ||H_w - H0||_2
-    # A shift t just below H0's smallest eigenvalue, estimated by power iteration on its inverse (any shift is
-    # safe: only the factorisation of the shifted matrix proves anything)
+    # A shift t just below H0's smallest eigenvalue, estimated by inverse iteration (any shift is safe: only the
+    # factorisation of the shifted matrix proves anything); a shift that fails is retried at a quarter
     L, info = torch.linalg.cholesky_ex(H0)
     eye = torch.eye(m, dtype=H0.dtype, device=H0.device)
-    inverse = torch.cholesky_inverse(torch.where((info == 0)[:, None, None], L, eye))
-    v = torch.ones_like(trace)[:, None].expand(-1, m).clone()
-    for _ in range(12):
-        v = (inverse @ v[..., None])[..., 0]
-        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    rayleigh = (v * (inverse @ v[..., None])[..., 0]).sum(-1)
+    L = torch.where((info == 0)[:, None, None], L, eye)
+    v = torch.where(torch.arange(m, device=H0.device) % 2 == 0, 1.0, -1.0).to(H0.dtype).expand(H0.shape[0], m)
+    v = v[..., None] / m**0.5
+    for _ in range(8):
+        w = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, v, upper=False), upper=True)
+        rayleigh = (v * w).sum(dim=(-2, -1))
+        v = w / w.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
     shift = torch.where((info == 0) & (rayleigh > 0), 0.75 / rayleigh.clamp_min(1e-300), torch.zeros_like(trace))
-    # H0 - t I as stored: its diagonal rounded once (u (H0_jj + t) each); the proof covers the factorisation
-    diagonal_error = _U64 * (H0.diagonal(dim1=-2, dim2=-1).abs().amax(-1) + shift) * (1 + 4 * _U64)
-    proof = positive_definite_bound(H0 - shift[:, None, None] * eye, diagonal_error)
-    smallest = (shift - error) * (1 - 4 * _U64)  # lambda_min(H_w) >= lambda_min(H0) - ||H_w - H0||_2
+    smallest = torch.zeros_like(trace)
+    for attempt in range(2):
+        todo = (smallest == 0) & (shift > 0)
+        if not bool(todo.any()):
+            break
+        proved = _shift_is_below_the_spectrum(H0[todo], shift[todo])
+        smallest[todo] = torch.where(proved, shift[todo], torch.zeros_like(shift[todo]))
+        shift = shift / 4
+    # lambda_min(H_w) >= lambda_min(H0) - ||H_w - H0||_2
+    smallest = torch.where(smallest > 0, (smallest - error) * (1 - 4 * _U64), smallest)
     mu = share * (1 - unit_roundoff_gamma(2 * m + 6)) * smallest * (1 - 8 * _U64)
-    good = proof.ok & (shift > 0) & torch.isfinite(mu) & (mu > 0)
+    good = torch.isfinite(mu) & (mu > 0)
     return torch.where(good, mu, torch.zeros_like(mu))
+
+
+def _shift_is_below_the_spectrum(M: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    r"""Whether :math:`\lambda_{\min}(M) \ge t` is proved for the stored symmetric ``M`` ``(b, p, p)`` and
+    ``shift`` :math:`t`, by one Cholesky factorisation (after Rump 2006, "Verification of positive
+    definiteness"): :math:`\hat S = \mathrm{fl}(M - (t + c)I)`, whose diagonal is rounded once
+    (:math:`|\hat S_{jj} - (M_{jj} - t - c)| \le u|\hat S_{jj}|/(1-u)`), factors to completion only if
+    :math:`LL^\top = \hat S + \Delta` with :math:`|\Delta| \le \gamma_{p+1}|L||L^\top|` (Higham, Thm 10.3), so
+    :math:`\|\Delta\|_2 \le \gamma_{p+1}\|L\|_F^2 \le \gamma_{p+1}\mathrm{tr}\,\hat S/(1-\gamma_{p+1})`
+    and :math:`M - tI \succeq (c(1-u) - ut - \|\Delta\|_2 - u\max|\hat S_{jj}|/(1-u))I` (the subtracted
+    :math:`\mathrm{fl}(t + c)` is rounded too). ``c`` is twice that bound, taken from the trace of
+    :math:`M - tI`, and checked against the factored matrix's own."""
+    from .conditioning import unit_roundoff_gamma
+
+    p = M.shape[-1]
+    eye = torch.eye(p, dtype=M.dtype, device=M.device)
+    g = unit_roundoff_gamma(p + 1)
+    diag = M.diagonal(dim1=-2, dim2=-1)
+    room = (g / (1 - g) * (diag - shift[:, None]).clamp_min(0).sum(-1) * (1 + unit_roundoff_gamma(p + 2))
+            + 2 * _U64 * (diag.abs().amax(-1) + shift)) * 2
+    S = M - (shift + room)[:, None, None] * eye
+    _, info = torch.linalg.cholesky_ex(S)
+    S_diag = S.diagonal(dim1=-2, dim2=-1)
+    needed = (g / (1 - g) * S_diag.clamp_min(0).sum(-1) * (1 + unit_roundoff_gamma(p + 2))
+              + _U64 / (1 - _U64) * S_diag.abs().amax(-1)) * (1 + 4 * _U64)
+    # the subtracted fl(t + c) is at least (t + c)(1 - u), so c (1 - u) - u t must cover the two errors
+    return (info == 0) & (room * (1 - _U64) - _U64 * shift >= needed) & torch.isfinite(room)
 
 
 def _strong_convexity_gap(G, eps_G, A, allowed, modulus, n: int) -> torch.Tensor:
