@@ -141,9 +141,8 @@ class _StudentFeatures:
             if hessian:
                 local = [i - start for i in range(start, stop) if wanted[i]]
                 if local:
-                    if len(local) < stop - start:
-                        X = X[torch.tensor(local, device=X.device)]
-                    self._hessian_chunk(X, roots[done : done + len(local)], Hh[done : done + len(local)])
+                    pick = local if len(local) < stop - start else None
+                    self._hessian_chunk(X, roots[done : done + len(local)], Hh[done : done + len(local)], pick)
                     done += len(local)
         grad.div_(self.n)
         return grad, (self._finish_hessian(Hh, weights, rows) if hessian else None)
@@ -174,11 +173,22 @@ class _StudentFeatures:
         roots = weights.clamp_min(0).sqrt().to(self.hessian_dtype)
         return roots, torch.empty((b, c, self.m, self.m), dtype=self.hessian_dtype, device=self.X.device)
 
-    def _hessian_chunk(self, X, roots, out):
-        """``out[:, y] = Y^T Y`` with ``Y = roots[:, y] * X`` for a chunk of students, in the scratch space."""
-        self.work["hessians"] += X.shape[0]
+    def _hessian_chunk(self, X, roots, out, pick=None):
+        """``out[:, y] = Y^T Y`` with ``Y = roots[:, y] * X`` for a chunk of students (those at ``pick`` in ``X``
+        if given), in the scratch space: picked students are converted straight into it, one by one, rather
+        than gathered into a copy first."""
+        count = X.shape[0] if pick is None else len(pick)
+        self.work["hessians"] += count
         if self.hessian_dtype != X.dtype:
-            X = self._buffers[0][: X.shape[0]].copy_(X)
+            buffer = self._buffers[0][:count]
+            if pick is None:
+                X = buffer.copy_(X)
+            else:
+                for j, i in enumerate(pick):
+                    buffer[j].copy_(X[i])
+                X = buffer
+        elif pick is not None:
+            X = X[torch.tensor(pick, device=X.device)]
         Y = self._buffers[1][: X.shape[0]]
         for y in range(roots.shape[1]):
             torch.mul(X, roots[:, y, :, None], out=Y)
