@@ -783,18 +783,19 @@ def _project_step(A, D, allowed, alpha, floor=None):
     iterations, not one per factor 2)."""
     V = _project_columns_to_simplex(A + alpha[:, None, None] * D, allowed)
     if floor is None or not bool(floor.any()):
-        return _exact_two_class_columns(V, allowed)
+        return V
     raised = torch.maximum(V, _FLOOR * A)
     raised = raised / raised.sum(dim=1, keepdim=True)
-    return _exact_two_class_columns(torch.where(floor[:, None, None], raised, V), allowed)
+    return torch.where(floor[:, None, None], raised, V)
 
 
 def _exact_two_class_columns(A, allowed):
-    r"""For ``k = 2``: every column of ``A`` made to sum to 1 *exactly*: the smaller entry becomes ``1 - larger``,
-    which is exact for a larger entry in :math:`[1/2, 1]` (Sterbenz), so the column is :math:`(a, 1-a)` in exact
-    arithmetic and ``A`` lies in the feasible set itself (the strong-convexity certificate,
-    :func:`_strong_convexity_gap`, is about such points). A column with one allowed entry gets 1 there; columns
-    whose larger entry is below 1/2 (far from any simplex) are left alone. Other ``k``: ``A`` unchanged."""
+    r"""For ``k = 2``, with the strong-convexity certificate: every column of ``A`` made to sum to 1 *exactly*.
+    The smaller entry becomes ``1 - larger``, which is exact for a larger entry in :math:`[1/2, 1]` (Sterbenz),
+    so the column is :math:`(a, 1-a)` in exact arithmetic and ``A`` lies in the feasible set itself (the
+    certificate, :func:`_strong_convexity_gap`, is about such points). A column with one allowed entry gets 1
+    there; columns whose larger entry is below 1/2 (far from any simplex) are left alone. Other ``k``: ``A``
+    unchanged. (Without the certificate the Frank–Wolfe gap pays for inexact column sums instead.)"""
     if A.shape[1] != 2:
         return A
     first, second = A[:, 0], A[:, 1]
@@ -826,7 +827,7 @@ def _em_step(A, G, column_mass, allowed):
     Newton step is cut short by the barrier :math:`q_y\log(1/p_y)`."""
     V = A * (-G).clamp_min(0)
     Z = V.sum(dim=1, keepdim=True)
-    return _exact_two_class_columns(torch.where(Z > 0, V / Z, A), allowed)
+    return torch.where(Z > 0, V / Z, A)
 
 
 def _entropic_step(A, G, column_mass, allowed):
@@ -841,7 +842,7 @@ def _entropic_step(A, G, column_mass, allowed):
     V = A * torch.exp(E - E.amax(dim=1, keepdim=True))
     Z = V.sum(dim=1, keepdim=True)
     ok = (column_mass > 0) & torch.isfinite(Z) & (Z > 0)
-    return _exact_two_class_columns(torch.where(ok, V / Z, A), allowed)
+    return torch.where(ok, V / Z, A)
 
 
 #: Majorise–minimise steps by loss: monotone, cheap (no Hessian), and multiplicative, so they complement
@@ -975,7 +976,7 @@ def fit_mixture_batched(
         A = allowed.to(dtype)
         A = A / A.sum(dim=1, keepdim=True).clamp_min(1)
     else:
-        A = _exact_two_class_columns(A0.to(dtype).clone(), allowed)
+        A = A0.to(dtype).clone()
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
 
     if loss.linear_in_probabilities:
@@ -1026,6 +1027,8 @@ def fit_mixture_batched(
         idx = torch.arange(Aw.shape[0], device=dev) if full else students
         pick = (lambda t: t) if idx.numel() == Aw.shape[0] else (lambda t: t[idx])  # noqa: E731
         trial = candidate(pick)
+        if share is not None:  # the strong-convexity certificate is about points in the feasible set itself
+            trial = _exact_two_class_columns(trial, pick(al))
         sub = idx.numel() != Aw.shape[0]
         Pt = (d.take(idx) if sub else d).predict(trial)
         t = tw.take(idx) if sub else tw
@@ -1052,12 +1055,16 @@ def fit_mixture_batched(
         # the last gap: a Frank-Wolfe gap above 1e3 tol is not followed by one below tol (Newton's quadratic
         # convergence); with a strong-convexity modulus the gap is quadratic in the step, and a gap g was
         # followed by at most about 10 g^2 (measured on the bench's workloads). A wrong guess costs time only.
-        expected = torch.where(modulus[ws] > 0, 10 * gap_all[ws] ** 2, 1e-3 * gap_all[ws])
-        fused = running & need_hessian & ~mm_next & (it >= mm_start) & (expected > tol)
+        worth_it = gap_all[ws] > 1e3 * tol
+        if share is not None:
+            worth_it = torch.where(modulus[ws] > 0, 10 * gap_all[ws] ** 2 > tol, worth_it)
+        fused = running & need_hessian & ~mm_next & (it >= mm_start) & worth_it
         rows = fused.nonzero()[:, 0] if bool(fused.any()) else None
         G, gap, dphi, H_fused, by_modulus = _certified_gradient(d, tw, Aw, Pw, al, rows, k2_fast,
                                                                 modulus[ws] if share is not None else None)
-        G_all[ws], gap_all[ws], from_modulus[ws] = G, gap, by_modulus
+        G_all[ws], gap_all[ws] = G, gap
+        if share is not None:
+            from_modulus[ws] = by_modulus
         better = gap < best_gap[ws]
         best_gap[ws[better]], best_A[ws[better]] = gap[better], Aw[better]
         running = running & ~(gap <= tol)
