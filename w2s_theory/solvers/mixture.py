@@ -58,7 +58,7 @@ import torch
 
 from ..divergences import Loss
 from ..heads import MixtureHead
-from .conditioning import derivative_term_magnitude
+from .conditioning import derivative_term_magnitude, unit_roundoff_gamma
 from .result import FitResult
 
 __all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate", "work_floor", "default_hessian_dtype"]
@@ -570,8 +570,6 @@ def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.
     \mathrm{tr}\,H_w`. A shift :math:`t` a quarter below :math:`\lambda_{\min}(\hat H)` (inverse iteration)
     is proved by one Cholesky factorisation (:func:`_shift_is_below_the_spectrum`), so
     :math:`\lambda_{\min}(H_w) \ge t - \delta` (Weyl) and :math:`\mu = \kappa(t - \delta)`."""
-    from .conditioning import unit_roundoff_gamma
-
     m = H0.shape[-1]
     u = torch.finfo(hessian_dtype).eps / 2
     count = n + 8
@@ -615,8 +613,6 @@ def _shift_is_below_the_spectrum(M: torch.Tensor, shift: torch.Tensor) -> torch.
     and :math:`M - tI \succeq (c(1-u) - ut - \|\Delta\|_2 - u\max|\hat S_{jj}|/(1-u))I` (the subtracted
     :math:`\mathrm{fl}(t + c)` is rounded too). ``c`` is twice that bound, taken from the trace of
     :math:`M - tI`, and checked against the factored matrix's own."""
-    from .conditioning import unit_roundoff_gamma
-
     p = M.shape[-1]
     eye = torch.eye(p, dtype=M.dtype, device=M.device)
     g = unit_roundoff_gamma(p + 1)
@@ -647,8 +643,6 @@ def _strong_convexity_gap(G, eps_G, A, allowed, modulus, n: int) -> torch.Tensor
     a negative :math:`g_j` counts there), :math:`\max(\hat g_j + r_j, 0)` at :math:`a_j = 1`; the sums are
     rounded up. Only for a student whose every column is :math:`(a_j, 1 - a_j)` *exactly*
     (:func:`_exact_two_class_columns`) and whose entries are all allowed; ``inf`` otherwise."""
-    from .conditioning import unit_roundoff_gamma
-
     m = A.shape[-1]
     g = G[:, 0] - G[:, 1]
     r = ((eps_G[:, 0] + eps_G[:, 1]) * (1 + unit_roundoff_gamma(n + 4)) + g.abs() * _U64) * (1 + 4 * _U64)
