@@ -58,6 +58,23 @@ def test_fit_writes_a_json_report_with_errors_when_the_truth_is_given(arrays, tm
 
 
 
+def test_fit_with_the_strong_convexity_certificate_reaches_the_same_objectives_and_names_it(tmp_path, capsys):
+    # two classes, reverse KL: the opt-in bound on objective - optimum is at most tol, and the objectives agree
+    # with the default (Frank-Wolfe) fit within the two tolerances
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "F.npy", rng.dirichlet(np.ones(5), size=60))
+    np.save(tmp_path / "Q.npy", rng.dirichlet(np.ones(2), size=(3, 60)))
+    outs = {}
+    for flag in ([], ["--strong-convexity"]):
+        out = tmp_path / f"o{len(flag)}.npz"
+        assert main(["fit", "--features", str(tmp_path / "F.npy"), "--teacher", str(tmp_path / "Q.npy"), "--loss",
+                     "reverse_kl", "--out", str(out), "--tol", "1e-9", *flag]) == 0
+        outs[len(flag)] = np.load(out)
+        assert (outs[len(flag)]["gap"] <= 1e-9).all()
+    assert "certificate: frank_wolfe_or_strong_convexity" in capsys.readouterr().out
+    assert np.abs(outs[1]["objective"] - outs[0]["objective"]).max() <= 2e-9
+
+
 def test_fit_says_why_a_student_is_uncertified(arrays, tmp_path, capsys):
     # simplex rows beside the linear head's bias are collinear: no certificate, and the summary says why
     code = main(["fit", "--features", str(arrays["F"]), "--teacher", str(arrays["Q"]), "--loss", "forward_kl",
@@ -73,6 +90,8 @@ def test_fit_says_why_a_student_is_uncertified(arrays, tmp_path, capsys):
     (["--teacher", "Q", "--loss", "reverse_kl", "--head", "tree"], "unknown head 'tree'"),
     (["--teacher", "Q9", "--loss", "reverse_kl"], "rows"),
     (["--teacher", "missing", "--loss", "reverse_kl"], "file not found"),
+    (["--teacher", "Q", "--loss", "forward_kl", "--head", "softmax", "--strong-convexity"],
+     "the strong-convexity certificate is for the mixture head"),
 ])
 def test_bad_input_gives_one_line_error_exit_2_and_keeps_existing_output(arrays, tmp_path, bad_args, message):
     out = tmp_path / "out.npz"

@@ -65,6 +65,7 @@ def fit(
     heads: int = 2,
     restarts: int = 4,
     seed: int = 0,
+    strong_convexity: bool = False,
 ) -> FitResult:
     r"""Fit students :math:`F = f\circ h` to teacher outputs by minimising the mean training loss.
 
@@ -82,6 +83,10 @@ def fit(
         radius, bias: options of the squared head.
         heads, restarts, seed: options of the ``mixture_of_softmax`` head (joint training, uncertified; the
             frozen-heads fit is :func:`.mixture_of_softmax.fit_mixture_weights`).
+        strong_convexity: mixture head (batched backend), two classes, KL losses: the gap may be the
+            strong-convexity bound on ``objective - optimum`` (certificate ``frank_wolfe_or_strong_convexity``),
+            which stops students about one iteration earlier but is not the first-order gap that the theorem
+            checks need (:func:`.mixture.fit_mixture_batched`).
 
     Returns:
         A :class:`FitResult` with batch axis ``B`` (1 for unbatched input).
@@ -97,6 +102,9 @@ def fit(
                          f"use one of: {', '.join(SOLVABLE[head])}")
     if backend not in ("batched", "cvxpy"):
         raise InputError(f"unknown backend {backend!r}; choose 'batched' or 'cvxpy'")
+    if strong_convexity and (head != "mixture" or backend != "batched"):
+        raise InputError(f"the strong-convexity certificate is for the mixture head's batched solver, "
+                         f"not head {head!r} with backend {backend!r}")
     B, n, m, k = check_batch_shapes("features", features, "teacher", teacher)
     check_finite("features", features)
     if head == "squared":
@@ -129,12 +137,13 @@ def fit(
                 raise InputError(f"heads must be a positive integer, got {heads!r}")
             return fit_mixture_of_softmax_joint(X, Q, loss_obj, heads=heads, restarts=restarts, seed=seed)
         return _dispatch(X, Q, loss_obj, head, backend, tol=tol, max_iter=max_iter, gamma=gamma, radius=radius,
-                         bias=bias, shared=shared_features)
+                         bias=bias, shared=shared_features, strong_convexity=strong_convexity)
     except ValueError as exc:  # the solvers' own input checks (e.g. reverse loss with teacher zeros on softmax)
         raise InputError(str(exc).splitlines()[0]) from exc
 
 
-def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bias, shared=None) -> FitResult:
+def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bias, shared=None,
+              strong_convexity=False) -> FitResult:
     if backend == "cvxpy":
         from .reference import fit_reference_batch
 
@@ -158,7 +167,7 @@ def _dispatch(X, Q, loss_obj, head, backend, *, tol, max_iter, gamma, radius, bi
     if head == "mixture":
         from .mixture import fit_mixture_batched
 
-        return fit_mixture_batched(X, Q, loss_obj, tol=tol, max_iter=max_iter)
+        return fit_mixture_batched(X, Q, loss_obj, tol=tol, max_iter=max_iter, strong_convexity=strong_convexity)
     if head == "softmax":
         from .softmax import fit_softmax_batched
 
