@@ -296,7 +296,8 @@ def test_reverse_kl_rounding_allowance_covers_tiny_probabilities():
     # the former allowance |l'| + 2 is too small on some of these inputs.
     import mpmath
 
-    from w2s_theory.solvers.mixture import _KLTerms, _gamma
+    from w2s_theory.solvers.conditioning import unit_roundoff_gamma as _gamma
+    from w2s_theory.solvers.mixture import _KLTerms
 
     rng = np.random.default_rng(5)
     p = torch.tensor(10.0 ** rng.uniform(-305, -250, size=200))
@@ -351,7 +352,8 @@ def test_the_rounding_allowance_covers_each_field_losss_derivative_at_a_perturbe
     # The mixture's Frank-Wolfe gap pays gamma_{m+4} M per derivative: the formula's own rounding and the
     # prediction's relative error gamma_m. Derivatives that cancel (log p - log q, 1/q - 1/p at p ~ q) broke
     # the former allowance |l'| + 2 by factors up to 2e7 (an itakura_saito gap 1% below its exact value).
-    from w2s_theory.solvers.mixture import _gamma, _loss_terms
+    from w2s_theory.solvers.conditioning import unit_roundoff_gamma as _gamma
+    from w2s_theory.solvers.mixture import _loss_terms
 
     m = 8
     rng = np.random.default_rng(11)

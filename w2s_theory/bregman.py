@@ -77,6 +77,7 @@ import torch
 
 from ._backend import ops
 from .divergences import generalized_kl, kl, squared
+from .solvers.conditioning import unit_roundoff_gamma
 
 __all__ = [
     "BregmanGenerator",
@@ -373,9 +374,7 @@ def rounding_bound(generator: BregmanGenerator, pairs, n_terms: int):
     divergences is itself a product/log with relative error a few :math:`u`. ``n_terms`` is the number of
     summed terms per divergence (``n * k``); a factor 4 covers the per-term error.
     """
-    u = float(np.finfo(np.float64).eps) / 2
-    N = n_terms + 8
-    gamma = N * u / (1 - N * u)
+    gamma = unit_roundoff_gamma(n_terms + 8)
     total = sum(_to_numpy(generator.term_magnitude(x, y)).mean(axis=-1) for x, y in pairs)
     return 4 * gamma * total
 

@@ -46,6 +46,7 @@ from .divergences import as_categorical, kl
 from .heads import LinearHead, SoftmaxHead, SquaredHead
 from .instances import MixtureProblem, random_mixture_problem, random_simplex_rows
 from .solvers import fit
+from .solvers.conditioning import unit_roundoff_gamma
 from .theorems import (
     TheoremResult,
     charikar_squared,
@@ -289,9 +290,7 @@ def _rounding_1d(z, truth_theta, teacher, theta) -> np.ndarray:
     mag = (np.abs(p * lp) + np.abs(p * lw) + np.abs((1 - p) * lq) + np.abs((1 - p) * lv)  # KL(F_sw || F_w)
            + np.abs(xlogy(f, f)) + np.abs(xlogy(1 - f, 1 - f)) + np.abs(f * lp) + np.abs((1 - f) * lq)  # KL(F*||F_sw)
            + np.abs(f * lf) + np.abs(f * lw) + np.abs((1 - f) * lg) + np.abs((1 - f) * lv))  # KL(F* || F_w)
-    u = np.finfo(float).eps / 2
-    N = 2 * z.shape[-1] + 8
-    return 4 * N * u / (1 - N * u) * mag.mean(-1)
+    return 4 * unit_roundoff_gamma(2 * z.shape[-1] + 8) * mag.mean(-1)
 
 
 def softmax_reverse_1d_result(z, truth_theta, teacher, solved: SoftmaxReverse1D, *, quantity: str = "slack"

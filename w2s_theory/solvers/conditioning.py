@@ -36,11 +36,12 @@ __all__ = ["unit_roundoff_gamma", "rounded_up", "power_of_two_scales", "exactly_
 _U = 2.0**-53
 
 
-def unit_roundoff_gamma(count):
-    r""":math:`\gamma_j = ju/(1-ju)` (Higham §3.1), for a number or a tensor of counts; ``inf`` once
-    :math:`ju \ge 1/2` (the formula turns negative at :math:`ju > 1`, where no such bound exists: a count that
-    grows with the logits' range reaches it near a range of 4.5e15)."""
-    x = count * _U
+def unit_roundoff_gamma(count, dtype=torch.float64):
+    r""":math:`\gamma_j = ju/(1-ju)` (Higham §3.1), for a number or a tensor of counts, with :math:`u` the unit
+    roundoff of ``dtype`` (float64 unless given); ``inf`` once :math:`ju \ge 1/2` (the formula turns negative
+    at :math:`ju > 1`, where no such bound exists: a count that grows with the logits' range reaches it near a
+    range of 4.5e15). The one definition every solver and check uses."""
+    x = count * (_U if dtype == torch.float64 else torch.finfo(dtype).eps / 2)
     if isinstance(x, torch.Tensor):
         return torch.where(x < 0.5, x / (1 - x), torch.full_like(x, float("inf")))
     return x / (1 - x) if x < 0.5 else float("inf")

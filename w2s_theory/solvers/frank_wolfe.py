@@ -31,6 +31,7 @@ import torch
 
 from ..divergences import Loss
 from ..heads import MixtureHead
+from .conditioning import unit_roundoff_gamma
 from .result import FitResult
 
 __all__ = ["project_columns_to_simplex", "simplex_product_gap", "fit_simplex_product", "fit_mixture_generic",
@@ -49,9 +50,6 @@ def project_columns_to_simplex(V: torch.Tensor) -> torch.Tensor:
     return (V - tau).clamp_min(0)
 
 
-def _gamma(count: int, dtype) -> float:
-    u = torch.finfo(dtype).eps / 2
-    return count * u / (1 - count * u)
 
 
 def simplex_product_gap(G: torch.Tensor, theta: torch.Tensor, count: int, magnitude: torch.Tensor | None = None
@@ -63,8 +61,8 @@ def simplex_product_gap(G: torch.Tensor, theta: torch.Tensor, count: int, magnit
     gap = MixtureHead.frank_wolfe_gap(G, theta)
     finite = torch.isfinite(G).all(dim=-1).all(dim=-1)
     mag = G.abs() if magnitude is None else magnitude
-    rnd = 2 * _gamma(count, G.dtype) * torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag)).amax(dim=-2).sum(-1)
-    gap = gap + rnd + _gamma(theta.shape[-2] + theta.shape[-1], G.dtype) * gap
+    rnd = 2 * unit_roundoff_gamma(count, G.dtype) * torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag)).amax(dim=-2).sum(-1)
+    gap = gap + rnd + unit_roundoff_gamma(theta.shape[-2] + theta.shape[-1], G.dtype) * gap
     return torch.where(finite & ~torch.isnan(gap), gap, torch.full_like(gap, float("inf")))
 
 
@@ -186,8 +184,7 @@ def tv_dual_bound(U: np.ndarray, features: np.ndarray, teacher: np.ndarray) -> t
     n, m, k = features.shape[-2], features.shape[-1], teacher.shape[-1]
     C = np.swapaxes(U, -1, -2) @ features  # (B, k, m): sum_i u_iy h_ij
     L = (-(U * teacher).sum(axis=(-1, -2)) + C.min(axis=-2).sum(-1)) / (2 * n)
-    u = np.finfo(float).eps / 2
-    g = (n + m + k + 4) * u / (1 - (n + m + k + 4) * u)
+    g = unit_roundoff_gamma(n + m + k + 4)
     magnitude = (np.abs(U) * teacher).sum(axis=(-1, -2)) + (np.abs(U).swapaxes(-1, -2) @ features).max(-2).sum(-1)
     return L, 2 * g * magnitude / (2 * n)
 

@@ -86,7 +86,7 @@ import torch
 
 from ..divergences import Loss, get_loss
 from ..heads import LinearHead
-from .conditioning import derivative_term_magnitude
+from .conditioning import derivative_term_magnitude, unit_roundoff_gamma
 from .result import FitResult
 
 __all__ = ["fit_linear_batched", "fit_tv_linear", "bench_linear"]
@@ -120,7 +120,7 @@ _CACHE_BYTES = 2**20
 _SUB_BATCH_BYTES = 2**23
 
 
-def _gamma_n(count, dtype=torch.float64) -> float:
+def unit_roundoff_gamma(count, dtype=torch.float64) -> float:
     """Higham's :math:`\\gamma_c = cu/(1-cu)`: the relative error bound of a sum or product of ``c`` terms."""
     u = torch.finfo(dtype).eps / 2
     return count * u / (1 - count * u)
@@ -161,10 +161,10 @@ def _smallest_singular_value_lower_bound(M: torch.Tensor, gram=None, eig=None) -
     n, c = M.shape[-2], M.shape[-1]
     gram = M.transpose(-1, -2) @ M if gram is None else gram
     # || |M|^T |M| ||_F <= ||M||_F^2 (Cauchy-Schwarz entrywise).
-    gram_error = _gamma_n(n + 2) * M.flatten(-2).norm(dim=-1).square() * (1 + _gamma_n(n * c + 2))
+    gram_error = unit_roundoff_gamma(n + 2) * M.flatten(-2).norm(dim=-1).square() * (1 + unit_roundoff_gamma(n * c + 2))
     eig = torch.linalg.eigvalsh(gram)[..., 0] if eig is None else eig
     eig_error = 8 * c * torch.finfo(M.dtype).eps * gram.flatten(-2).norm(dim=-1)
-    lower = eig - gram_error * (1 + _gamma_n(c * c + 2)) - eig_error
+    lower = eig - gram_error * (1 + unit_roundoff_gamma(c * c + 2)) - eig_error
     return torch.where(lower > 0, lower.clamp_min(0).sqrt() * (1 - 4 * torch.finfo(M.dtype).eps),
                        torch.zeros_like(lower))
 
@@ -229,7 +229,7 @@ class _Certifier:
                 norms[self.design] = Zs[self.design].flatten(1).norm(dim=1)
             for b in (~self.design).nonzero()[:, 0].tolist():
                 norms[b] = self.M[b].reshape(1, -1).norm(dim=1)[0]
-        self.M_norm = norms * (1 + _gamma_n(n * c + 2))
+        self.M_norm = norms * (1 + unit_roundoff_gamma(n * c + 2))
 
     def projected_residual_bound(self, R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         r"""Upper bound on :math:`\|\Pi R\|_F \le (\|\mathrm{fl}(M^\top R)\|_F + \gamma_n\||M|^\top|R|\|_F)/\sigma`."""
@@ -248,8 +248,8 @@ class _Certifier:
                 M = self.M[int(rows[j])]
                 MR_norm[j] = (M.T @ R[j]).reshape(1, -1).norm(dim=1)[0]
         # ||(|M|^T |R|)||_F <= ||M||_F ||R||_F (Cauchy-Schwarz entrywise): no pass over |M|.
-        err = _gamma_n(n + 2) * self.M_norm[rows] * R.flatten(1).norm(dim=1)
-        num = (MR_norm + err) * (1 + _gamma_n(2 * c * R.shape[2] + 4))
+        err = unit_roundoff_gamma(n + 2) * self.M_norm[rows] * R.flatten(1).norm(dim=1)
+        num = (MR_norm + err) * (1 + unit_roundoff_gamma(2 * c * R.shape[2] + 4))
         sigma = self.sigma[rows]
         return torch.where(sigma > 0, num / sigma.clamp_min(1e-300), torch.full_like(num, float("inf")))
 
@@ -284,13 +284,13 @@ def _derivative_error(teacher, probs, dphi, n, loss_name: str, hessian=None):
     if hessian is not None:
         k = probs.shape[-1]
         spread = (probs.abs() + teacher.abs()) @ hessian.abs()
-        return (_gamma_n(k + 1) * spread + _gamma_n(2) * dphi.abs()) * (1 + _gamma_n(k + 4)) / n
+        return (unit_roundoff_gamma(k + 1) * spread + unit_roundoff_gamma(2) * dphi.abs()) * (1 + unit_roundoff_gamma(k + 4)) / n
     finite = lambda x: torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)  # noqa: E731  |x| where finite, else 0
     terms = derivative_term_magnitude(loss_name, teacher, probs)
     if terms is None:  # no stated formula for this loss's derivative: no allowance covers it
         return torch.full_like(dphi, float("inf"))
     mag = finite(dphi) + finite(torch.log(probs.clamp_min(0))) + finite(torch.log(teacher)) + finite(terms) + 2
-    return _gamma_n(8) * mag / n
+    return unit_roundoff_gamma(8) * mag / n
 
 
 def _multipliers(slack, dP, t):
@@ -327,15 +327,15 @@ def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, Y, allowances
         return terms[0] + terms[1] + terms[2] + residual, G, CG
     # Rounding: G_eff = Y + nu 1^T + R differs from the computed G by E (the derivative's own error plus the
     # subtraction's); moving G to G_eff changes <G, P> - min_S <G, S> by at most 2 sum_i max_y |E_iy|.
-    E = _derivative_error(teacher, probs, dphi, n, loss.name, hessian) + _gamma_n(3) * (G.abs() + Y.abs() + nu.abs()[..., None])
+    E = _derivative_error(teacher, probs, dphi, n, loss.name, hessian) + unit_roundoff_gamma(3) * (G.abs() + Y.abs() + nu.abs()[..., None])
     magnitudes = (RP.abs().sum(dim=(1, 2)), YS.abs().sum(dim=(1, 2)),
-                  (nu.abs() * (rowsum_minus_one.abs() + _gamma_n(probs.shape[2] + 1) * (_class_sum(probs.abs()) + 1)))
+                  (nu.abs() * (rowsum_minus_one.abs() + unit_roundoff_gamma(probs.shape[2] + 1) * (_class_sum(probs.abs()) + 1)))
                   .sum(dim=1))
     # <Y, P - gamma>: the computed slack has relative error <= u; its sum gamma_nk.
     value = terms[0] + terms[1] + terms[2]
-    rounding = _gamma_n(nk + 4) * (magnitudes[0] + magnitudes[1]) + magnitudes[2] + _gamma_n(2) * magnitudes[1]
+    rounding = unit_roundoff_gamma(nk + 4) * (magnitudes[0] + magnitudes[1]) + magnitudes[2] + unit_roundoff_gamma(2) * magnitudes[1]
     edge = 2 * _class_max(E).sum(dim=1) * (1 + rowsum_minus_one.abs().amax(dim=1) + 1e-15)
-    gap = (value + rounding + residual + edge) * (1 + _gamma_n(8))
+    gap = (value + rounding + residual + edge) * (1 + unit_roundoff_gamma(8))
     gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap.clamp_min(0))
     return gap, G, CG
 
@@ -595,8 +595,8 @@ def _predict_with_error(X, W, b):
     """``probs = X W^T + b`` and an entrywise bound on its rounding, :math:`\\gamma_{m+2}(|X||W|^\\top + |b|)`."""
     probs = LinearHead.predict(W, b, X)
     # (|X||W|^T)_iy <= ||x_i|| ||w_y|| (Cauchy-Schwarz): no pass that materialises |X|.
-    err = _gamma_n(X.shape[-1] + 2) * (X.norm(dim=2)[:, :, None] * W.norm(dim=2)[:, None, :]
-                                       * (1 + _gamma_n(X.shape[-1] + 2)) + b.abs()[:, None, :])
+    err = unit_roundoff_gamma(X.shape[-1] + 2) * (X.norm(dim=2)[:, :, None] * W.norm(dim=2)[:, None, :]
+                                       * (1 + unit_roundoff_gamma(X.shape[-1] + 2)) + b.abs()[:, None, :])
     return probs, err
 
 
@@ -860,7 +860,7 @@ def _fit_interior(X, Q, loss: Loss, gamma, tol, max_iter) -> FitResult:
         with torch.no_grad():
             curvature = loss.curvature_student(Q, lower_end) / n
     else:  # d^T H d <= lambda_max(H) |d|^2 <= (max row sum of |H|) |d|^2 (Gershgorin), rounding included
-        curvature = (hessian.abs().sum(dim=1).amax() * (1 + _gamma_n(k + 2)) / n).expand_as(probs)
+        curvature = (hessian.abs().sum(dim=1).amax() * (1 + unit_roundoff_gamma(k + 2)) / n).expand_as(probs)
     final_gap = final_gap + ((G.abs() * err).sum(dim=(1, 2)) + 0.5 * (curvature * err * err).sum(dim=(1, 2))) * 2
     unreproducible = err.flatten(1).amax(dim=1) > _REPRODUCIBLE
     final_gap = torch.where(low | unreproducible, torch.full_like(final_gap, float("inf")), final_gap)

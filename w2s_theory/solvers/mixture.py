@@ -492,11 +492,6 @@ def _loss_terms(loss: Loss, teacher, teacher_d) -> _LossTerms:
     return _LossTerms(loss, teacher, teacher_d)
 
 
-def _gamma(count: int, dtype) -> float:
-    u = torch.finfo(dtype).eps / 2
-    return count * u / (1 - count * u)
-
-
 def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_rows=None, k2_fast=False,
                         modulus=None):
     r"""Gradient ``G`` ``(B, k, m)`` at ``A``, its certified gap ``(B,)``, the per-sample derivatives
@@ -527,16 +522,16 @@ def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_ro
         weights = terms.curvature(probs, dphi, k2_fast)  # elementwise: cheaper for all than indexing the inputs
         weights = weights if hessian_rows.numel() == weights.shape[0] else weights[hessian_rows]
     both, H = design.gradient_and_curvature(both, weights, hessian_rows)
-    G, eps_G = both[:, :k], both[:, k:] * _gamma(design.n + design.m + 4, dphi.dtype)
+    G, eps_G = both[:, :k], both[:, k:] * unit_roundoff_gamma(design.n + design.m + 4, dphi.dtype)
     gap = MixtureHead.frank_wolfe_gap(G, A, allowed)
     # frank_wolfe_gap sums A (G - Gmin), which is <G, A> - min G per column only where the column sums to 1;
     # after projections and renormalisations it does so within a few units of roundoff
     # (the computed sum itself errs by up to gamma_k sum|A|: a column whose sum rounds to 1 need not be 1)
     Gmin = torch.where(allowed, G, torch.full_like(G, float("inf"))).amin(dim=1)
-    off = (A.sum(dim=1) - 1).abs() + _gamma(k, dphi.dtype) * A.abs().sum(dim=1)
+    off = (A.sum(dim=1) - 1).abs() + unit_roundoff_gamma(k, dphi.dtype) * A.abs().sum(dim=1)
     column_sum_error = torch.where(off > 0, off * Gmin.abs(), torch.zeros_like(off)).sum(dim=-1)
-    column_sum_error = column_sum_error * (1 + _gamma(k + 2, dphi.dtype))
-    gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + _gamma(k + design.m, dphi.dtype) * gap + column_sum_error
+    column_sum_error = column_sum_error * (1 + unit_roundoff_gamma(k + 2, dphi.dtype))
+    gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + unit_roundoff_gamma(k + design.m, dphi.dtype) * gap + column_sum_error
     gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
     from_modulus = torch.zeros_like(gap, dtype=torch.bool)
     if modulus is not None and k == 2 and bool((modulus > 0).any()):
@@ -571,9 +566,7 @@ def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.
     is proved by one Cholesky factorisation (:func:`_shift_is_below_the_spectrum`), so
     :math:`\lambda_{\min}(H_w) \ge t - \delta` (Weyl) and :math:`\mu = \kappa(t - \delta)`."""
     m = H0.shape[-1]
-    u = torch.finfo(hessian_dtype).eps / 2
-    count = n + 8
-    gamma_h = (count * u / (1 - count * u) if count * u < 0.5 else float("inf")) + 4 * _U64
+    gamma_h = unit_roundoff_gamma(n + 8, hessian_dtype) + 4 * _U64
     trace = H0.diagonal(dim1=-2, dim2=-1).sum(-1) * (1 + unit_roundoff_gamma(m + 1))
     error = gamma_h * trace / (1 - gamma_h) * (1 + 4 * _U64)  # >= ||H_w - H0||_2
     # A shift t just below H0's smallest eigenvalue, estimated by inverse iteration (any shift is safe: only the
