@@ -74,7 +74,8 @@ from .divergences import get_loss
 from .heads import LinearHead, MixtureHead
 
 __all__ = ["workload", "bench_cvxpy", "bench_adam", "bench_batched", "bench_head", "bench_sparse",
-           "mixture_multiply_adds", "peak_gflops", "run_bench", "HEADS", "HEAD_WORKLOADS", "SPARSE_WORKLOADS"]
+           "mixture_multiply_adds", "mixture_work_floor", "peak_gflops", "run_bench", "HEADS", "HEAD_WORKLOADS",
+           "SPARSE_WORKLOADS"]
 
 N, M, K = 2000, 64, 2
 
@@ -371,7 +372,7 @@ def bench_batched(B: int, *, shared: bool, device: torch.device, repeats: int = 
     """Seconds per student of the batched mixture solver for ``B`` students, worst certified gap, peak
     memory and achieved GFLOP/s (:func:`mixture_multiply_adds`). Data from :func:`workload` unless given
     (then the first ``B`` teachers, and the first ``B`` feature matrices unless ``shared``)."""
-    from .solvers.mixture import fit_mixture_batched, work_floor
+    from .solvers.mixture import fit_mixture_batched
 
     if features is None:
         features, teacher = workload(B, n=n, m=m, k=k, shared=shared, seed=seed, device=device)
@@ -394,11 +395,33 @@ def bench_batched(B: int, *, shared: bool, device: torch.device, repeats: int = 
     }
     if not shared:  # per-student features stream from memory: the counted work at measured rates is a floor
         work = {key: value / B for key, value in result.info["work"].items()}
-        unit = work_floor(features, repeats=repeats)
+        unit = mixture_work_floor(features, device, repeats)
         floor = work["feature_reads"] * unit["read_s_per_student"] + work["hessians"] * unit["hessian_s_per_student"]
         row["work_per_student"] = work
         row["floor"] = dict(unit, s_per_student=floor, share_of_measured=floor * B / seconds)
     return row
+
+
+def mixture_work_floor(features: torch.Tensor, device: torch.device, repeats: int = 3) -> dict:
+    r"""Seconds per student of the two units of work the mixture solver counts in ``info["work"]``, timed
+    (:func:`_timed`) with its own code on per-student ``features`` ``(B, n, m)``, in its sub-batches: a *read*
+    (the prediction :math:`AX^\top` of every student, ``k = 2``: one pass over its features from memory) and a
+    *Hessian* beyond its read (:math:`X^\top\mathrm{diag}(w)X` in the solver's default dtype, minus a read:
+    the solver forms most Hessians inside the gradient's pass). ``reads * read + hessians * hessian`` is the
+    time the counted work takes at this machine's measured rates, a floor for the solve (the rest is
+    elementwise arithmetic on predictions and Python)."""
+    from .solvers.mixture import SUB_BATCH_BYTES, _StudentFeatures, default_hessian_dtype
+
+    B, n, m = features.shape
+    dtype = default_hessian_dtype(features)
+    size = max(1, SUB_BATCH_BYTES // (n * m * features.element_size()))
+    parts = [_StudentFeatures(features[s : s + size], dtype) for s in range(0, B, size)]
+    A = torch.full((min(size, B), 2, m), 0.5, dtype=features.dtype, device=features.device)
+    weights = torch.ones((min(size, B), 1, n), dtype=features.dtype, device=features.device)
+    read = _timed(lambda: [p.predict(A[: p.X.shape[0]]) for p in parts], device, repeats)[0] / B
+    hessian = _timed(lambda: [p.curvature_blocks(weights[: p.X.shape[0]]) for p in parts], device, repeats)[0] / B
+    return {"read_s_per_student": read, "hessian_s_per_student": max(hessian - read, 0.0),
+            "hessian_dtype": str(dtype).replace("torch.", "")}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -214,7 +214,8 @@ def report(result: dict) -> str:
                          f"{work['hessians']:.1f} Hessians per student, {floor['s_per_student'] * 1e3:.3f} ms at this "
                          f"machine's measured rates ({floor['read_s_per_student'] * 1e6:.0f} us a read, "
                          f"{floor['hessian_s_per_student'] * 1e6:.0f} us a Hessian) = "
-                         f"{100 * floor['share_of_measured']:.0f}% of the measured {largest['s_per_student'] * 1e3:.3f} ms")
+                         f"{100 * floor['share_of_measured']:.0f}% of the measured "
+                         f"{largest['s_per_student'] * 1e3:.3f} ms")
     for head, key, name in (("linear", "ratio_vs_cvxpy", "cvxpy"), ("softmax", "ratio_vs_lbfgs", "scipy L-BFGS"),
                             ("squared", "ratio_vs_numpy", "numpy lstsq")):
         h = result["heads"].get(head)

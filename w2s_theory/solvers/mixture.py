@@ -61,10 +61,13 @@ from ..heads import MixtureHead
 from .conditioning import derivative_term_magnitude, unit_roundoff_gamma
 from .result import FitResult
 
-__all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate", "work_floor", "default_hessian_dtype"]
+__all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate", "default_hessian_dtype",
+           "SUB_BATCH_BYTES"]
 
 _ARMIJO = 1e-4
 _U64 = 2.0**-53
+#: Per-student features on CPU are solved in sub-batches of about this many bytes (:func:`fit_mixture_batched`).
+SUB_BATCH_BYTES = 2**25
 _MAX_BACKTRACK = 40
 
 
@@ -531,7 +534,8 @@ def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_ro
     off = (A.sum(dim=1) - 1).abs() + unit_roundoff_gamma(k, dphi.dtype) * A.abs().sum(dim=1)
     column_sum_error = torch.where(off > 0, off * Gmin.abs(), torch.zeros_like(off)).sum(dim=-1)
     column_sum_error = column_sum_error * (1 + unit_roundoff_gamma(k + 2, dphi.dtype))
-    gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + unit_roundoff_gamma(k + design.m, dphi.dtype) * gap + column_sum_error
+    own_sums = unit_roundoff_gamma(k + design.m, dphi.dtype) * gap
+    gap = gap + 2 * eps_G.amax(dim=1).sum(dim=-1) + own_sums + column_sum_error
     gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
     from_modulus = torch.zeros_like(gap, dtype=torch.bool)
     if modulus is not None and k == 2 and bool((modulus > 0).any()):
@@ -843,42 +847,6 @@ def default_hessian_dtype(features: torch.Tensor) -> torch.dtype:
     return torch.float32 if (features.device.type == "cpu" and features.ndim == 3) else features.dtype
 
 
-def work_floor(features: torch.Tensor, *, repeats: int = 3, sub_batch_bytes: int = 2**25) -> dict:
-    r"""Seconds per student of the two units of work that :func:`fit_mixture_batched` counts in
-    ``info["work"]``, measured with its own code on per-student ``features`` ``(B, n, m)``: a *read* (the
-    prediction :math:`AX^\top` of every student, ``k = 2``: one pass over its features from memory) and a
-    *Hessian* beyond its read (:math:`X^\top\mathrm{diag}(w)X` in the default dtype, minus a read: the solver
-    forms most Hessians inside the gradient's pass). ``reads * read + hessians * hessian`` is then the time the
-    counted work takes at this machine's measured rates, a floor for the solve (the rest is elementwise
-    arithmetic on predictions and Python). Median of ``repeats``; sub-batches as in the solver."""
-    import statistics
-    import time
-
-    B, n, m = features.shape
-    dtype = default_hessian_dtype(features)
-    size = max(1, sub_batch_bytes // (n * m * features.element_size()))
-    parts = [_StudentFeatures(features[s : s + size], dtype) for s in range(0, B, size)]
-    A = torch.full((min(size, B), 2, m), 0.5, dtype=features.dtype, device=features.device)
-    weights = torch.ones((min(size, B), 1, n), dtype=features.dtype, device=features.device)
-    sync = torch.cuda.synchronize if features.device.type == "cuda" else (lambda: None)
-
-    def timed(work):
-        work()
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            work()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) / B
-
-    read = timed(lambda: [p.predict(A[: p.X.shape[0]]) for p in parts])
-    hessian = timed(lambda: [p.curvature_blocks(weights[: p.X.shape[0]]) for p in parts])
-    return {"read_s_per_student": read, "hessian_s_per_student": max(hessian - read, 0.0),
-            "hessian_dtype": str(dtype).replace("torch.", "")}
-
-
 def fit_mixture_batched(
     features: torch.Tensor,
     teacher: torch.Tensor,
@@ -891,7 +859,7 @@ def fit_mixture_batched(
     hessian_reuse_change: float = 0.01,
     mm_start: int = 0,
     A0: torch.Tensor | None = None,
-    sub_batch_bytes: int | None = 2**25,
+    sub_batch_bytes: int | None = SUB_BATCH_BYTES,
     strong_convexity: bool = False,
 ) -> FitResult:
     r"""Fit ``B`` mixture-head students at once and certify each with its Frank–Wolfe gap.
