@@ -529,11 +529,11 @@ def test_the_strong_convexity_modulus_is_below_the_curvature_at_every_feasible_p
 
 
 def test_a_proved_shift_is_below_the_exact_smallest_eigenvalue():
-    """_shift_is_below_the_spectrum: one Cholesky factorisation of M - (t + c)I proves lambda_min(M) >= t. On
+    """shift_is_below_the_spectrum: one Cholesky factorisation of M - (t + c)I proves lambda_min(M) >= t. On
     random 8 x 8 matrices (entries scaled 1e-8..1e8, lambda_min down to 1e-12 of the largest, some with
     near-duplicate columns) with exact eigenvalues from mpmath: no shift above lambda_min is proved (a plain
     Cholesky of M - tI succeeds at t = lambda_min (1 + 1e-6) on such matrices), and 0.99 lambda_min is."""
-    from w2s_theory.solvers.mixture import _shift_is_below_the_spectrum
+    from w2s_theory.solvers.conditioning import shift_is_below_the_spectrum as _shift_is_below_the_spectrum
 
     rng = np.random.default_rng(31)
     for trial in range(40):

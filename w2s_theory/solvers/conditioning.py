@@ -16,6 +16,9 @@ arithmetic, whatever the units of its columns. Three pieces make that possible:
 * :func:`positive_definite_bound`: from a computed symmetric matrix :math:`\hat M` and a bound on
   :math:`\|M - \hat M\|_2` (the rounding in forming it), a factor :math:`\rho < 1` with
   :math:`M \succeq (1-\rho)LL^\top` for the computed Cholesky factor :math:`L`, or "not provable".
+* :func:`shift_is_below_the_spectrum`: a proof of :math:`\lambda_{\min}(M) \ge t` for a stored symmetric
+  :math:`M` by one Cholesky factorisation of :math:`M - (t + c)I` (no inverse), for the mixture head's
+  strong-convexity modulus.
 
 Rounding model (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.): :math:`\gamma_j =
 ju/(1-ju)`, :math:`u = 2^{-53}`; inner products of length :math:`j` have error at most
@@ -30,8 +33,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_roundoff_gamma", "rounded_up", "power_of_two_scales", "exactly_redundant_columns", "PositiveDefiniteBound",
-           "positive_definite_bound", "frobenius_norm_squared", "derivative_term_magnitude"]
+__all__ = ["unit_roundoff_gamma", "rounded_up", "power_of_two_scales", "exactly_redundant_columns",
+           "PositiveDefiniteBound", "positive_definite_bound", "shift_is_below_the_spectrum", "frobenius_norm_squared",
+           "derivative_term_magnitude"]
 
 _U = 2.0**-53
 
@@ -196,6 +200,31 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -
     ok = (factored & torch.isfinite(rho) & (eta <= 0.1) & (p * eta <= 0.5) & (rho <= 0.5)
           & (trace_inverse > 0))
     return PositiveDefiniteBound(ok, safe_L, X, rho, eta, trace_inverse, inverse_bound)
+
+
+def shift_is_below_the_spectrum(M: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    r"""Whether :math:`\lambda_{\min}(M) \ge t` is proved for the stored symmetric ``M`` ``(b, p, p)`` and
+    ``shift`` :math:`t`, by one Cholesky factorisation (after Rump 2006, "Verification of positive
+    definiteness"): :math:`\hat S = \mathrm{fl}(M - (t + c)I)`, whose diagonal is rounded once
+    (:math:`|\hat S_{jj} - (M_{jj} - t - c)| \le u|\hat S_{jj}|/(1-u)`), factors to completion only if
+    :math:`LL^\top = \hat S + \Delta` with :math:`|\Delta| \le \gamma_{p+1}|L||L^\top|` (Higham, Thm 10.3), so
+    :math:`\|\Delta\|_2 \le \gamma_{p+1}\|L\|_F^2 \le \gamma_{p+1}\mathrm{tr}\,\hat S/(1-\gamma_{p+1})`
+    and :math:`M - tI \succeq (c(1-u) - ut - \|\Delta\|_2 - u\max|\hat S_{jj}|/(1-u))I` (the subtracted
+    :math:`\mathrm{fl}(t + c)` is rounded too). ``c`` is twice that bound, taken from the trace of
+    :math:`M - tI`, and checked against the factored matrix's own."""
+    p = M.shape[-1]
+    eye = torch.eye(p, dtype=M.dtype, device=M.device)
+    g = unit_roundoff_gamma(p + 1)
+    diag = M.diagonal(dim1=-2, dim2=-1)
+    room = (g / (1 - g) * (diag - shift[:, None]).clamp_min(0).sum(-1) * (1 + unit_roundoff_gamma(p + 2))
+            + 2 * _U * (diag.abs().amax(-1) + shift)) * 2
+    S = M - (shift + room)[:, None, None] * eye
+    _, info = torch.linalg.cholesky_ex(S)
+    S_diag = S.diagonal(dim1=-2, dim2=-1)
+    needed = (g / (1 - g) * S_diag.clamp_min(0).sum(-1) * (1 + unit_roundoff_gamma(p + 2))
+              + _U / (1 - _U) * S_diag.abs().amax(-1)) * (1 + 4 * _U)
+    # the subtracted fl(t + c) is at least (t + c)(1 - u), so c (1 - u) - u t must cover the two errors
+    return (info == 0) & (room * (1 - _U) - _U * shift >= needed) & torch.isfinite(room)
 
 
 def frobenius_norm_squared(Z: torch.Tensor) -> torch.Tensor:

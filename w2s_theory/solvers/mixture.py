@@ -58,14 +58,14 @@ import torch
 
 from ..divergences import Loss
 from ..heads import MixtureHead
-from .conditioning import derivative_term_magnitude, unit_roundoff_gamma
+from .conditioning import _U as _U64
+from .conditioning import derivative_term_magnitude, shift_is_below_the_spectrum, unit_roundoff_gamma
 from .result import FitResult
 
 __all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate", "default_hessian_dtype",
            "SUB_BATCH_BYTES"]
 
 _ARMIJO = 1e-4
-_U64 = 2.0**-53
 #: Per-student features on CPU are solved in sub-batches of about this many bytes (:func:`fit_mixture_batched`).
 SUB_BATCH_BYTES = 2**25
 _MAX_BACKTRACK = 40
@@ -567,7 +567,7 @@ def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.
     has :math:`|\hat H - H_w| \le \gamma_{n+8}|Y|^\top|Y|/n` entrywise, :math:`Y = \sqrt{\hat w}\circ X`,
     whose spectral norm is at most its trace: :math:`\|H_w - \hat H\|_2 \le \delta := \gamma_{n+8}
     \mathrm{tr}\,H_w`. A shift :math:`t` a quarter below :math:`\lambda_{\min}(\hat H)` (inverse iteration)
-    is proved by one Cholesky factorisation (:func:`_shift_is_below_the_spectrum`), so
+    is proved by one Cholesky factorisation (:func:`~.conditioning.shift_is_below_the_spectrum`), so
     :math:`\lambda_{\min}(H_w) \ge t - \delta` (Weyl) and :math:`\mu = \kappa(t - \delta)`."""
     m = H0.shape[-1]
     gamma_h = unit_roundoff_gamma(n + 8, hessian_dtype) + 4 * _U64
@@ -590,7 +590,7 @@ def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.
         todo = (smallest == 0) & (shift > 0)
         if not bool(todo.any()):
             break
-        proved = _shift_is_below_the_spectrum(H0[todo], shift[todo])
+        proved = shift_is_below_the_spectrum(H0[todo], shift[todo])
         smallest[todo] = torch.where(proved, shift[todo], torch.zeros_like(shift[todo]))
         shift = shift / 4
     # lambda_min(H_w) >= lambda_min(H0) - ||H_w - H0||_2
@@ -598,31 +598,6 @@ def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.
     mu = share * (1 - unit_roundoff_gamma(2 * m + 6)) * smallest * (1 - 8 * _U64)
     good = torch.isfinite(mu) & (mu > 0)
     return torch.where(good, mu, torch.zeros_like(mu))
-
-
-def _shift_is_below_the_spectrum(M: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    r"""Whether :math:`\lambda_{\min}(M) \ge t` is proved for the stored symmetric ``M`` ``(b, p, p)`` and
-    ``shift`` :math:`t`, by one Cholesky factorisation (after Rump 2006, "Verification of positive
-    definiteness"): :math:`\hat S = \mathrm{fl}(M - (t + c)I)`, whose diagonal is rounded once
-    (:math:`|\hat S_{jj} - (M_{jj} - t - c)| \le u|\hat S_{jj}|/(1-u)`), factors to completion only if
-    :math:`LL^\top = \hat S + \Delta` with :math:`|\Delta| \le \gamma_{p+1}|L||L^\top|` (Higham, Thm 10.3), so
-    :math:`\|\Delta\|_2 \le \gamma_{p+1}\|L\|_F^2 \le \gamma_{p+1}\mathrm{tr}\,\hat S/(1-\gamma_{p+1})`
-    and :math:`M - tI \succeq (c(1-u) - ut - \|\Delta\|_2 - u\max|\hat S_{jj}|/(1-u))I` (the subtracted
-    :math:`\mathrm{fl}(t + c)` is rounded too). ``c`` is twice that bound, taken from the trace of
-    :math:`M - tI`, and checked against the factored matrix's own."""
-    p = M.shape[-1]
-    eye = torch.eye(p, dtype=M.dtype, device=M.device)
-    g = unit_roundoff_gamma(p + 1)
-    diag = M.diagonal(dim1=-2, dim2=-1)
-    room = (g / (1 - g) * (diag - shift[:, None]).clamp_min(0).sum(-1) * (1 + unit_roundoff_gamma(p + 2))
-            + 2 * _U64 * (diag.abs().amax(-1) + shift)) * 2
-    S = M - (shift + room)[:, None, None] * eye
-    _, info = torch.linalg.cholesky_ex(S)
-    S_diag = S.diagonal(dim1=-2, dim2=-1)
-    needed = (g / (1 - g) * S_diag.clamp_min(0).sum(-1) * (1 + unit_roundoff_gamma(p + 2))
-              + _U64 / (1 - _U64) * S_diag.abs().amax(-1)) * (1 + 4 * _U64)
-    # the subtracted fl(t + c) is at least (t + c)(1 - u), so c (1 - u) - u t must cover the two errors
-    return (info == 0) & (room * (1 - _U64) - _U64 * shift >= needed) & torch.isfinite(room)
 
 
 def _strong_convexity_gap(G, eps_G, A, allowed, modulus, n: int) -> torch.Tensor:
