@@ -92,6 +92,8 @@ def test_fit_says_why_a_student_is_uncertified(arrays, tmp_path, capsys):
     (["--teacher", "missing", "--loss", "reverse_kl"], "file not found"),
     (["--teacher", "Q", "--loss", "forward_kl", "--head", "softmax", "--strong-convexity"],
      "the strong-convexity certificate is for the mixture head"),
+    (["--teacher", "Q", "--loss", "reverse_kl", "--strong-convexity"],  # three classes
+     "the strong-convexity certificate is for two classes"),
 ])
 def test_bad_input_gives_one_line_error_exit_2_and_keeps_existing_output(arrays, tmp_path, bad_args, message):
     out = tmp_path / "out.npz"

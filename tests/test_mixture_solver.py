@@ -565,3 +565,20 @@ def test_a_proved_shift_is_below_the_exact_smallest_eigenvalue():
         proved = _shift_is_below_the_spectrum(torch.tensor(M)[None].expand(2, 8, 8).clone(), shifts)
         wrong += int(proved.sum())
     assert wrong == 0
+
+
+def test_the_strong_convexity_certificate_is_refused_where_it_has_no_modulus():
+    # three classes, a loss without a start curvature share, a warm start: no modulus is proved there, so the
+    # gap would be the Frank-Wolfe one under the other certificate's name
+    rng = np.random.default_rng(5)
+    X = torch.tensor(rng.dirichlet(np.ones(4), size=(2, 30)))
+    Q2, Q3 = (torch.tensor(rng.dirichlet(np.ones(k), size=(2, 30))) for k in (2, 3))
+    with pytest.raises(ValueError, match="k = 3"):
+        fit_mixture_batched(X, Q3, get_loss("reverse_kl"), strong_convexity=True)
+    with pytest.raises(ValueError, match="squared"):
+        fit_mixture_batched(X, Q2, get_loss("squared"), strong_convexity=True)
+    A0 = torch.full((2, 2, 4), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="warm start"):
+        fit_mixture_batched(X, Q2, get_loss("reverse_kl"), A0=A0, strong_convexity=True)
+    assert fit_mixture_batched(X, Q2, get_loss("reverse_kl"), strong_convexity=True).certificate == \
+        "frank_wolfe_or_strong_convexity"

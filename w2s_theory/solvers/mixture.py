@@ -552,6 +552,9 @@ def _certified_gradient(design, terms: _LossTerms, A, probs, allowed, hessian_ro
 #: :math:`4(q_0 + q_1)/s^2` at the start.
 _START_CURVATURE_SHARE = {"reverse_kl": 1.0, "forward_kl": 0.25, "forward_ce": 0.25}
 
+#: Losses the opt-in strong-convexity certificate covers (two classes, a cold start).
+STRONG_CONVEXITY_LOSSES = tuple(_START_CURVATURE_SHARE)
+
 
 def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.Tensor:
     r"""A certified lower bound :math:`\mu` on the smallest eigenvalue of the two-class Hessian
@@ -860,8 +863,8 @@ def fit_mixture_batched(
             features needed 6.3 iterations on average, at ``r = 0.01`` 5.1 (the bench's sparse workload,
             B = 200); on dense features both take the same steps.
         A0: optional feasible warm start ``(B, k, m)``.
-        strong_convexity: for ``k = 2`` and the KL losses, the gap is the smaller of the Frank–Wolfe gap and
-            the strong-convexity bound :math:`\|v\|^2/(2\mu)` (:func:`_strong_convexity_gap`), quadratic in the
+        strong_convexity: for ``k = 2``, a cold start and the KL losses (:data:`STRONG_CONVEXITY_LOSSES`;
+            elsewhere a ``ValueError``), the gap is the smaller of the Frank–Wolfe gap and the strong-convexity bound :math:`\|v\|^2/(2\mu)` (:func:`_strong_convexity_gap`), quadratic in the
             distance to the optimum where the Frank–Wolfe gap is linear: students stop about one iteration
             earlier. That gap bounds ``objective - optimum`` only, not the first-order quantity
             :math:`\max_S\langle\nabla\Phi, A - S\rangle` that the theorem checks need (a Theorem-2 slack can be
@@ -878,6 +881,12 @@ def fit_mixture_batched(
     if not loss.convex_in_probabilities:
         raise ValueError(f"loss {loss.name!r} is not convex in the student's probabilities")
     B, n, k = teacher.shape
+    if strong_convexity and (k != 2 or loss.name not in STRONG_CONVEXITY_LOSSES or A0 is not None):
+        # its modulus comes from the first Hessian at the uniform start of a two-class KL problem: anywhere
+        # else the gap would be the plain Frank-Wolfe one under the other certificate's name
+        raise ValueError(f"the strong-convexity certificate is for k = 2, a cold start and the losses "
+                         f"{', '.join(STRONG_CONVEXITY_LOSSES)} (got k = {k}, loss {loss.name!r}"
+                         f"{', a warm start' if A0 is not None else ''})")
     dev, dtype = teacher.device, features.dtype
     shared = features.ndim == 2
     if not shared and dev.type == "cpu" and sub_batch_bytes is not None:
@@ -929,7 +938,7 @@ def fit_mixture_batched(
     k2_fast = k == 2
     # Strong-convexity certificate (k = 2, from the first Hessian, taken at the uniform start): its modulus per
     # student (0: none proved) and which returned gaps it gave
-    share = _START_CURVATURE_SHARE.get(loss.name) if (strong_convexity and k2_fast and A0 is None) else None
+    share = _START_CURVATURE_SHARE[loss.name] if strong_convexity else None
     modulus = torch.zeros_like(value)
     from_modulus = torch.zeros(B, dtype=torch.bool, device=dev)
     barrier_free = loss.name == "squared"
