@@ -7,7 +7,7 @@ import torch
 
 from w2s_theory.divergences import get_loss
 from w2s_theory.solvers import fit
-from w2s_theory.solvers.mixture import _project_columns_to_simplex, fit_mixture_batched
+from w2s_theory.solvers.mixture import STRONG_CONVEXITY_LOSSES, _project_columns_to_simplex, fit_mixture_batched
 from tests.exact_optima import mixture_objective, two_class_mixture_optimum
 
 
@@ -75,8 +75,11 @@ def test_cluster_features_with_teacher_zeros_and_a_rare_class_converge_to_the_cl
         k, c = int(rng.integers(2, 5)), int(rng.integers(2, 9))
         X, Q = cluster_instance(rng, 8, int(rng.integers(20, 300)), c, k, rare=float(rng.choice([1e-2, 1e-3, 1e-5])),
                                 zero_frac=float(rng.choice([0.3, 0.6])))
+        # the strong-convexity certificate where it applies (two classes, KL losses; refused elsewhere)
+        sc = strong_convexity and k == 2 and loss in STRONG_CONVEXITY_LOSSES
         res = fit_mixture_batched(torch.tensor(X), torch.tensor(Q), L, tol=1e-10, mm_start=mm_start,
-                                  strong_convexity=strong_convexity)
+                                  strong_convexity=sc)
+        assert res.certificate == ("frank_wolfe_or_strong_convexity" if sc else "frank_wolfe")
         A = torch.tensor(cluster_closed_form(X, Q, loss))
         optimum = L.per_sample(torch.tensor(Q), torch.tensor(X) @ A.transpose(1, 2)).mean(-1)
         assert (res.gap <= 1e-9).all() and res.converged.all()
