@@ -143,6 +143,19 @@ def test_two_class_student_is_bit_identical_alone_and_in_a_batch_of_eight(shared
         assert torch.equal(together.probs[b], alone.probs[0]), b
 
 
+def test_certificate_is_bit_identical_alone_and_in_a_batch_at_a_thousand_samples():
+    """The certificate's multiplier nu = U a was a batched matrix-vector product, whose kernel changes with the
+    batch size from a few hundred samples on: heads equal bit for bit, gaps in their last bits."""
+    rng = np.random.default_rng(0)
+    features = rng.dirichlet(np.ones(4), size=(3, 1000))[..., :3]
+    teacher = rng.dirichlet(np.ones(2), size=(3, 1000))
+    together = _batched(features, teacher, "forward_kl")
+    for b in range(3):
+        alone = _batched(features[b : b + 1], teacher[b : b + 1], "forward_kl")
+        assert torch.equal(together.params["W"][b], alone.params["W"][0]), b
+        assert torch.equal(together.gap[b], alone.gap[0]), (b, float(together.gap[b]), float(alone.gap[0]))
+
+
 def test_student_results_do_not_depend_on_sub_batches_or_curvature_chunks(monkeypatch):
     """Students are solved in sub-batches (and their curvature products a few at a time): a student's numbers
     are the same alone, in one batch, and split across sub-batches and chunks of one student, also beside

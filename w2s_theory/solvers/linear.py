@@ -316,7 +316,9 @@ def _certificate(cert, rows, teacher, probs, t, gamma, U, loss, n, Y, allowances
     k = probs.shape[2]
     CG, CY = (U.transpose(1, 2) @ torch.cat([G, Y], dim=2)).split(k, dim=2)  # (b, r, k) each
     a = _class_sum(CG - CY) / k  # (b, r)
-    nu = (U @ a[..., None])[..., 0]  # (b, n)
+    # (b, n); a product and a row sum, not a batched matrix-vector product, whose kernel (and so its last bits)
+    # changes with the batch size
+    nu = (U * a[:, None, :]).sum(dim=2)
     R = (G - Y).sub_(nu[..., None])
     rowsum_minus_one = _class_sum(probs) - 1
     nk = probs.shape[1] * probs.shape[2]
