@@ -116,7 +116,7 @@ def test_softmax_forward_gap_is_honest_on_many_awkward_instances(X, k, loss, dat
 
 
 def test_exact_softmax_optimum_is_found_on_a_wide_design_whose_teacher_has_classes_at_zero():
-    """The instance hypothesis found for the test above (n = 2 < m + 1 = 4, k = 4, classes 1 and 3 at 0 on every
+    r"""The instance hypothesis found for the test above (n = 2 < m + 1 = 4, k = 4, classes 1 and 3 at 0 on every
     row): the reference's Newton system has exact null directions and curvatures falling to 1e-24 next to 0.78,
     where ``mpmath.lu_solve`` refused a pivot ("numerically singular"). Logits can take any value here, so the
     infimum of forward KL is :math:`\frac1n\sum_i s_i\log s_i` (:math:`s_i = \sum_y q_{iy}`, which is not
