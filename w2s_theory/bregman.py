@@ -260,7 +260,7 @@ def itakura_saito(x, y):
     # log(x/y) as a difference of logs: the ratio may overflow to inf (y subnormal), where inf - log(inf) is NaN.
     term = r - (o.log(safe_x) - o.log(safe_y)) - 1
     term = o.where(one, o.inf + 0 * term, term)
-    return o.sum(o.where(both, 0 * term, term), axis=-1)
+    return o.sum(o.where(both, 0 * safe_x, term), axis=-1)  # 0 * term would be 0 * inf where `one`
 
 
 def _itakura_saito_magnitude(x, y):
