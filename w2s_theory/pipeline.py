@@ -233,7 +233,8 @@ def prepare_worlds(specs: list[RunSpec], device="cpu") -> list[WorldData]:
     call, and so the strong ceilings (``n_train``, strong features, ``k``). At one world per call, each
     fit's fixed per-call and per-iteration costs are most of its time (a ceiling on 1000 x 16 features:
     12 Newton steps, 40 ms). The batched solvers' arithmetic for a student does not depend on the other
-    students of its batch, so every world comes out bit for bit as when it is prepared alone (tested)."""
+    students of its batch (on the sweep's one solver thread), so every world comes out bit for bit as when it
+    is prepared alone (tested)."""
     worlds = [make_world(spec.world, spec.seed) for spec in specs]
     samples = [(w.sample(s.n_weak, "A"), w.sample(s.n_train, "B"), w.sample(s.n_test, "C"))
                for s, w in zip(specs, worlds)]
@@ -323,7 +324,9 @@ def run_specs(specs: list[RunSpec], device="cpu", worlds: dict | None = None) ->
     All students with the same (head, loss) and shapes are fitted in one batched solver call, whatever their
     world, on their worlds' features stacked as ``(B, n, m)``. That layout is used even when all students
     share one world: its arithmetic for one student does not depend on the other students in the batch
-    (checked bit for bit), so a row never depends on how a sweep was chunked, resumed or distributed,
+    (checked bit for bit under the sweep's one solver thread, :data:`w2s_theory.sweep.SOLVE_THREADS`; with
+    more threads the BLAS may split one student's long sums differently for a batch of one), so a row never
+    depends on how a sweep was chunked, resumed or distributed,
     whereas the faster shared-features layout (one GEMM over all students) changes the last bits with the
     batch. ``worlds`` caches :class:`WorldData` by :meth:`RunSpec.world_key` across calls.
     """

@@ -640,7 +640,8 @@ def fit_linear_batched(
     inner = (~pinned).nonzero()[:, 0]
     parts = {}
     if inner.numel():
-        # On CPU, sub-batches of about 64 MiB of basis: a student's arithmetic does not depend on its batch,
+        # On CPU, sub-batches of about 64 MiB of basis: a student's arithmetic does not depend on its batch (on
+        # one thread, as in sweeps; with more, the BLAS may split a long sum differently for a batch of one),
         # and one huge batch pays for fresh memory pages every iteration.
         size = inner.numel() if dev.type != "cpu" else max(1, _SUB_BATCH_BYTES // (8 * n * (m + 1)))
         if inner.numel() == B:  # every student: chunks are views of the features, not copies

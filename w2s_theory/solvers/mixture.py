@@ -872,7 +872,8 @@ def fit_mixture_batched(
             ``"frank_wolfe_or_strong_convexity"`` and ``info`` marks the students it certified
             (``strong_convexity``) with their ``modulus``.
         sub_batch_bytes: per-student features on CPU are solved in sub-batches of about this many bytes of
-            features (32 MiB): the arithmetic of a student does not depend on its batch, and on CPU one
+            features (32 MiB): the arithmetic of a student does not depend on its batch (on one thread, as
+            in sweeps; with more, the BLAS may split a long sum differently for a batch of one), and on CPU one
             huge batch pays for fresh memory pages every iteration and elementwise passes over arrays that
             leave the cache (measured at B = 1000, n = 2000, m = 64, 2 threads: 3.6 s at once, 1.53 ms per
             student in sub-batches of 128 MiB, 1.46-1.50 ms in 32 MiB, 1.67 ms in 16 MiB, where per-call

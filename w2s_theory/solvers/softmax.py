@@ -27,7 +27,8 @@ prove (collinear, badly scaled or wide design, a Hessian that does not factor, n
 iterations) is solved again from scratch in the whitened SVD basis below, which handles every design;
 ``info["direct"]`` says which path certified each student. Students are processed in chunks of about
 16 MB of design, and nothing a student computes depends on its neighbours (bit-identical alone, in a batch
-or in other chunks).
+or in other chunks) when torch runs one thread, as sweeps do (with more, the BLAS may split a long sum between
+threads differently for a batch of one: last-bit differences at n = 2000).
 
 Reduced parametrisation of the SVD-basis path (why): the logits only depend on :math:`(W, b)` through the design
 :math:`Z = [h, \mathbf 1]` (``n x (m+1)``), which is often rank deficient, and on the differences between
