@@ -107,11 +107,11 @@ def fit(
                          f"not head {head!r} with backend {backend!r}")
     B, n, m, k = check_batch_shapes("features", features, "teacher", teacher)
     if strong_convexity:
-        from .mixture import STRONG_CONVEXITY_LOSSES
+        from .mixture import strong_convexity_unavailable
 
-        if k != 2 or loss not in STRONG_CONVEXITY_LOSSES:
-            raise InputError(f"the strong-convexity certificate is for two classes and the losses "
-                             f"{', '.join(STRONG_CONVEXITY_LOSSES)}, not k = {k} with loss {loss!r}")
+        refusal = strong_convexity_unavailable(k, loss)
+        if refusal:
+            raise InputError(refusal)
     check_finite("features", features)
     if head == "squared":
         check_finite("teacher", teacher)

@@ -556,6 +556,17 @@ _START_CURVATURE_SHARE = {"reverse_kl": 1.0, "forward_kl": 0.25, "forward_ce": 0
 STRONG_CONVEXITY_LOSSES = tuple(_START_CURVATURE_SHARE)
 
 
+def strong_convexity_unavailable(k: int, loss_name: str, warm_start: bool = False) -> str | None:
+    """Why the strong-convexity certificate cannot be given (its modulus comes from the first Hessian at the
+    uniform start of a two-class KL problem; anywhere else the gap would be the plain Frank-Wolfe one under the
+    other certificate's name), or ``None`` where it can."""
+    if k == 2 and loss_name in STRONG_CONVEXITY_LOSSES and not warm_start:
+        return None
+    return (f"the strong-convexity certificate is for two classes, a cold start and the losses "
+            f"{', '.join(STRONG_CONVEXITY_LOSSES)} (got k = {k}, loss {loss_name!r}"
+            f"{', a warm start' if warm_start else ''})")
+
+
 def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.Tensor:
     r"""A certified lower bound :math:`\mu` on the smallest eigenvalue of the two-class Hessian
     :math:`\nabla^2\varphi(a) = \frac1n\sum_i w_i(a)h_ih_i^\top` over the whole feasible set
@@ -882,12 +893,9 @@ def fit_mixture_batched(
     if not loss.convex_in_probabilities:
         raise ValueError(f"loss {loss.name!r} is not convex in the student's probabilities")
     B, n, k = teacher.shape
-    if strong_convexity and (k != 2 or loss.name not in STRONG_CONVEXITY_LOSSES or A0 is not None):
-        # its modulus comes from the first Hessian at the uniform start of a two-class KL problem: anywhere
-        # else the gap would be the plain Frank-Wolfe one under the other certificate's name
-        raise ValueError(f"the strong-convexity certificate is for k = 2, a cold start and the losses "
-                         f"{', '.join(STRONG_CONVEXITY_LOSSES)} (got k = {k}, loss {loss.name!r}"
-                         f"{', a warm start' if A0 is not None else ''})")
+    refusal = strong_convexity_unavailable(k, loss.name, A0 is not None) if strong_convexity else None
+    if refusal:
+        raise ValueError(refusal)
     dev, dtype = teacher.device, features.dtype
     shared = features.ndim == 2
     if not shared and dev.type == "cpu" and sub_batch_bytes is not None:
