@@ -239,27 +239,28 @@ def prepare_worlds(specs: list[RunSpec], device="cpu") -> list[WorldData]:
     samples = [(w.sample(s.n_weak, "A"), w.sample(s.n_train, "B"), w.sample(s.n_test, "C"))
                for s, w in zip(specs, worlds)]
 
-    def batched(key, inputs, targets, options):
-        """``fit`` over groups of equal ``key``; each world's (params, probs, gap) with a batch of one."""
+    def batched(keys, inputs, targets, options):
+        """One ``fit`` per group of equal ``keys`` (``options`` of a group: from its first world); each world's
+        (params, probs, gap) as a batch of one."""
         groups: dict = {}
-        for i, spec in enumerate(specs):
-            groups.setdefault(key(spec, i), []).append(i)
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
         out: list = [None] * len(specs)
         for members in groups.values():
             with phase("solver: weak teachers and ceilings"):
-                result = fit(np.stack([inputs(i) for i in members]), np.stack([targets(i) for i in members]),
+                result = fit(np.stack([inputs[i] for i in members]), np.stack([targets[i] for i in members]),
                              device=device, **options(specs[members[0]]))
             for j, i in enumerate(members):
                 params = {name: value[j : j + 1] for name, value in result.params.items()}
                 out[i] = (params, result.probs[j : j + 1], float(result.gap[j]))
         return out
 
-    weak = batched(lambda s, i: (s.weak_head, s.weak_loss, samples[i][0].weak_features.shape, s.world.k),
-                   lambda i: head_inputs(specs[i].weak_head, samples[i][0].weak_features),
-                   lambda i: samples[i][0].truth,
+    weak_inputs = [head_inputs(s.weak_head, a.weak_features) for s, (a, _, _) in zip(specs, samples)]
+    weak = batched([(s.weak_head, s.weak_loss, x.shape, s.world.k) for s, x in zip(specs, weak_inputs)],
+                   weak_inputs, [a.truth for a, _, _ in samples],
                    lambda s: {"loss": s.weak_loss, "head": s.weak_head})
-    ceiling = batched(lambda s, i: (samples[i][1].strong_features.shape, s.world.k),
-                      lambda i: samples[i][1].strong_features, lambda i: samples[i][1].truth,
+    ceiling = batched([(b.strong_features.shape, s.world.k) for s, (_, b, _) in zip(specs, samples)],
+                      [b.strong_features for _, b, _ in samples], [b.truth for _, b, _ in samples],
                       lambda s: {"loss": "forward_kl", "head": "mixture"})
     out = []
     for spec, world, (a, b, c), (weak_params, _, weak_gap), (ceiling_params, ceiling_probs, _) in zip(
