@@ -378,9 +378,9 @@ def test_floor_at_or_above_one_over_k_is_an_input_error():
         _batched(rng.normal(size=(10, 2)), rng.dirichlet(np.ones(3), size=10), "forward_kl", gamma=0.4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path is exercised where one is present")
 def test_linear_solver_runs_on_cuda_like_on_cpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: the GPU path is exercised where one is present")
     rng = np.random.default_rng(0)
     X, Q = rng.normal(size=(4, 100, 5)), rng.dirichlet(np.ones(3), size=(4, 100))
     cpu = fit_linear_batched(torch.as_tensor(X), torch.as_tensor(Q), get_loss("forward_kl"))

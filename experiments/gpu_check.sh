@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one command: the CUDA tests (`pytest -m gpu`), then `w2s-theory bench
+# --device cuda` with the practice-trainer workload. Written for a GPU machine that is lent for minutes: a
+# Python that already has a CUDA build of torch (and numpy, scipy, pandas, matplotlib, sympy, mpmath, pytest,
+# hypothesis), no network, and not this package's other dependencies. Those travel as wheels in .whl/
+# (`make gpu-wheels` downloads them on a machine with network) and are installed into a temporary folder; the
+# package itself is imported from this checkout, nothing is installed into the machine's Python.
+#
+#   bash experiments/gpu_check.sh            # on the GPU machine, from a copy of the repository (with .whl/)
+#
+# Outputs go to $OUT if it is set, else results/gpu_check/: pytest_gpu.log, bench.log, bench_<device>.json and
+# machine.txt. The exit status is 0 only if the tests passed and the bench certified every gap (3: no CUDA).
+#
+# Settings (environment): W2S_PYTHON (default python3), W2S_WHEELS (the folder of wheels, default .whl; empty:
+# none), W2S_GPU_CHECK_DEVICE (cuda; `cpu` rehearses the
+# script on a machine without a GPU: the CUDA tests then skip with their reason), W2S_BENCH_ARGS (extra
+# arguments of the bench, e.g. smaller sizes for a rehearsal; default: the full bench with --practice 1000),
+# W2S_TEST_TIMEOUT and W2S_BENCH_TIMEOUT (seconds, default 240 and 420).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+PY=${W2S_PYTHON:-python3}
+DEVICE=${W2S_GPU_CHECK_DEVICE:-cuda}
+OUT_DIR=${OUT:-results/gpu_check}
+BENCH_ARGS=${W2S_BENCH_ARGS:---practice 1000}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR" || exit 1
+log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
+
+WHEELS=${W2S_WHEELS-.whl}
+if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+    site=$(mktemp -d)
+    log "installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels into $site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl \
+        || { log "error: the wheels in $WHEELS/ do not install with $PY"; exit 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PY" - "$DEVICE" <<'EOF' | tee "$OUT_DIR/machine.txt"
+import platform, sys
+import torch
+device = sys.argv[1]
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} multiprocessors")
+import w2s_theory, cvxpy  # noqa: E401  the package from this checkout and a dependency carried as a wheel
+print(f"w2s_theory from {w2s_theory.__file__}; cvxpy {cvxpy.__version__}, solvers {', '.join(cvxpy.installed_solvers())}")
+if device == "cuda" and not torch.cuda.is_available():
+    sys.exit(3)
+EOF
+status=${PIPESTATUS[0]}
+if [ "$status" -ne 0 ]; then
+    [ "$status" -eq 3 ] && log "error: no CUDA device here (W2S_GPU_CHECK_DEVICE=cpu rehearses the script)"
+    [ "$status" -ne 3 ] && log "error: the environment is not ready (see above)"
+    exit "$status"
+fi
+
+log "pytest -m gpu"
+timeout "${W2S_TEST_TIMEOUT:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
+tests=${PIPESTATUS[0]}
+
+log "w2s-theory bench --device $DEVICE $BENCH_ARGS"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+timeout "${W2S_BENCH_TIMEOUT:-420}" "$PY" -m w2s_theory.cli bench --device "$DEVICE" \
+    --json "$OUT_DIR/bench_$DEVICE.json" $BENCH_ARGS 2>&1 | tee "$OUT_DIR/bench.log"
+bench=${PIPESTATUS[0]}
+
+log "pytest exit $tests, bench exit $bench (124: stopped at its time limit)"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
