@@ -75,6 +75,12 @@ def test_every_head_is_timed_against_its_baseline_on_the_same_instances():
     soft = out["softmax"]
     assert soft["torch_baseline"]["reached_objective"] and soft["torch_baseline"]["worst_excess_objective"] <= 1e-9
     assert soft["ratio_vs_torch_lbfgs"] == pytest.approx(soft["torch_lbfgs_s_per_student"] / soft["s_per_student"])
+    # the 50x target as a budget of reads of a student's features, from the same baseline time
+    budget = soft["read_budget"]
+    assert budget["target_ratio"] == 50 and budget["read_s_per_student"] > 0
+    assert budget["budget_s_per_student"] == pytest.approx(soft["baseline"]["s_per_student"] / 50)
+    assert budget["budget_reads"] == pytest.approx(budget["budget_s_per_student"] / budget["read_s_per_student"])
+    assert soft["baseline"]["mean_evaluations"] >= soft["baseline"]["mean_iterations"] >= 1
     assert abs(out["squared"]["baseline"]["worst_objective_difference"]) <= 1e-12
 
 

@@ -424,6 +424,31 @@ def mixture_work_floor(features: torch.Tensor, device: torch.device, repeats: in
             "hessian_dtype": str(dtype).replace("torch.", "")}
 
 
+#: The softmax head's speed target against a per-student L-BFGS (the performance plan's), whose budget
+#: :func:`softmax_read_budget` expresses in passes over a student's features.
+SOFTMAX_TARGET_RATIO = 50
+
+
+def softmax_read_budget(features: torch.Tensor, baseline_s_per_student: float, device: torch.device,
+                        repeats: int = 3, target: float = SOFTMAX_TARGET_RATIO) -> dict:
+    r"""What ``target`` times the per-student L-BFGS leaves a batched softmax solve, in *reads* of a student's
+    features: a read is the product of its ``(n, m)`` features with an ``(m, 2)`` matrix (the logits of a
+    two-class head), timed (:func:`_timed`) for every student in the solver's chunks of about 16 MB, one pass
+    over the features from memory. Any certified solve reads them at least once at the point it returns (logits,
+    then the gradient of the certificate: two passes in the solver), and Newton or L-BFGS steps before it, so a
+    budget of fewer than two reads is out of reach on this machine whatever the implementation."""
+    from .solvers.softmax import _DIRECT_CHUNK_BYTES
+
+    B, n, m = features.shape
+    size = max(1, _DIRECT_CHUNK_BYTES // (n * (m + 1) * features.element_size()))
+    chunks = [features[s : s + size].to(device) for s in range(0, B, size)]
+    W = torch.full((m, 2), 0.5, dtype=features.dtype, device=device)
+    read = _timed(lambda: [chunk @ W for chunk in chunks], device, repeats)[0] / B
+    budget = baseline_s_per_student / target
+    return {"target_ratio": target, "read_s_per_student": read, "budget_s_per_student": budget,
+            "budget_reads": budget / read}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Other heads and their baselines
 # ----------------------------------------------------------------------------------------------------------
@@ -502,16 +527,18 @@ def _baseline_lbfgs(features, teacher, students, targets, tol, max_iter: int = 2
         return time.perf_counter() - start, res
 
     solve(0)  # warm-up: first-call costs, not the solve
-    times, excess, iterations = [], [], []
+    times, excess, iterations, evaluations = [], [], [], []
     for b in range(students):
         seconds, res = solve(b)
         times.append(seconds)
         excess.append(float(res.fun) - targets[b])
         iterations.append(int(res.nit))
+        evaluations.append(int(res.nfev))
     return {"solver": "scipy L-BFGS-B (oracle stop)",
             "students": students, "s_per_student": statistics.mean(times),
             "reached_objective": all(e <= tol for e in excess), "worst_excess_objective": max(excess),
-            "mean_iterations": statistics.mean(iterations), "times": times}
+            "mean_iterations": statistics.mean(iterations), "mean_evaluations": statistics.mean(evaluations),
+            "times": times}
 
 
 def _baseline_torch_lbfgs(features, teacher, students, targets, tol, max_iter: int = 20000,
@@ -632,7 +659,9 @@ def bench_head(head: str, *, sizes, device: torch.device, baseline_students: int
                  f"{torch_baseline['s_per_student'] * 1e3:.3f} ms/student")
         out.update(ratio_vs_torch_lbfgs=torch_baseline["s_per_student"] / top["s_per_student"],
                    torch_lbfgs_s_per_student=torch_baseline["s_per_student"],
-                   torch_baseline={k: v for k, v in torch_baseline.items() if k != "times"})
+                   torch_baseline={k: v for k, v in torch_baseline.items() if k != "times"},
+                   read_budget=softmax_read_budget(features[:largest], baseline["s_per_student"], device,
+                                                   repeats))
     else:
         baseline = _baseline_numpy_lstsq(features, teacher, students, objectives)
         key = "ratio_vs_numpy"

@@ -223,6 +223,15 @@ def report(result: dict) -> str:
             extra = (f", {_times(h['ratio_vs_torch_lbfgs'])} torch L-BFGS"
                      if h.get("ratio_vs_torch_lbfgs") is not None else "")
             lines.append(f"{head} at B={h['B']}: {_times(h[key])} {name}{extra}")
+            budget = h.get("read_budget")
+            if budget:
+                evaluations = h["baseline"].get("mean_evaluations")
+                lines.append(f"softmax: {budget['target_ratio']:g}x scipy L-BFGS would leave "
+                             f"{budget['budget_s_per_student'] * 1e3:.3f} ms per student = "
+                             f"{budget['budget_reads']:.1f} reads of its features "
+                             f"({budget['read_s_per_student'] * 1e6:.0f} us a read here); a certified solve needs "
+                             f"at least 2 at its end point"
+                             + (f"; L-BFGS made {evaluations:.1f} evaluations (2 reads each)" if evaluations else ""))
     for name, w in (result.get("sparse") or {}).items():
         lines.append(f"mixture, {name} at B={w['B']}: {_times(w['ratio_vs_cvxpy'])} cvxpy"
                      + (f"; {_times(w['strong_convexity']['ratio_vs_cvxpy'])} with the strong-convexity certificate"
