@@ -434,9 +434,10 @@ def softmax_read_budget(features: torch.Tensor, baseline_s_per_student: float, d
     r"""What ``target`` times the per-student L-BFGS leaves a batched softmax solve, in *reads* of a student's
     features: a read is the product of its ``(n, m)`` features with an ``(m, 2)`` matrix (the logits of a
     two-class head), timed (:func:`_timed`) for every student in the solver's chunks of about 16 MB, one pass
-    over the features from memory. Any certified solve reads them at least once at the point it returns (logits,
-    then the gradient of the certificate: two passes in the solver), and Newton or L-BFGS steps before it, so a
-    budget of fewer than two reads is out of reach on this machine whatever the implementation."""
+    over the features from memory. A certified solve that leaves its start reads them at least twice, however
+    its passes are fused: once to compute a step (gradient and curvature need every sample) and once to
+    certify the point it returns (its logits and gradient need every sample again), so a budget of fewer than
+    two reads is out of reach on this machine whatever the implementation."""
     from .solvers.softmax import _DIRECT_CHUNK_BYTES
 
     B, n, m = features.shape

@@ -230,7 +230,7 @@ def report(result: dict) -> str:
                              f"{budget['budget_s_per_student'] * 1e3:.3f} ms per student = "
                              f"{budget['budget_reads']:.1f} reads of its features "
                              f"({budget['read_s_per_student'] * 1e6:.0f} us a read here); a certified solve needs "
-                             f"at least 2 at its end point"
+                             f"at least 2 (a step, then the certificate at its end point)"
                              + (f"; L-BFGS made {evaluations:.1f} evaluations (2 reads each)" if evaluations else ""))
     for name, w in (result.get("sparse") or {}).items():
         lines.append(f"mixture, {name} at B={w['B']}: {_times(w['ratio_vs_cvxpy'])} cvxpy"
