@@ -36,6 +36,10 @@ def test_bench_reports_every_field_of_the_design_contract():
                                                        + work["hessians"] * floor["hessian_s_per_student"])
         assert floor["share_of_measured"] == pytest.approx(floor["s_per_student"] / row["s_per_student"])
     assert all(row["floor"] is None for row in out["batched_shared"])
+    target = out["mixture_target"]  # the 1500x target as time per student, beside the counted work
+    assert target["budget_s_per_student"] == pytest.approx(out["cvxpy_s_per_student"] / 1500)
+    assert target["budget_over_floor"] == pytest.approx(target["budget_s_per_student"]
+                                                        / out["batched"][-1]["floor"]["s_per_student"])
     sc = out["strong_convexity"]  # the largest B again, with the opt-in certificate
     assert sc["B"] == 4 and sc["certificate"] == "frank_wolfe_or_strong_convexity" and sc["worst_gap"] <= 1e-9
     assert sc["ratio_vs_cvxpy"] == pytest.approx(out["cvxpy_s_per_student"] / sc["s_per_student"])

@@ -424,6 +424,10 @@ def mixture_work_floor(features: torch.Tensor, device: torch.device, repeats: in
             "hessian_dtype": str(dtype).replace("torch.", "")}
 
 
+#: The mixture head's speed target against cvxpy (per-student features, B = 1000; the performance plan's):
+#: ``mixture_target`` puts the time it leaves a student beside the solver's counted work at measured rates.
+MIXTURE_TARGET_RATIO = 1500
+
 #: The softmax head's speed target against a per-student L-BFGS (the performance plan's), whose budget
 #: :func:`softmax_read_budget` expresses in passes over a student's features.
 SOFTMAX_TARGET_RATIO = 50
@@ -811,6 +815,11 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
             "mixture_multiply_adds_per_student": largest["multiply_adds_per_student"],
             "formula": "iterations * ((k-1) n m^2 + 4 n m k) + 2 n m k multiply-adds per student, 2 flops each",
         }
+        if largest.get("floor"):  # the performance plan's target as time per student, against the counted work
+            budget = cvx["s_per_student"] / MIXTURE_TARGET_RATIO
+            out["mixture_target"] = {"target_ratio": MIXTURE_TARGET_RATIO, "budget_s_per_student": budget,
+                                     "floor_s_per_student": largest["floor"]["s_per_student"],
+                                     "budget_over_floor": budget / largest["floor"]["s_per_student"]}
     else:
         out["flops"] = {"peak_gflop_per_s": peak["gflop_per_s"], "peak_matrix_size": peak["matrix_size"]}
     out["heads"] = {}

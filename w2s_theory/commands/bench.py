@@ -216,6 +216,11 @@ def report(result: dict) -> str:
                          f"{floor['hessian_s_per_student'] * 1e6:.0f} us a Hessian) = "
                          f"{100 * floor['share_of_measured']:.0f}% of the measured "
                          f"{largest['s_per_student'] * 1e3:.3f} ms")
+        target = result.get("mixture_target")
+        if target:
+            lines.append(f"mixture: {target['target_ratio']:g}x cvxpy would leave "
+                         f"{target['budget_s_per_student'] * 1e3:.3f} ms per student = "
+                         f"{target['budget_over_floor']:.2f} times the counted work at this machine's rates")
     for head, key, name in (("linear", "ratio_vs_cvxpy", "cvxpy"), ("softmax", "ratio_vs_lbfgs", "scipy L-BFGS"),
                             ("squared", "ratio_vs_numpy", "numpy lstsq")):
         h = result["heads"].get(head)
