@@ -8,7 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from w2s_theory.solvers.conditioning import exactly_redundant_columns, power_of_two_scales
+from w2s_theory.solvers import conditioning
+from w2s_theory.solvers.conditioning import cholesky_ex, exactly_redundant_columns, power_of_two_scales
 
 # What a column of the design can be, relative to the columns before it.
 KINDS = ("random", "zero", "constant", "duplicate", "negated", "scaled_by_4", "times_3", "tiny", "one_entry")
@@ -61,3 +62,28 @@ def test_exact_copies_are_redundant_and_rounded_multiples_are_not():
     Zs = Z * power_of_two_scales(Z)[..., None, :]
     found = exactly_redundant_columns(Zs, gram=Zs.mT @ Zs)[0].tolist()
     assert found == [False, True, True, False, True, True, False, False]
+
+
+def test_cholesky_ex_reports_a_factor_that_is_not_finite_as_a_failure(monkeypatch):
+    rng = np.random.default_rng(0)
+    R = torch.as_tensor(rng.normal(size=(3, 4, 4)))
+    M = R @ R.mT + 4 * torch.eye(4, dtype=torch.float64)
+    M[2, 3, 3] = -10.0  # not positive definite
+    L, info = cholesky_ex(M)
+    expected_L, expected_info = torch.linalg.cholesky_ex(M)
+    assert torch.equal(info, expected_info) and torch.equal(L, expected_L)  # the same factorisation
+    assert info.tolist()[:2] == [0, 0] and info[2] > 0
+    # On CUDA, torch.linalg.cholesky_ex returns info = 0 with a NaN factor for a matrix with NaN entries; the
+    # CPU's LAPACK reports the failure. Mimic the GPU's answer: the wrapper must report a failure all the same.
+    M[0, 1, 2] = M[0, 2, 1] = float("nan")
+
+    real = torch.linalg.cholesky_ex
+
+    def gpu_like(A):
+        L, info = real(A)
+        return L, torch.where(torch.isnan(L).flatten(-2).any(-1), torch.zeros_like(info), info)
+
+    monkeypatch.setattr(conditioning.torch.linalg, "cholesky_ex", gpu_like)
+    assert torch.linalg.cholesky_ex(M)[1][0] == 0  # the mimicked GPU answer claims success
+    L, info = cholesky_ex(M)
+    assert info[0] == 4 and info[1] == 0 and info[2] > 0

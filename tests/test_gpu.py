@@ -41,5 +41,6 @@ def test_bench_runs_on_cuda():
     from w2s_theory.bench import run_bench
 
     out = run_bench(device="cuda", sizes=(1, 16), cvxpy_students=1, adam_students=1, adam_epochs=1, repeats=1,
-                    n=200, m=8, progress=lambda s: None)
+                    n=200, m=8, practice=4, practice_loop_students=1, progress=lambda s: None)
     assert out["machine"]["gpu"] and out["all_gaps_certified_below_tol"]
+    assert out["practice"]["workload"]["device"] == "cpu"  # the practice trainer is a CPU program

@@ -246,13 +246,17 @@ def test_reference_treats_any_status_but_optimal_as_failure(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_on_cuda_matches_cpu():
-    X, Y = _instance(10, 8, 100, 5, 2, simplex=True)
+    X, Y = _instance(10, 8, 100, 5, 2)
     for radius in (None, 0.5):
         cpu = fit_squared_batched(X, Y, radius=radius)
         gpu = fit_squared_batched(X.cuda(), Y.cuda(), radius=radius)
         assert gpu.probs.device.type == "cuda"
         assert torch.allclose(gpu.params["theta"].cpu(), cpu.params["theta"], atol=1e-9)
         assert bool(gpu.converged.all())
+    # Simplex rows beside the bias column: the unconstrained problem is singular, on the GPU as on the CPU
+    X, Y = _instance(10, 8, 100, 5, 2, simplex=True)
+    cpu, gpu = fit_squared_batched(X, Y), fit_squared_batched(X.cuda(), Y.cuda())
+    assert not bool(cpu.converged.any()) and torch.equal(gpu.converged.cpu(), cpu.converged)
 
 
 # ---------------------------------------------------------------------------------------------------------

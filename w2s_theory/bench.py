@@ -231,7 +231,7 @@ def _timed(solve, device: torch.device, repeats: int):
     def run():
         result = solve()
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         return result
 
     run()  # warm-up of the same size
@@ -239,12 +239,12 @@ def _timed(solve, device: torch.device, repeats: int):
     result = None
     for _ in range(repeats):
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             result = run()
             times.append(time.perf_counter() - start)
-            peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
+            peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
         else:
             with _PeakRSS() as mem:
                 start = time.perf_counter()
@@ -414,7 +414,8 @@ def mixture_work_floor(features: torch.Tensor, device: torch.device, repeats: in
 
     B, n, m = features.shape
     dtype = default_hessian_dtype(features)
-    size = max(1, SUB_BATCH_BYTES // (n * m * features.element_size()))
+    # the solver's sub-batches on the CPU; on a GPU it solves the batch at once
+    size = max(1, SUB_BATCH_BYTES // (n * m * features.element_size())) if features.device.type == "cpu" else B
     parts = [_StudentFeatures(features[s : s + size], dtype) for s in range(0, B, size)]
     A = torch.full((min(size, B), 2, m), 0.5, dtype=features.dtype, device=features.device)
     weights = torch.ones((min(size, B), 1, n), dtype=features.dtype, device=features.device)
@@ -445,7 +446,7 @@ def softmax_read_budget(features: torch.Tensor, baseline_s_per_student: float, d
     from .solvers.softmax import _DIRECT_CHUNK_BYTES
 
     B, n, m = features.shape
-    size = max(1, _DIRECT_CHUNK_BYTES // (n * (m + 1) * features.element_size()))
+    size = max(1, _DIRECT_CHUNK_BYTES // (n * (m + 1) * features.element_size())) if torch.device(device).type == "cpu" else B
     chunks = [features[s : s + size].to(device) for s in range(0, B, size)]
     W = torch.full((m, 2), 0.5, dtype=features.dtype, device=device)
     read = _timed(lambda: [chunk @ W for chunk in chunks], device, repeats)[0] / B
@@ -843,9 +844,12 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
     if practice:
         from .practice import bench_practice
 
-        progress(f"practice trainer: {practice} students batched vs {practice_loop_students} one at a time ...")
+        # The practice trainer is a CPU program (numpy mini-batch orders, one tensor program per call): on a GPU
+        # machine its workload runs on that machine's CPU, and the row says so.
+        where = "" if dev.type == "cpu" else " (on the CPU: the practice trainer has no GPU path)"
+        progress(f"practice trainer: {practice} students batched vs {practice_loop_students} one at a time{where} ...")
         out["practice"] = bench_practice(practice, n=n, m=m, loop_students=practice_loop_students,
-                                         device=str(dev), dtype=practice_dtype)
+                                         device="cpu", dtype=practice_dtype)
         progress(f"  {out['practice']['batched_students_per_s']:.1f} students/s batched, "
                  f"{out['practice']['loop_students_per_s']:.2f} in a per-student loop: {out['practice']['speedup']:.1f}x")
     out["all_heads_certified_below_tol"] = all(certified)

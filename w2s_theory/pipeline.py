@@ -250,9 +250,9 @@ def prepare_worlds(specs: list[RunSpec], device="cpu") -> list[WorldData]:
             with phase("solver: weak teachers and ceilings"):
                 result = fit(np.stack([inputs[i] for i in members]), np.stack([targets[i] for i in members]),
                              device=device, **options(specs[members[0]]))
-            for j, i in enumerate(members):
-                params = {name: value[j : j + 1] for name, value in result.params.items()}
-                out[i] = (params, result.probs[j : j + 1], float(result.gap[j]))
+            for j, i in enumerate(members):  # kept on the CPU: the world's samples and predictions live there
+                params = {name: value[j : j + 1].cpu() for name, value in result.params.items()}
+                out[i] = (params, result.probs[j : j + 1].cpu(), float(result.gap[j]))
         return out
 
     weak_inputs = [head_inputs(s.weak_head, a.weak_features) for s, (a, _, _) in zip(specs, samples)]

@@ -572,7 +572,8 @@ def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epo
     batched_rate, loop_rate, one_rate = B / batched, loop_students / loop, loop_students / one_at_a_time
     return {"workload": {"B": B, "n": n, "m": m, "k": k, "epochs": epochs, "batch_size": batch_size,
                          "steps": config.steps(n), "head": head, "loss": loss, "optimizer": "adam",
-                         "loop_students": loop_students, "threads": torch.get_num_threads(), "dtype": dtype},
+                         "loop_students": loop_students, "threads": torch.get_num_threads(), "dtype": dtype,
+                         "device": "cpu"},
             "batched_seconds": batched, "batched_students_per_s": batched_rate,
             "loop_seconds": loop, "loop_students_per_s": loop_rate, "speedup": batched_rate / loop_rate,
             "loop": "per-student torch loop: autograd + torch.optim.Adam(fused=True)",

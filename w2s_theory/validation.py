@@ -19,7 +19,16 @@ class InputError(ValueError):
     """Bad user input. The message is one line: what is wrong, with which argument, and how to fix it."""
 
 
+def _on_device(array) -> bool:
+    """Whether ``array`` is a real floating-point torch tensor, whose checks then run where it lives (on a GPU, a
+    copy of the whole input to the host would cost more than the solve); only a failed check, which needs the
+    first bad index for its message, looks at the entries again on the host."""
+    return isinstance(array, torch.Tensor) and array.is_floating_point()
+
+
 def check_finite(name: str, array) -> None:
+    if _on_device(array) and bool(torch.isfinite(array).all()):
+        return
     a = to_numpy(array)
     if not np.issubdtype(a.dtype, np.number):
         raise InputError(f"{name}: expected numbers, got dtype {a.dtype}")
@@ -37,6 +46,9 @@ def check_distributions(name: str, array, *, atol: float = SIMPLEX_ATOL):
     Works for numpy and torch; returns the same type.
     """
     check_finite(name, array)
+    if (_on_device(array) and array.ndim >= 1 and array.shape[-1] >= 1 and not bool((array < 0).any())
+            and not bool(((array.sum(dim=-1) - 1).abs() > atol).any())):
+        return array / array.sum(dim=-1, keepdim=True)
     a = to_numpy(array)
     if a.ndim < 1 or a.shape[-1] < 1:
         raise InputError(f"{name}: expected a last axis of classes, got shape {a.shape}")

@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--linear-m", type=int, default=16, help="features of the linear head's workload (default 16)")
     p.add_argument("--practice", type=int, default=None, metavar="B",
                    help="also time the practice trainer: B students (2 epochs, batch 32) in one batch against a "
-                        "per-student loop of the same arithmetic")
+                        "per-student loop of the same arithmetic (on the CPU, also with --device cuda)")
     p.add_argument("--practice-loop-students", type=int, default=20,
                    help="students of the per-student practice loop; its rate extrapolates (default 20)")
     p.add_argument("--practice-dtype", default="float32", choices=("float32", "float64"),
@@ -244,7 +244,7 @@ def report(result: dict) -> str:
     if result.get("practice"):
         p, w = result["practice"], result["practice"]["workload"]
         lines.append(f"practice trainer ({w['head']}, {w['loss']}, {w['epochs']} epochs, batch {w['batch_size']}, "
-                     f"{w['dtype']}): {p['batched_students_per_s']:.1f} students/s at B={w['B']}, "
+                     f"{w['dtype']}, {w.get('device', 'cpu')}): {p['batched_students_per_s']:.1f} students/s at B={w['B']}, "
                      f"{p['loop_students_per_s']:.2f} in a per-student torch loop: {_times(p['speedup'])} "
                      f"({_times(p['speedup_vs_one_at_a_time'])} vs the batched trainer called one student at a time)")
     lines.append("all batched gaps certified <= tol: " + ("yes" if result["all_heads_certified_below_tol"] else "NO"))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_roundoff_gamma", "rounded_up", "power_of_two_scales", "exactly_redundant_columns",
+__all__ = ["cholesky_ex", "unit_roundoff_gamma", "rounded_up", "power_of_two_scales", "exactly_redundant_columns",
            "PositiveDefiniteBound", "positive_definite_bound", "shift_is_below_the_spectrum", "frobenius_norm_squared",
            "derivative_term_magnitude"]
 
@@ -179,9 +179,9 @@ def positive_definite_bound(M: torch.Tensor, error: torch.Tensor, factor=None) -
     (1-\rho)LL^\top` for :math:`\rho = \delta\Lambda` (``inverse_bound``, :math:`\delta` and :math:`\rho` are
     each rounded up by the count of their own roundings, :func:`rounded_up`). Proved (``ok``) when the
     factorisation succeeded, :math:`\eta\le 0.1`, :math:`p\eta\le 1/2` and :math:`\rho\le 1/2`. ``factor``: the output ``(L, info)`` of
-    ``torch.linalg.cholesky_ex(M)`` when the caller has it already."""
+    :func:`cholesky_ex` of ``M`` when the caller has it already."""
     p = M.shape[-1]
-    L, info = torch.linalg.cholesky_ex(M) if factor is None else factor
+    L, info = cholesky_ex(M) if factor is None else factor
     factored = info == 0
     safe_L = torch.where(factored[:, None, None], L, torch.eye(p, dtype=M.dtype, device=M.device).expand_as(L))
     X = torch.cholesky_inverse(safe_L)
@@ -219,12 +219,22 @@ def shift_is_below_the_spectrum(M: torch.Tensor, shift: torch.Tensor) -> torch.T
     room = (g / (1 - g) * (diag - shift[:, None]).clamp_min(0).sum(-1) * (1 + unit_roundoff_gamma(p + 2))
             + 2 * _U * (diag.abs().amax(-1) + shift)) * 2
     S = M - (shift + room)[:, None, None] * eye
-    _, info = torch.linalg.cholesky_ex(S)
+    _, info = cholesky_ex(S)
     S_diag = S.diagonal(dim1=-2, dim2=-1)
     needed = (g / (1 - g) * S_diag.clamp_min(0).sum(-1) * (1 + unit_roundoff_gamma(p + 2))
               + _U / (1 - _U) * S_diag.abs().amax(-1)) * (1 + 4 * _U)
     # the subtracted fl(t + c) is at least (t + c)(1 - u), so c (1 - u) - u t must cover the two errors
     return (info == 0) & (room * (1 - _U) - _U * shift >= needed) & torch.isfinite(room)
+
+
+def cholesky_ex(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.cholesky_ex(M)``, with ``info`` also nonzero (``p``: the last minor) where the factor is not
+    finite. On CUDA ``cholesky_ex`` reports success for a matrix with NaN entries (its pivot test is false for
+    NaN), on the CPU it does not: every factorisation here goes through this function, so that a solver and a
+    certificate treat such a matrix alike on either device."""
+    L, info = torch.linalg.cholesky_ex(M)
+    finite = torch.isfinite(L).flatten(-2).all(-1)
+    return L, torch.where(finite | (info != 0), info, torch.full_like(info, M.shape[-1]))
 
 
 def frobenius_norm_squared(Z: torch.Tensor) -> torch.Tensor:

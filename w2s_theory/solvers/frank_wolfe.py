@@ -237,6 +237,7 @@ def fit_tv_mixture(X: torch.Tensor, Q: torch.Tensor, *, tol: float = 1e-10) -> F
     gap = np.maximum(objective - lower, 0) + rnd + obj_rnd
     t = lambda a: torch.as_tensor(a, dtype=Q.dtype, device=Q.device)  # noqa: E731
     return FitResult(head="mixture", loss="tv", params={"A": t(A)}, probs=t(probs), objective=t(objective),
-                     gap=t(gap), certificate="duality", grad_norm=torch.full((B,), float("nan"), dtype=Q.dtype),
-                     iterations=torch.ones(B, dtype=torch.long), converged=t(gap) <= tol,
+                     gap=t(gap), certificate="duality",
+                     grad_norm=torch.full((B,), float("nan"), dtype=Q.dtype, device=Q.device),
+                     iterations=torch.ones(B, dtype=torch.long, device=Q.device), converged=t(gap) <= tol,
                      method="highs-lp", info={"tol": tol, "certificate": "LP dual bound (TV is not smooth)"})

@@ -86,7 +86,7 @@ import torch
 
 from ..divergences import Loss, get_loss
 from ..heads import LinearHead
-from .conditioning import derivative_term_magnitude, unit_roundoff_gamma
+from .conditioning import cholesky_ex, derivative_term_magnitude, unit_roundoff_gamma
 from .result import FitResult
 
 __all__ = ["fit_linear_batched", "fit_tv_linear", "bench_linear"]
@@ -519,7 +519,7 @@ def _solve_spd(H, rhs, free):
     diag = torch.diagonal(H, dim1=1, dim2=2)
     if bool((free & (diag > 0)).all()):  # the usual case, without masks (the same numbers as below)
         s = diag.rsqrt()
-        L, info = torch.linalg.cholesky_ex(H * s[:, :, None] * s[:, None, :])
+        L, info = cholesky_ex(H * s[:, :, None] * s[:, None, :])
         if not bool(info.any()):
             return torch.cholesky_solve((rhs * s)[..., None], L)[..., 0] * s
     f = free.to(H.dtype)
@@ -534,7 +534,7 @@ def _solve_spd(H, rhs, free):
         M = Hs[todo]
         if ridge:
             M = M + ridge * torch.eye(M.shape[1], dtype=M.dtype, device=M.device)
-        L, info = torch.linalg.cholesky_ex(M)
+        L, info = cholesky_ex(M)
         ok = info == 0
         if ok.any():
             d[todo[ok]] = torch.cholesky_solve(rs[todo[ok]][..., None], L[ok])[..., 0]
@@ -952,12 +952,13 @@ def bench_linear(B: int = 1000, *, n: int = 2000, m: int = 16, k: int = 2, loss:
     Q = rng.dirichlet(np.ones(k), size=(B, n))
     lo = get_loss(loss)
     Xt, Qt = torch.as_tensor(X, device=device), torch.as_tensor(Q, device=device)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    on_gpu = Xt.device.type == "cuda"  # also for torch.device("cuda") and "cuda:1"
+    if on_gpu:
+        torch.cuda.synchronize(Xt.device)
     start = time.perf_counter()
     res = fit_linear_batched(Xt, Qt, lo, gamma=gamma)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if on_gpu:
+        torch.cuda.synchronize(Xt.device)
     batched = (time.perf_counter() - start) / B
     ref_time, diffs = [], []
     for b in range(min(cvxpy_students, B)):

@@ -59,7 +59,8 @@ import torch
 from ..divergences import Loss
 from ..heads import MixtureHead
 from .conditioning import _U as _U64
-from .conditioning import derivative_term_magnitude, shift_is_below_the_spectrum, unit_roundoff_gamma
+from .conditioning import (cholesky_ex, derivative_term_magnitude, shift_is_below_the_spectrum,
+                           unit_roundoff_gamma)
 from .result import FitResult
 
 __all__ = ["fit_mixture_batched", "flop_count", "peak_gemm_rate", "default_hessian_dtype",
@@ -589,7 +590,7 @@ def _strong_convexity_modulus(H0, share: float, n: int, hessian_dtype) -> torch.
     error = gamma_h * trace / (1 - gamma_h) * (1 + 4 * _U64)  # >= ||H_w - H0||_2
     # A shift t just below H0's smallest eigenvalue, estimated by inverse iteration (any shift is safe: only the
     # factorisation of the shifted matrix proves anything); a shift that fails is retried at a quarter
-    L, info = torch.linalg.cholesky_ex(H0)
+    L, info = cholesky_ex(H0)
     eye = torch.eye(m, dtype=H0.dtype, device=H0.device)
     L = torch.where((info == 0)[:, None, None], L, eye)
     v = torch.where(torch.arange(m, device=H0.device) % 2 == 0, 1.0, -1.0).to(H0.dtype).expand(H0.shape[0], m)
@@ -681,7 +682,7 @@ def _masked_newton_solve(H, rhs, free, sign=None):
         Mt = M if todo is None else M[todo]
         # Unit diagonal everywhere: the scaled free block's own, the identity on fixed and unused coordinates.
         torch.diagonal(Mt, dim1=1, dim2=2).fill_(1 + damping)
-        L, info = torch.linalg.cholesky_ex(Mt)
+        L, info = cholesky_ex(Mt)
         ok = info == 0
         if ok.all():
             y[idx] = torch.cholesky_solve(rhs[idx][..., None], L)[..., 0]
@@ -924,7 +925,7 @@ def fit_mixture_batched(
         A = allowed.to(dtype)
         A = A / A.sum(dim=1, keepdim=True).clamp_min(1)
     else:
-        A = A0.to(dtype).clone()
+        A = A0.to(device=dev, dtype=dtype).clone()
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
 
     if loss.linear_in_probabilities:

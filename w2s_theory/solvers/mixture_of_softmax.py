@@ -51,7 +51,8 @@ def fit_mixture_weights(components: torch.Tensor, teacher: torch.Tensor, loss: L
                                                      max_iter=max_iter, count=4 * (n + K + c))
     return FitResult(head="mixture_of_softmax", loss=loss.name, params={"weights": pi[..., 0]}, probs=probs,
                      objective=obj, gap=gap, certificate="frank_wolfe",
-                     grad_norm=torch.full((B,), float("nan"), dtype=teacher.dtype), iterations=iters,
+                     grad_norm=torch.full((B,), float("nan"), dtype=teacher.dtype, device=teacher.device),
+                     iterations=iters,
                      converged=gap <= tol, method="accelerated-projected-gradient (frozen heads)",
                      info={"tol": tol, "heads": K})
 
@@ -118,10 +119,12 @@ def fit_mixture_of_softmax_joint(X: torch.Tensor, Q: torch.Tensor, loss: Loss, *
     finally:
         torch.set_num_threads(threads)
     obj, P, params = best
-    nan = torch.full((B,), float("nan"), dtype=Q.dtype)
+    nan = torch.full((B,), float("nan"), dtype=Q.dtype, device=Q.device)
     return FitResult(head="mixture_of_softmax", loss=loss.name, params=params, probs=P, objective=obj, gap=nan,
-                     certificate="none", grad_norm=nan, iterations=torch.full((B,), max_iter * restarts),
-                     converged=torch.zeros(B, dtype=torch.bool), method=f"L-BFGS, best of {restarts} restarts",
+                     certificate="none", grad_norm=nan,
+                     iterations=torch.full((B,), max_iter * restarts, device=Q.device),
+                     converged=torch.zeros(B, dtype=torch.bool, device=Q.device),
+                     method=f"L-BFGS, best of {restarts} restarts",
                      info={"heads": heads, "restarts": restarts, "seed": seed,
                            "uncertified": "joint training of the heads is not convex"})
 

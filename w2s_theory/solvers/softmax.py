@@ -69,6 +69,7 @@ from ..heads import SoftmaxHead
 from ..divergences import LOSSES_FROM_LOGITS
 from .conditioning import (
     blocked_sum,
+    cholesky_ex,
     exactly_redundant_columns,
     frobenius_norm_squared,
     positive_definite_bound,
@@ -672,7 +673,7 @@ def _damped_newton_direction(H, g, fill):
         shift = rungs[i] * scale[todo] if i < len(rungs) else 2 * gershgorin[todo] + scale[todo]
         M = H[todo].clone()
         M.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
-        L, info = torch.linalg.cholesky_ex(M)
+        L, info = cholesky_ex(M)
         ok = info == 0
         done = todo[ok]
         direction[done] = -torch.cholesky_solve(g[done][..., None], L[ok])[..., 0]
@@ -755,7 +756,8 @@ def _newton(basis: _LogitBasis, model, theta0: torch.Tensor, *, tol: float, max_
             cand = running & (damping == 0) & (dec2 / 2 <= tol)
             if cand.any():
                 idx = cand.nonzero()[:, 0]
-                L = torch.linalg.cholesky(H[idx])
+                L, info = cholesky_ex(H[idx])  # a failed factorisation (possible on a GPU) stops no student
+                idx, L = idx[info == 0], L[info == 0]
                 kappa = _logit_range_constant(bs.take(idx).U, torch.cholesky_inverse(L), kc)
                 gap = _self_concordance_gap(dec2[idx].clamp_min(0).sqrt(), kappa)
                 running[idx[gap <= tol]] = False
@@ -1003,7 +1005,7 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
             if g is None:
                 g = _parameter_gradient(Z_w, logit_grad)
             H = _design_hessian(Z_w, _free_curvature(s, qs_w), None)
-        L, info = torch.linalg.cholesky_ex(H)
+        L, info = cholesky_ex(H)
         direction = -torch.cholesky_solve(g[..., None], L)[..., 0]
         dec2 = -(g * direction).sum(dim=-1)
         alive = (info == 0) & torch.isfinite(dec2)
@@ -1057,11 +1059,12 @@ def _direct_chunk(X, teacher, loss_name: str, tol: float, max_iter: int):
 
 
 def _forward_direct(features, teacher, loss_name: str, tol: float, max_iter: int) -> _DirectFit:
-    """:func:`_direct_chunk` over chunks of about :data:`_DIRECT_CHUNK_BYTES` of design each (one shared design
-    when the features are an expanded view)."""
+    """:func:`_direct_chunk` over chunks of about :data:`_DIRECT_CHUNK_BYTES` of design each on the CPU (cache-sized
+    temporaries), the whole batch at once on a GPU (chunks there would run one after the other, each too small to
+    fill it); one shared design when the features are an expanded view."""
     B, n, m = features.shape
     shared = B == 1 or features.stride(0) == 0
-    chunk = max(1, _DIRECT_CHUNK_BYTES // (n * (m + 1) * 8))
+    chunk = max(1, _DIRECT_CHUNK_BYTES // (n * (m + 1) * 8)) if features.device.type == "cpu" else B
     parts = []
     for start in range(0, B, chunk):
         stop = min(B, start + chunk)
@@ -1230,7 +1233,7 @@ def fit_softmax_batched(
     grad_tol = math.sqrt(tol)
     info.update(
         start_objective=start_objective, forward_iterations=forward.iterations, grad_tol=grad_tol,
-        hessian_pd=torch.linalg.cholesky_ex(H)[1] == 0,
+        hessian_pd=cholesky_ex(H)[1] == 0,
     )
     return FitResult(
         head="softmax", loss=loss.name, params={"W": W, "b": b}, probs=probs,

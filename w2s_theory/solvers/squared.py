@@ -67,6 +67,7 @@ import torch
 from ..heads import SquaredHead
 from .conditioning import (
     blocked_sum,
+    cholesky_ex,
     exactly_redundant_columns,
     positive_definite_bound,
     power_of_two_scales,
@@ -117,9 +118,9 @@ class _ScaledDesign:
         return self.G
 
     def factor(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``torch.linalg.cholesky_ex(G)``, computed once (the solve and the certificate share it)."""
+        """``cholesky_ex(G)``, computed once (the solve and the certificate share it)."""
         if self._factor is None:
-            self._factor = torch.linalg.cholesky_ex(self.G)
+            self._factor = cholesky_ex(self.G)
         return self._factor
 
 
@@ -446,9 +447,10 @@ def fit_squared_batched(
     else:
         # One design per student: chunks of about _CHUNK_BYTES of design, so that each chunk's temporaries stay
         # in cache and the peak memory is a few chunks, not copies of the whole feature tensor. Every operation
-        # is per student, so a student's result does not depend on the chunk it is solved in.
+        # is per student, so a student's result does not depend on the chunk it is solved in. On a GPU the whole
+        # batch is one chunk (small chunks would run one after the other without filling it).
         d = features.shape[-1] + int(bias)
-        chunk = min(B, max(1, _CHUNK_BYTES // (n * d * 8)))
+        chunk = min(B, max(1, _CHUNK_BYTES // (n * d * 8))) if features.device.type == "cpu" else B
         workspace = torch.empty((chunk, n, d + k_out), dtype=torch.float64, device=features.device)
         scratch = torch.empty((chunk, n, d), dtype=torch.float64, device=features.device)
         parts, preds = [], torch.empty_like(targets)
