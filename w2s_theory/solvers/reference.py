@@ -161,10 +161,10 @@ def _mixture_gradient(features, teacher, A, loss_obj, forced_zero):
     on the whole face dropped (they do not depend on ``A`` there; their derivative may be :math:`-\infty`)."""
     n = features.shape[0]
     probs = features @ A.T
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # an infinite derivative gives inf or NaN entries of G
         dphi = loss_obj.grad_student(teacher, probs)
-    dphi = np.where(forced_zero, 0.0, dphi)
-    return probs, dphi.T @ features / n
+        dphi = np.where(forced_zero, 0.0, dphi)
+        return probs, dphi.T @ features / n
 
 
 def _fit_mixture(features, teacher, loss, solver, solver_options):
@@ -192,10 +192,11 @@ def _fit_mixture(features, teacher, loss, solver, solver_options):
     A = MixtureHead.project_to_class(np.where(allowed, A_var.value, 0.0))
     probs, G = _mixture_gradient(features, teacher, A, loss_obj, forced_zero)
     objective = float(np.mean(loss_obj.per_sample(teacher, probs)))
-    gap = float(MixtureHead.frank_wolfe_gap(G, A, allowed))
+    with np.errstate(invalid="ignore"):  # inf - inf in such a G: NaN, read as no certificate below
+        gap = float(MixtureHead.frank_wolfe_gap(G, A, allowed))
+        # Gradient component that moves mass within a column (its allowed-entry mean removed).
+        Gc = np.where(allowed, G - (np.where(allowed, G, 0).sum(0) / allowed.sum(0))[None, :], 0.0)
     gap = gap if not np.isnan(gap) else np.inf  # an infinite derivative inside the face: no certificate
-    # Gradient component that moves mass within a column (its allowed-entry mean removed).
-    Gc = np.where(allowed, G - (np.where(allowed, G, 0).sum(0) / allowed.sum(0))[None, :], 0.0)
     return _result("mixture", loss, {"A": A}, probs, objective, gap, float(np.linalg.norm(Gc)), info)
 
 
