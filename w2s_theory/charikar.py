@@ -431,7 +431,8 @@ class RepresentationCache:
         if self.path is None or not self._file(key).exists():
             return None
         try:
-            with np.load(self._file(key), allow_pickle=False) as data:
+            # the file opened here, so that it is closed also when numpy fails on a corrupt entry
+            with open(self._file(key), "rb") as fh, np.load(fh, allow_pickle=False) as data:
                 if str(data["key"]) != key:
                     return None
                 strong = Representation.from_arrays(data, "s", config.strong_depth)
