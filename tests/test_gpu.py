@@ -43,4 +43,26 @@ def test_bench_runs_on_cuda():
     out = run_bench(device="cuda", sizes=(1, 16), cvxpy_students=1, adam_students=1, adam_epochs=1, repeats=1,
                     n=200, m=8, practice=4, practice_loop_students=1, progress=lambda s: None)
     assert out["machine"]["gpu"] and out["all_gaps_certified_below_tol"]
-    assert out["practice"]["workload"]["device"] == "cpu"  # the practice trainer is a CPU program
+    assert out["practice"]["workload"]["device"].startswith("cuda")
+    assert out["practice"]["loop_max_abs_difference"] < 1e-3  # the per-student loop trains the same students
+
+
+def test_practice_trainer_on_cuda_trains_the_cpu_students():
+    from w2s_theory.practice import PracticeConfig, train
+
+    rng = np.random.default_rng(2)
+    X, Q = rng.dirichlet(np.ones(6), size=(4, 64)), rng.dirichlet(np.ones(3), size=(4, 64))
+    V, VQ = rng.dirichlet(np.ones(6), size=(4, 32)), rng.dirichlet(np.ones(3), size=(4, 32))
+    T, TQ = rng.dirichlet(np.ones(6), size=(4, 32)), rng.dirichlet(np.ones(3), size=(4, 32))
+    config = PracticeConfig(epochs=3, batch_size=16, eval_every=2, early_stopping="weak", weight_decay=0.01)
+    for head, loss, standardize in (("softmax", "reverse_kl", True), ("softmax", "aux_conf", False),
+                                    ("mixture", "forward_kl", False)):
+        runs = [train(head, loss, X, Q, lr=0.05, config=config, rngs=[np.random.default_rng(j) for j in range(4)],
+                      standardize=standardize, val_features=V, val_targets=VQ, test_features=T, test_truth=TQ,
+                      device=device) for device in ("cpu", "cuda")]
+        cpu, gpu = runs
+        assert np.array_equal(cpu.stop_step, gpu.stop_step)
+        np.testing.assert_allclose(gpu.val_loss, cpu.val_loss, rtol=0, atol=1e-10)
+        for name, value in cpu.params.items():
+            assert gpu.params[name].device.type == "cpu"
+            assert torch.allclose(gpu.params[name], value, rtol=0, atol=1e-9), (head, loss, name)

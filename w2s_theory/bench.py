@@ -844,12 +844,9 @@ def run_bench(*, device: str | None = None, sizes=(1, 10, 100, 1000), cvxpy_stud
     if practice:
         from .practice import bench_practice
 
-        # The practice trainer is a CPU program (numpy mini-batch orders, one tensor program per call): on a GPU
-        # machine its workload runs on that machine's CPU, and the row says so.
-        where = "" if dev.type == "cpu" else " (on the CPU: the practice trainer has no GPU path)"
-        progress(f"practice trainer: {practice} students batched vs {practice_loop_students} one at a time{where} ...")
+        progress(f"practice trainer: {practice} students batched vs {practice_loop_students} one at a time ...")
         out["practice"] = bench_practice(practice, n=n, m=m, loop_students=practice_loop_students,
-                                         device="cpu", dtype=practice_dtype)
+                                         device=str(dev), dtype=practice_dtype)
         progress(f"  {out['practice']['batched_students_per_s']:.1f} students/s batched, "
                  f"{out['practice']['loop_students_per_s']:.2f} in a per-student loop: {out['practice']['speedup']:.1f}x")
     out["all_heads_certified_below_tol"] = all(certified)

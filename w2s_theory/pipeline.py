@@ -443,7 +443,7 @@ def _train_practice(group: list[RunSpec], data: list[WorldData], teachers: np.nd
                     val_features=repeat([v[0] for v in val]) if val else None,
                     val_targets=repeat([v[1] for v in val]) if val else None,
                     test_features=repeat([d.strong_test for d in data]),
-                    test_truth=repeat([d.truth_test for d in data]))
+                    test_truth=repeat([d.truth_test for d in data]), device=device)
     B = len(group)
     pick = np.zeros(B, dtype=np.int64) if G == 1 else np.nanargmin(trained.val_loss.reshape(B, G), axis=1)
     chosen = np.arange(B) * G + pick

@@ -195,14 +195,16 @@ def _schedule(config: PracticeConfig, step: int, total: int) -> float:
 
 
 def _init_params(head: str, init: str, B: int, k: int, m: int, rngs, init_params: dict | None,
-                 mean: torch.Tensor | None, scale: torch.Tensor | None, dtype=torch.float64) -> dict:
+                 mean: torch.Tensor | None, scale: torch.Tensor | None, dtype=torch.float64,
+                 device="cpu") -> dict:
     if init == "ceiling":
         if init_params is None:
             raise InputError("init = 'ceiling' needs the ceiling's parameters")
         if head == "mixture":
-            return {"theta": torch.log(torch.as_tensor(init_params["A"], dtype=dtype).clamp_min(1e-12)).clone()}
-        W = torch.as_tensor(init_params["W"], dtype=dtype)
-        b = torch.as_tensor(init_params["b"], dtype=dtype)
+            A = torch.as_tensor(init_params["A"], dtype=dtype, device=device)
+            return {"theta": torch.log(A.clamp_min(1e-12)).clone()}
+        W = torch.as_tensor(init_params["W"], dtype=dtype, device=device)
+        b = torch.as_tensor(init_params["b"], dtype=dtype, device=device)
         if mean is not None:  # the same function in standardised coordinates: W' = W sigma, b' = b + W mu
             b = b + (W * mean[:, None, :]).sum(-1)
             W = W * scale[:, None, :]
@@ -210,12 +212,12 @@ def _init_params(head: str, init: str, B: int, k: int, m: int, rngs, init_params
     if init == "random":
         # N(0, 1/m) entries, each student from its own stream.
         draws = np.stack([rng.standard_normal((k, m)) for rng in rngs]) / math.sqrt(m)
-        w = torch.as_tensor(draws, dtype=dtype)
+        w = torch.as_tensor(draws, dtype=dtype, device=device)
     else:
-        w = torch.zeros(B, k, m, dtype=dtype)
+        w = torch.zeros(B, k, m, dtype=dtype, device=device)
     if head == "mixture":
         return {"theta": w}
-    return {"W": w, "b": torch.zeros(B, k, dtype=dtype)}
+    return {"W": w, "b": torch.zeros(B, k, dtype=dtype, device=device)}
 
 
 def _to_raw(head: str, params: dict, mean, scale) -> dict:
@@ -283,7 +285,7 @@ def _update(config: PracticeConfig, p: torch.Tensor, g: torch.Tensor, m1: torch.
 def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig, rngs: list,
           init: str = "zero", init_params: dict | None = None, standardize: bool = False,
           val_features=None, val_targets=None, test_features=None, test_truth=None,
-          dtype=torch.float64) -> PracticeResult:
+          dtype=torch.float64, device="cpu") -> PracticeResult:
     r"""Train ``B`` students of one head with one loss, as one tensor program.
 
     Args:
@@ -301,12 +303,16 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
         test_features, test_truth: optional held-out split for the learning curves' test accuracy.
         dtype: ``torch.float64`` (the default, used by the pipeline) or ``torch.float32`` (half the memory
             traffic; for large batches where 1e-7 relative rounding is acceptable).
+        device: where the training runs (``cpu`` or ``cuda``); the mini-batch orders are drawn from ``rngs``
+            on the host either way, so a student sees the same batches on every device. The result's arrays
+            and parameters are on the CPU.
     """
     start = time.perf_counter()
     if head not in PRACTICE_HEADS:
         raise InputError(f"the practice trainer supports heads {', '.join(PRACTICE_HEADS)}, got {head!r}")
-    X = torch.as_tensor(features, dtype=dtype)
-    Q = torch.as_tensor(teacher, dtype=dtype)
+    dev = torch.device(device)
+    X = torch.as_tensor(features, dtype=dtype, device=dev)
+    Q = torch.as_tensor(teacher, dtype=dtype, device=dev)
     B, n, m = X.shape
     k = Q.shape[-1]
     if len(rngs) != B:
@@ -314,7 +320,7 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
     if loss in REVERSE_LOSSES and bool((Q <= 0).any()):
         raise InputError(f"loss {loss!r}: the teacher has exact zeros, where a reverse loss is infinite; "
                          "set teacher_floor > 0 (e.g. 1e-6)")
-    lr_t = torch.as_tensor(lr, dtype=dtype).expand(B).clone()
+    lr_t = torch.as_tensor(lr, dtype=dtype, device=dev).expand(B).clone()
     mean = scale = None
     if standardize:
         if head != "softmax":
@@ -323,23 +329,23 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
         scale = X.std(1, unbiased=False)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     def prep(F):
-        F = torch.as_tensor(F, dtype=dtype)
+        F = torch.as_tensor(F, dtype=dtype, device=dev)
         return (F - mean[:, None, :]) / scale[:, None, :] if standardize else F
     Xs = prep(X)
     V = prep(val_features) if val_features is not None else None
-    VT = torch.as_tensor(val_targets, dtype=dtype) if val_targets is not None else None
+    VT = torch.as_tensor(val_targets, dtype=dtype, device=dev) if val_targets is not None else None
     T = prep(test_features) if test_features is not None else None
-    TT = torch.as_tensor(test_truth, dtype=dtype) if test_truth is not None else None
+    TT = torch.as_tensor(test_truth, dtype=dtype, device=dev) if test_truth is not None else None
     if config.early_stopping != "none" and V is None:
         raise InputError(f"early_stopping = {config.early_stopping!r} needs a validation split")
 
-    params = _init_params(head, init, B, k, m, rngs, init_params, mean, scale, dtype)
+    params = _init_params(head, init, B, k, m, rngs, init_params, mean, scale, dtype, dev)
     # The softmax head's parameters live in one flat tensor P = [W | b] (B, k, m + 1), so that its gradient,
     # Adam moments and update are a few kernels on one tensor; W and b are views of it.
     if head == "softmax":
         flat = torch.cat([params["W"], params["b"][:, :, None]], dim=2)
         params = {"W": flat[:, :, :m], "b": flat[:, :, m]}
-        decay_mask = torch.ones(1, 1, m + 1, dtype=dtype)
+        decay_mask = torch.ones(1, 1, m + 1, dtype=dtype, device=dev)
         decay_mask[..., m] = 0.0  # weight decay acts on W, never on the bias
     else:
         flat = params["theta"]
@@ -353,12 +359,14 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
     total = config.epochs * steps_per_epoch
     # Mini-batches are gathered from the flattened (B * n, ...) arrays with one index_select (several times
     # faster than advanced indexing X[rows, idx] on CPU, and the same values).
-    offsets = (torch.arange(B) * n)[:, None]
-    chunk = max(1, _CHUNK_BYTES // (config.batch_size * (m + 2 * k) * X.element_size()))
+    offsets = (torch.arange(B, device=dev) * n)[:, None]
+    # On a GPU all students at once (cache-sized chunks are a CPU matter)
+    chunk = max(1, _CHUNK_BYTES // (config.batch_size * (m + 2 * k) * X.element_size())) if dev.type == "cpu" else B
     X_flat, Q_flat = Xs.reshape(B * n, m), Q.reshape(B * n, k)
     if head == "softmax":  # the teacher class-major, (B, k, n) flattened (reverse losses: log q), k numbers a row
         teacher_classes = (log_Q if loss in REVERSE_LOSSES else Q).transpose(1, 2).reshape(-1)
-        class_offsets = ((torch.arange(B)[:, None] * k + torch.arange(k)[None, :]) * n)[:, :, None]
+        classes = torch.arange(B, device=dev)[:, None] * k + torch.arange(k, device=dev)[None, :]
+        class_offsets = (classes * n)[:, :, None]
 
     def val_loss(current) -> torch.Tensor:
         with torch.no_grad():
@@ -370,19 +378,20 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
 
     result = PracticeResult(head=head, params={}, stop_step=np.zeros(B, dtype=np.int64), val_loss=np.full(B, np.nan))
     best = {name: p.detach().clone() for name, p in params.items()}
-    best_val = torch.full((B,), math.inf, dtype=dtype)
-    best_step = torch.zeros(B, dtype=torch.int64)
+    best_val = torch.full((B,), math.inf, dtype=dtype, device=dev)
+    best_step = torch.zeros(B, dtype=torch.int64, device=dev)
 
     def evaluate(step: int):
         nonlocal best_val
         result.curve_steps.append(step)
-        result.curve_weight_norm.append(weight_norm(head, params).numpy().copy())
+        result.curve_weight_norm.append(weight_norm(head, params).cpu().numpy().copy())
         if T is not None:
             with torch.no_grad():
-                result.curve_test_accuracy.append(_expected_accuracy(TT, _log_probs(head, params, T)).numpy().copy())
+                result.curve_test_accuracy.append(
+                    _expected_accuracy(TT, _log_probs(head, params, T)).cpu().numpy().copy())
         if V is not None:
             v = val_loss(params)
-            result.curve_val_loss.append(v.numpy().copy())
+            result.curve_val_loss.append(v.cpu().numpy().copy())
             if config.early_stopping != "none":
                 better = v < best_val
                 best_val = torch.where(better, v, best_val)
@@ -394,7 +403,7 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
     step = 0
     for epoch in range(config.epochs):
         # The epoch's rows of every student's flattened array, in its own order: one index tensor per epoch.
-        local = torch.as_tensor(np.stack([rng.permutation(n) for rng in rngs]))
+        local = torch.as_tensor(np.stack([rng.permutation(n) for rng in rngs]), device=dev)
         order = local + offsets
         if head == "softmax":
             order_classes = local[:, None, :] + class_offsets  # (B, k, n): where student j's class y of row i is
@@ -434,15 +443,15 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
 
     if config.early_stopping != "none":
         final = best
-        result.stop_step = best_step.numpy().copy()
-        result.val_loss = best_val.numpy().copy()
+        result.stop_step = best_step.cpu().numpy().copy()
+        result.val_loss = best_val.cpu().numpy().copy()
     else:
         final = {name: p.detach() for name, p in params.items()}
         result.stop_step = np.full(B, total, dtype=np.int64)
         if V is not None:
             result.val_loss = result.curve_val_loss[-1]
-    result.weight_norm = weight_norm(head, final).numpy().copy()
-    result.params = _to_raw(head, final, mean, scale)
+    result.weight_norm = weight_norm(head, final).cpu().numpy().copy()
+    result.params = {name: p.cpu() for name, p in _to_raw(head, final, mean, scale).items()}
     result.seconds = time.perf_counter() - start
     return result
 
@@ -488,25 +497,25 @@ def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int =
 
 
 def loop_student(loss: str, features, teacher, *, lr: float, config: PracticeConfig, rng,
-                 dtype=torch.float64) -> dict:
+                 dtype=torch.float64, device="cpu") -> dict:
     """One softmax student trained the way a practitioner writes it, the per-student baseline of
     :func:`bench_practice`: a plain torch loop over mini-batches (the same order as :func:`train` draws from
     ``rng``), autograd for the gradient and ``torch.optim.Adam`` (its fused CPU kernel) for the update, from
-    the zero head, constant learning rate, no weight decay, no evaluation. Returns ``{"W", "b"}`` (numbers
-    equal to :func:`train`'s up to rounding; tested)."""
+    the zero head, constant learning rate, no weight decay, no evaluation, on ``device``. Returns ``{"W", "b"}``
+    on the CPU (numbers equal to :func:`train`'s up to rounding; tested)."""
     if config.optimizer != "adam" or config.weight_decay or config.schedule != "constant" or config.warmup_steps:
         raise ValueError("loop_student implements the benchmark's setting only: Adam, constant lr, no weight decay")
-    X = torch.as_tensor(features, dtype=dtype)
-    Q = torch.as_tensor(teacher, dtype=dtype)
+    X = torch.as_tensor(features, dtype=dtype, device=device)
+    Q = torch.as_tensor(teacher, dtype=dtype, device=device)
     n, m = X.shape
     k = Q.shape[1]
-    W = torch.zeros(k, m, dtype=dtype, requires_grad=True)
-    b = torch.zeros(k, dtype=dtype, requires_grad=True)
+    W = torch.zeros(k, m, dtype=dtype, device=device, requires_grad=True)
+    b = torch.zeros(k, dtype=dtype, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([W, b], lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, fused=True)
     total = config.steps(n)
     step = 0
     for epoch in range(config.epochs):
-        order = torch.as_tensor(rng.permutation(n))
+        order = torch.as_tensor(rng.permutation(n), device=device)
         for start in range(0, n, config.batch_size):
             idx = order[start:start + config.batch_size]
             alpha = AUX_ALPHA * min(1.0, step / max(1.0, AUX_WARMUP * total)) if loss == "aux_conf" else 0.0
@@ -516,7 +525,7 @@ def loop_student(loss: str, features, teacher, *, lr: float, config: PracticeCon
             objective.backward()
             optimizer.step()
             step += 1
-    return {"W": W.detach(), "b": b.detach()}
+    return {"W": W.detach().cpu(), "b": b.detach().cpu()}
 
 
 def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epochs: int = 2, batch_size: int = 32,
@@ -527,12 +536,12 @@ def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epo
     the same mini-batches and arithmetic) on ``loop_students`` of them (its rate extrapolates); and, as a second
     baseline, :func:`train` itself called with one student at a time. Adam, lr 1e-2, constant schedule, no
     validation; both sides in ``dtype`` (``float32``, a practitioner's default, or ``float64``, the pipeline's),
-    on features already in that dtype (preparing the workload is not timed). The loop's parameters are checked
+    on features already in that dtype (preparing the workload is not timed), both on ``device`` (each call
+    returns its parameters on the CPU, which waits for a GPU to finish). The loop's parameters are checked
     against the batched ones (``loop_max_abs_difference``). Returns a dict with the rates, ratios and workload."""
     from .synthetic import rng_for
 
-    if device != "cpu":
-        raise InputError("bench_practice runs on the CPU (the practice trainer's benchmark is a CPU workload)")
+    device = str(torch.device(device))
     if dtype not in ("float64", "float32"):
         raise InputError(f"bench_practice: dtype must be float32 or float64, got {dtype!r}")
     if head != "softmax":
@@ -551,21 +560,21 @@ def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epo
     # Warm-up, untimed: the first torch.optim.Adam step and the first autograd call pay one-off set-up costs.
     warm = PracticeConfig(epochs=1, batch_size=batch_size, eval_every=0)
     loop_student(loss, X[0, :2 * batch_size], Q[0, :2 * batch_size], lr=1e-2, config=warm,
-                 rng=np.random.default_rng(0), dtype=torch_dtype)
+                 rng=np.random.default_rng(0), dtype=torch_dtype, device=device)
     train(head, loss, X[:2, :2 * batch_size], Q[:2, :2 * batch_size], lr=1e-2, config=warm,
-          rngs=[np.random.default_rng(0), np.random.default_rng(1)], dtype=torch_dtype)
+          rngs=[np.random.default_rng(0), np.random.default_rng(1)], dtype=torch_dtype, device=device)
     t0 = time.perf_counter()
-    batched_result = train(head, loss, X, Q, lr=1e-2, config=config, rngs=rngs, dtype=torch_dtype)
+    batched_result = train(head, loss, X, Q, lr=1e-2, config=config, rngs=rngs, dtype=torch_dtype, device=device)
     batched = time.perf_counter() - t0
     loop_students = min(loop_students, B)
     t0 = time.perf_counter()
     looped = [loop_student(loss, X[j], Q[j], lr=1e-2, config=config, rng=rng_for(seed, "bench-practice", j),
-                           dtype=torch_dtype) for j in range(loop_students)]
+                           dtype=torch_dtype, device=device) for j in range(loop_students)]
     loop = time.perf_counter() - t0
     t0 = time.perf_counter()
     for j in range(loop_students):
         train(head, loss, X[j:j + 1], Q[j:j + 1], lr=1e-2, config=config, rngs=[rng_for(seed, "bench-practice", j)],
-              dtype=torch_dtype)
+              dtype=torch_dtype, device=device)
     one_at_a_time = time.perf_counter() - t0
     difference = max(float((batched_result.params[name][j] - looped[j][name]).abs().max())
                      for j in range(loop_students) for name in ("W", "b"))
@@ -573,7 +582,7 @@ def bench_practice(B: int = 1000, *, n: int = 2000, m: int = 64, k: int = 2, epo
     return {"workload": {"B": B, "n": n, "m": m, "k": k, "epochs": epochs, "batch_size": batch_size,
                          "steps": config.steps(n), "head": head, "loss": loss, "optimizer": "adam",
                          "loop_students": loop_students, "threads": torch.get_num_threads(), "dtype": dtype,
-                         "device": "cpu"},
+                         "device": device},
             "batched_seconds": batched, "batched_students_per_s": batched_rate,
             "loop_seconds": loop, "loop_students_per_s": loop_rate, "speedup": batched_rate / loop_rate,
             "loop": "per-student torch loop: autograd + torch.optim.Adam(fused=True)",

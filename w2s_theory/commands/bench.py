@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--linear-m", type=int, default=16, help="features of the linear head's workload (default 16)")
     p.add_argument("--practice", type=int, default=None, metavar="B",
                    help="also time the practice trainer: B students (2 epochs, batch 32) in one batch against a "
-                        "per-student loop of the same arithmetic (on the CPU, also with --device cuda)")
+                        "per-student loop of the same arithmetic, both on --device")
     p.add_argument("--practice-loop-students", type=int, default=20,
                    help="students of the per-student practice loop; its rate extrapolates (default 20)")
     p.add_argument("--practice-dtype", default="float32", choices=("float32", "float64"),
