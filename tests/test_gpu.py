@@ -54,15 +54,19 @@ def test_practice_trainer_on_cuda_trains_the_cpu_students():
     X, Q = rng.dirichlet(np.ones(6), size=(4, 64)), rng.dirichlet(np.ones(3), size=(4, 64))
     V, VQ = rng.dirichlet(np.ones(6), size=(4, 32)), rng.dirichlet(np.ones(3), size=(4, 32))
     T, TQ = rng.dirichlet(np.ones(6), size=(4, 32)), rng.dirichlet(np.ones(3), size=(4, 32))
-    config = PracticeConfig(epochs=3, batch_size=16, eval_every=2, early_stopping="weak", weight_decay=0.01)
-    for head, loss, standardize in (("softmax", "reverse_kl", True), ("softmax", "aux_conf", False),
-                                    ("mixture", "forward_kl", False)):
-        runs = [train(head, loss, X, Q, lr=0.05, config=config, rngs=[np.random.default_rng(j) for j in range(4)],
-                      standardize=standardize, val_features=V, val_targets=VQ, test_features=T, test_truth=TQ,
-                      device=device) for device in ("cpu", "cuda")]
-        cpu, gpu = runs
-        assert np.array_equal(cpu.stop_step, gpu.stop_step)
-        np.testing.assert_allclose(gpu.val_loss, cpu.val_loss, rtol=0, atol=1e-10)
-        for name, value in cpu.params.items():
-            assert gpu.params[name].device.type == "cpu"
-            assert torch.allclose(gpu.params[name], value, rtol=0, atol=1e-9), (head, loss, name)
+    for stopping in ("none", "weak"):
+        config = PracticeConfig(epochs=3, batch_size=16, eval_every=2, early_stopping=stopping, weight_decay=0.01)
+        for head, loss, standardize in (("softmax", "reverse_kl", True), ("softmax", "aux_conf", False),
+                                        ("mixture", "forward_kl", False)):
+            cpu, gpu = (train(head, loss, X, Q, lr=0.05, config=config,
+                              rngs=[np.random.default_rng(j) for j in range(4)], standardize=standardize,
+                              val_features=V, val_targets=VQ, test_features=T, test_truth=TQ, device=device)
+                        for device in ("cpu", "cuda"))
+            assert np.array_equal(cpu.stop_step, gpu.stop_step)
+            np.testing.assert_allclose(gpu.val_loss, cpu.val_loss, rtol=0, atol=1e-10)
+            for curve in ("curve_val_loss", "curve_weight_norm", "curve_test_accuracy"):  # the whole training
+                np.testing.assert_allclose(np.stack(getattr(gpu, curve)), np.stack(getattr(cpu, curve)),
+                                           rtol=0, atol=1e-10, err_msg=f"{head} {loss} {curve}")
+            for name, value in cpu.params.items():
+                assert gpu.params[name].device.type == "cpu"
+                assert torch.allclose(gpu.params[name], value, rtol=0, atol=1e-9), (head, loss, name)
