@@ -13,7 +13,8 @@
 # wheels (no cvxpy there) the script still runs the CUDA tests and the bench of the heads that need no cvxpy.
 #
 # Outputs go to $OUT if it is set, else results/gpu_check/: pytest_gpu.log, bench.log, bench_<device>.json and
-# machine.txt. The exit status is 0 only if the tests passed and the bench certified every gap (3: no CUDA).
+# machine.txt. The exit status is 0 only if the tests passed and the bench certified every gap (2: bad settings,
+# 3: no CUDA).
 #
 # Settings (environment): W2S_PYTHON (default python3), W2S_WHEELS (the folder of wheels, default .whl; empty:
 # none), W2S_GPU_CHECK_DEVICE (cuda; `cpu` rehearses the
@@ -27,8 +28,11 @@ DEVICE=${W2S_GPU_CHECK_DEVICE:-cuda}
 OUT_DIR=${OUT:-results/gpu_check}
 BENCH_ARGS=${W2S_BENCH_ARGS:---practice 1000}
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT_DIR" || exit 1
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
+# Bad settings: one line and exit 2, before anything runs.
+case "$DEVICE" in cuda|cpu) ;; *) log "error: W2S_GPU_CHECK_DEVICE must be cuda or cpu, got '$DEVICE'"; exit 2;; esac
+command -v "$PY" >/dev/null || { log "error: no Python at W2S_PYTHON='$PY'"; exit 2; }
+{ mkdir -p "$OUT_DIR" && [ -w "$OUT_DIR" ]; } 2>/dev/null || { log "error: cannot write to '$OUT_DIR' (set OUT)"; exit 2; }
 
 WHEELS=${W2S_WHEELS-.whl}
 if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
