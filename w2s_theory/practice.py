@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ._backend import to_numpy
 from .validation import InputError
 
 __all__ = ["PracticeConfig", "PracticeResult", "train", "training_loss", "probabilities", "weight_norm",
@@ -384,14 +385,14 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
     def evaluate(step: int):
         nonlocal best_val
         result.curve_steps.append(step)
-        result.curve_weight_norm.append(weight_norm(head, params).cpu().numpy().copy())
+        result.curve_weight_norm.append(to_numpy(weight_norm(head, params)).copy())
         if T is not None:
             with torch.no_grad():
                 result.curve_test_accuracy.append(
-                    _expected_accuracy(TT, _log_probs(head, params, T)).cpu().numpy().copy())
+                    to_numpy(_expected_accuracy(TT, _log_probs(head, params, T))).copy())
         if V is not None:
             v = val_loss(params)
-            result.curve_val_loss.append(v.cpu().numpy().copy())
+            result.curve_val_loss.append(to_numpy(v).copy())
             if config.early_stopping != "none":
                 better = v < best_val
                 best_val = torch.where(better, v, best_val)
@@ -443,14 +444,14 @@ def train(head: str, loss: str, features, teacher, *, lr, config: PracticeConfig
 
     if config.early_stopping != "none":
         final = best
-        result.stop_step = best_step.cpu().numpy().copy()
-        result.val_loss = best_val.cpu().numpy().copy()
+        result.stop_step = to_numpy(best_step).copy()
+        result.val_loss = to_numpy(best_val).copy()
     else:
         final = {name: p.detach() for name, p in params.items()}
         result.stop_step = np.full(B, total, dtype=np.int64)
         if V is not None:
             result.val_loss = result.curve_val_loss[-1]
-    result.weight_norm = weight_norm(head, final).cpu().numpy().copy()
+    result.weight_norm = to_numpy(weight_norm(head, final)).copy()
     result.params = {name: p.cpu() for name, p in _to_raw(head, final, mean, scale).items()}
     result.seconds = time.perf_counter() - start
     return result
